@@ -1,0 +1,1 @@
+"""imapsync-bridge: keep a corporate IMAP inbox and a hosted phone mailbox in step."""
