@@ -1,0 +1,63 @@
+"""The project's exception tree; lower-level errors are translated at the edges.
+
+    BridgeError                   anything this project raises on purpose
+    ├── ConfigError               bad configuration or usage: exit code 2, fix and rerun
+    ├── TransientError            worth a retry later (network down, timeout, server busy)
+    │   └── ConnectionLost        a connection dropped or timed out mid-session
+    ├── ImapError                 the IMAP server refused a command (not per-message)
+    ├── MessageError              one message cannot be handled: quarantine it, go on
+    ├── ProtocolError             the peer broke the sync protocol (bad frame, schema)
+    │   └── FrameTooLarge         a frame exceeded the size limit
+    ├── AuthError                 TLS / certificate / pairing refused
+    ├── StoreError                the local SQLite state is unusable
+    └── SyncAborted               the sync stopped itself to protect data (mass delete)
+
+The edge modules (agent/imap.py, protocol/*, the stores) catch imapclient, ssl, socket and
+sqlite3 errors and raise these; the rest of the code sees only these.
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(BridgeError):
+    pass
+
+
+class TransientError(BridgeError):
+    pass
+
+
+class ConnectionLost(TransientError):
+    pass
+
+
+class ImapError(BridgeError):
+    pass
+
+
+class MessageError(BridgeError):
+    pass
+
+
+class ProtocolError(BridgeError):
+    pass
+
+
+class FrameTooLarge(ProtocolError):
+    pass
+
+
+class AuthError(BridgeError):
+    pass
+
+
+class StoreError(BridgeError):
+    pass
+
+
+class SyncAborted(BridgeError):
+    pass

@@ -1,0 +1,136 @@
+"""Plain data shared by the agent, the server and the pure sync logic (no I/O here).
+
+A message is known on both sides by its *key*: its Message-ID when it has one, else a
+hash of its headers and size (see :func:`message_key`). Keys, not UIDs or phone ids,
+are what the sync logic compares, so a UIDVALIDITY change or a re-pairing cannot make
+one message look like two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+INBOX = "inbox"
+TRASH = "trash"
+GONE = "gone"
+DESTROYED = "destroyed"
+
+_MESSAGE_ID = re.compile(rb"<[^<>\s]{1,900}>")
+
+
+class Where(str, Enum):
+    """Where one side holds a message."""
+
+    INBOX = INBOX
+    TRASH = TRASH
+    GONE = GONE  # not held (never had it, evicted from the phone window, dropped by GC)
+    DESTROYED = DESTROYED  # the user destroyed it on this side (a tombstone, phone only)
+
+
+@dataclass(frozen=True)
+class Flags:
+    seen: bool = False
+    flagged: bool = False
+
+
+def normalize_message_id(raw: bytes | str | None) -> str | None:
+    """The ``<...>`` part of a Message-ID header, or None when there is no usable one."""
+    if raw is None:
+        return None
+    data = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
+    found = _MESSAGE_ID.search(data)
+    if not found:
+        return None
+    return found.group(0).decode("ascii", "replace")
+
+
+def header_hash_key(header_bytes: bytes, size: int) -> str:
+    """Key for a message without a Message-ID: hash of its header block and its size.
+
+    Dovecot keeps the bytes of a message as they were delivered, so the same message
+    hashes the same in the inbox, in Trash and after a UIDVALIDITY change.
+    """
+    digest = hashlib.sha256()
+    digest.update(header_bytes.replace(b"\r\n", b"\n"))
+    digest.update(str(size).encode())
+    return "sha256:" + digest.hexdigest()[:40]
+
+
+def message_key(header_bytes: bytes, size: int) -> tuple[str, str | None]:
+    """(key, message_id) for a message, from its header block and RFC822 size."""
+    msg = BytesHeaderParser(policy=compat32).parsebytes(header_bytes)
+    raw_id = msg.get("Message-ID")
+    message_id = normalize_message_id(raw_id.encode("utf-8", "surrogateescape") if raw_id else None)
+    if message_id:
+        return message_id, message_id
+    return header_hash_key(header_bytes, size), None
+
+
+@dataclass(frozen=True)
+class DesktopMessage:
+    """One message of the desktop inbox as the agent sees it now."""
+
+    uid: int
+    key: str
+    internaldate: datetime  # timezone-aware, UTC
+    size: int
+    flags: Flags
+
+
+@dataclass(frozen=True)
+class DesktopFact:
+    """Where one known message is on the desktop now, found by the agent."""
+
+    where: Where  # INBOX, TRASH or GONE (expunged = destroyed on the desktop)
+    flags: Flags = Flags()
+    uid: int | None = None  # its UID in the inbox (or in Trash), when known
+    internaldate: datetime | None = None
+
+
+@dataclass(frozen=True)
+class PhoneFact:
+    """Where one message is in the phone mailbox now (from the server's snapshot)."""
+
+    where: Where  # INBOX, TRASH, GONE or DESTROYED
+    flags: Flags = Flags()
+    phone_id: int | None = None
+    internaldate: datetime | None = None
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What both sides agreed on for one message at the end of the last completed sync.
+
+    ``desktop`` is INBOX, TRASH or GONE; ``phone`` is INBOX, TRASH or GONE. The ledger is
+    what makes an eviction (phone GONE by our own normalization) different from a delete
+    (phone TRASH or a DESTROYED tombstone, made by the user).
+    """
+
+    key: str
+    desktop: Where
+    phone: Where
+    flags: Flags
+    uid: int | None = None
+    internaldate: datetime | None = None
+
+    @property
+    def state(self) -> str:
+        """Human name of the entry, as `agent status` shows it."""
+        if self.desktop is Where.INBOX:
+            return "mapped" if self.phone is Where.INBOX else "evicted"
+        if self.desktop is Where.TRASH:
+            return "trashed"
+        return "destroyed"
+
+
+@dataclass(frozen=True)
+class QuarantinedMessage:
+    key: str
+    uid: int | None
+    reason: str
