@@ -12,9 +12,9 @@ import hashlib
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from enum import Enum
 from email.parser import BytesHeaderParser
 from email.policy import compat32
+from enum import StrEnum
 
 INBOX = "inbox"
 TRASH = "trash"
@@ -24,7 +24,7 @@ DESTROYED = "destroyed"
 _MESSAGE_ID = re.compile(rb"<[^<>\s]{1,900}>")
 
 
-class Where(str, Enum):
+class Where(StrEnum):
     """Where one side holds a message."""
 
     INBOX = INBOX
