@@ -1,0 +1,654 @@
+"""The hosted server's SQLite store: users, pairing, certificates, the bounded phone
+mailbox, the phone action list and the agent's op sequencing.
+
+Schema, migrations and header parsing live in :mod:`.store_schema`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from imapsync_bridge.errors import StoreError
+from imapsync_bridge.model import INBOX, TRASH
+from imapsync_bridge.server import store_schema as schema
+
+FOLDERS = (INBOX, TRASH)
+MIN_TRASH_CAPACITY = 10
+BUSY_TIMEOUT_SECONDS = 10.0
+_USER_NAME = re.compile(r"[a-z0-9._-]{1,64}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_MESSAGE_COLUMNS = (
+    "id, msg_key, message_id, folder, seen, flagged, internaldate, subject, from_addr, size, dirty"
+)
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    address: str
+    desktop_address: str
+    window: int
+    created: str
+
+
+@dataclass(frozen=True)
+class PhoneMessage:
+    """A message as the phone user sees it; ``raw`` is filled by :meth:`PhoneStore.get`."""
+
+    id: int
+    key: str
+    message_id: str | None
+    folder: str
+    seen: bool
+    flagged: bool
+    internaldate: str
+    subject: str
+    from_addr: str
+    size: int
+    dirty: bool
+    raw: bytes | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotMessage:
+    id: int
+    key: str
+    message_id: str | None
+    folder: str
+    seen: bool
+    flagged: bool
+    internaldate: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    window: int
+    messages: list[SnapshotMessage]
+    destroyed: list[str]  # keys of pending 'destroy' phone actions (tombstones)
+    action_seq: int  # highest pending phone action seq, 0 when none
+
+
+@dataclass(frozen=True)
+class PhoneAction:
+    seq: int
+    kind: str
+    key: str
+    created: str
+
+
+@dataclass(frozen=True)
+class SyncRecord:
+    at: str
+    summary: dict[str, Any]
+
+
+class PhoneStore:
+    """The hosted store. Every public method is one transaction: it applies fully or not
+    at all. Every failure is a :class:`StoreError` with a one-line message:
+
+    * opening: the file cannot be opened, is not a SQLite database, or its schema
+      (``PRAGMA user_version``) is newer than this program;
+    * ``"no such user: NAME"``: any per-user method given an unknown user;
+    * ``"no message N"``: a phone-side method given an id that does not exist *or belongs
+      to another user* (the two are indistinguishable on purpose);
+    * ``"bad ...: ..."``: an argument out of contract (user name not ``[a-z0-9._-]{1,64}``,
+      window outside 1..10000, folder not inbox/trash, malformed op, non-hex token hash);
+    * ``"user exists: NAME"`` / ``"certificate serial already registered: HEX"``;
+    * anything else: the database failed (locked past the busy timeout, disk full,
+      corrupted); the transaction was rolled back and nothing changed.
+
+    Semantics worth knowing:
+
+    * Agent ops (:meth:`apply_op`) are idempotent by sequence number: ``seq <= last_seq``
+      does nothing; otherwise the op and ``last_seq = seq`` commit together. Ops on a key
+      the phone no longer holds are no-ops that still advance ``last_seq``. A ``put`` for
+      a key with a pending phone ``destroy`` is ignored (the user's destroy wins; the agent
+      sees it in ``snapshot().destroyed``). Desktop ops never log phone actions nor set
+      ``dirty``.
+    * :meth:`register_certificate` revokes every earlier certificate of the user and
+      resets ``last_seq`` to 0 (a fresh agent numbers its ops from 1 again); messages,
+      pending phone actions and dirty marks are kept.
+    * Phone-side changes mark the message dirty and append one phone action in the same
+      transaction; a change that changes nothing appends nothing and returns False.
+      ``destroy`` deletes the row and leaves its key as a 'destroy' action (a tombstone)
+      until the agent acknowledges it.
+    * Trash garbage collection (after :meth:`ack_actions`): capacity is
+      ``max(window, 10)``; while the trash holds more, its oldest *non-dirty* entries (by
+      ``trashed_at``, then id) are dropped. Dirty entries are never dropped, so the trash
+      may exceed capacity until the desktop acknowledges them. The inbox is never
+      collected here: the agent evicts.
+
+    Durability: WAL with ``synchronous=FULL``: an op is acknowledged to the agent after
+    its commit, and the agent then forgets it; with NORMAL a power loss could roll back
+    that commit and lose the op for good. The cost (one fsync per commit) is small at
+    this write rate. Concurrency: one connection, guarded by a lock, usable from any
+    thread; other processes (the ``phone`` CLI) may open the same file; writers take the
+    lock up front (``BEGIN IMMEDIATE``) and wait up to the busy timeout.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        busy_timeout: float = BUSY_TIMEOUT_SECONDS,
+    ) -> None:
+        self.path = str(path)
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._lock = threading.RLock()
+        try:
+            self._conn = sqlite3.connect(
+                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(_one_line(f"cannot open {self.path}", exc)) from exc
+        try:
+            self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            self._conn.execute("PRAGMA synchronous = FULL")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            with self._tx() as conn:
+                schema.migrate(conn)
+        except (sqlite3.Error, ValueError, StoreError) as exc:
+            self._conn.close()
+            raise StoreError(_one_line(f"cannot open {self.path}", exc)) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> PhoneStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- transactions ---------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction; any exception rolls it back; sqlite3 errors become StoreError."""
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StoreError(_one_line("database error", exc)) from exc
+
+    def _now(self) -> str:
+        return schema.stamp(self._clock())
+
+    def _require_user(self, conn: sqlite3.Connection, user: str) -> tuple:
+        row = conn.execute(
+            "SELECT name, address, desktop_address, window_size, created, last_seq"
+            " FROM users WHERE name = ?",
+            (user,),
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"no such user: {user!r}")
+        return row
+
+    # --- users ----------------------------------------------------------------------
+
+    def add_user(self, name: str, address: str, desktop_address: str, window: int) -> User:
+        if not isinstance(name, str) or not _USER_NAME.fullmatch(name):
+            raise StoreError(f"bad user name {name!r}: want [a-z0-9._-]{{1,64}}")
+        if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= 10000:
+            raise StoreError(f"bad window {window!r}: want an integer 1..10000")
+        for label, value in (("address", address), ("desktop address", desktop_address)):
+            if (
+                not isinstance(value, str)
+                or not value
+                or len(value) > 320
+                or value != value.strip()
+            ):
+                raise StoreError(f"bad {label} {value!r}")
+        with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
+                raise StoreError(f"user exists: {name}")
+            created = self._now()
+            conn.execute(
+                "INSERT INTO users (name, address, desktop_address, window_size, created)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (name, address, desktop_address, window, created),
+            )
+        return User(name, address, desktop_address, window, created)
+
+    def get_user(self, name: str) -> User:
+        with self._tx(write=False) as conn:
+            return User(*self._require_user(conn, name)[:5])
+
+    def list_users(self) -> list[User]:
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                "SELECT name, address, desktop_address, window_size, created"
+                " FROM users ORDER BY name"
+            ).fetchall()
+        return [User(*row) for row in rows]
+
+    # --- pairing codes and certificates ---------------------------------------------
+
+    def set_pairing_code(self, user: str, token_hash: str, ttl_seconds: int = 86400) -> None:
+        """Store the sha256 hex of a one-time code, replacing the user's unused one."""
+        if not isinstance(token_hash, str) or not _SHA256_HEX.fullmatch(token_hash):
+            raise StoreError("bad token hash: want 64 lowercase hex digits")
+        if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0:
+            raise StoreError(f"bad ttl {ttl_seconds!r}: want a positive integer")
+        expires = schema.stamp(self._clock() + timedelta(seconds=ttl_seconds))
+        with self._tx() as conn:
+            self._require_user(conn, user)
+            conn.execute("DELETE FROM pairing_codes WHERE user_name = ?", (user,))
+            conn.execute("DELETE FROM pairing_codes WHERE token_hash = ?", (token_hash,))
+            conn.execute(
+                "INSERT INTO pairing_codes (token_hash, user_name, expires) VALUES (?, ?, ?)",
+                (token_hash, user, expires),
+            )
+
+    def consume_pairing_code(self, token_hash: str) -> str | None:
+        """The code's user if the code is known and unexpired; the code is used up."""
+        with self._tx() as conn:
+            now = self._now()
+            row = conn.execute(
+                "SELECT user_name, expires FROM pairing_codes WHERE token_hash = ?",
+                (token_hash,),
+            ).fetchone()
+            conn.execute(
+                "DELETE FROM pairing_codes WHERE token_hash = ? OR expires <= ?", (token_hash, now)
+            )
+        if row is None or row[1] <= now:
+            return None
+        return row[0]
+
+    def register_certificate(
+        self, user: str, serial: int, not_after: datetime | str, fingerprint: str | None = None
+    ) -> None:
+        """Record the user's new agent certificate; revoke all earlier ones; last_seq = 0."""
+        if isinstance(serial, bool) or not isinstance(serial, int) or serial < 0:
+            raise StoreError(f"bad serial {serial!r}: want a non-negative integer")
+        try:
+            expiry = schema.stamp(
+                datetime.fromisoformat(not_after) if isinstance(not_after, str) else not_after
+            )
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise StoreError(_one_line("bad not_after", exc)) from exc
+        with self._tx() as conn:
+            self._require_user(conn, user)
+            hex_serial = _hex(serial)
+            if conn.execute(
+                "SELECT 1 FROM certificates WHERE serial = ?", (hex_serial,)
+            ).fetchone():
+                raise StoreError(f"certificate serial already registered: {hex_serial}")
+            conn.execute("UPDATE certificates SET revoked = 1 WHERE user_name = ?", (user,))
+            conn.execute(
+                "INSERT INTO certificates (serial, user_name, fingerprint, not_after, created)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (hex_serial, user, fingerprint, expiry, self._now()),
+            )
+            conn.execute("UPDATE users SET last_seq = 0 WHERE name = ?", (user,))
+
+    def user_for_certificate(self, serial: int) -> str | None:
+        """The user of a registered, unrevoked certificate; expiry is checked by TLS."""
+        if isinstance(serial, bool) or not isinstance(serial, int) or serial < 0:
+            return None
+        with self._tx(write=False) as conn:
+            row = conn.execute(
+                "SELECT user_name FROM certificates WHERE serial = ? AND revoked = 0",
+                (_hex(serial),),
+            ).fetchone()
+        return row[0] if row else None
+
+    # --- agent side -----------------------------------------------------------------
+
+    def last_seq(self, user: str) -> int:
+        with self._tx(write=False) as conn:
+            return self._require_user(conn, user)[5]
+
+    def apply_op(self, user: str, seq: int, op: dict[str, Any]) -> None:
+        """Apply one desktop op once (see the class docstring)."""
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+            raise StoreError(f"bad seq {seq!r}: want a positive integer")
+        with self._tx() as conn:
+            if seq <= self._require_user(conn, user)[5]:
+                return
+            try:
+                _apply(conn, user, op, self._now())
+            except (KeyError, TypeError, ValueError) as exc:
+                raise StoreError(_one_line("bad op", exc)) from exc
+            conn.execute("UPDATE users SET last_seq = ? WHERE name = ?", (seq, user))
+
+    def snapshot(self, user: str) -> Snapshot:
+        with self._tx(write=False) as conn:
+            window = self._require_user(conn, user)[3]
+            rows = conn.execute(
+                "SELECT id, msg_key, message_id, folder, seen, flagged, internaldate"
+                " FROM messages WHERE user_name = ? ORDER BY id",
+                (user,),
+            ).fetchall()
+            destroyed = conn.execute(
+                "SELECT msg_key FROM phone_actions WHERE user_name = ? AND kind = 'destroy'"
+                " ORDER BY seq",
+                (user,),
+            ).fetchall()
+            top = conn.execute(
+                "SELECT MAX(seq) FROM phone_actions WHERE user_name = ?", (user,)
+            ).fetchone()[0]
+        messages = [
+            SnapshotMessage(r[0], r[1], r[2], r[3], bool(r[4]), bool(r[5]), r[6]) for r in rows
+        ]
+        return Snapshot(window, messages, [r[0] for r in destroyed], top or 0)
+
+    def pending_actions(self, user: str, after_seq: int = 0) -> list[PhoneAction]:
+        """The user's unacknowledged phone actions with seq > after_seq, oldest first."""
+        with self._tx(write=False) as conn:
+            self._require_user(conn, user)
+            rows = conn.execute(
+                "SELECT seq, kind, msg_key, created FROM phone_actions"
+                " WHERE user_name = ? AND seq > ? ORDER BY seq",
+                (user, after_seq),
+            ).fetchall()
+        return [PhoneAction(*row) for row in rows]
+
+    def raw_message(self, user: str, key: str) -> bytes | None:
+        with self._tx(write=False) as conn:
+            self._require_user(conn, user)
+            row = conn.execute(
+                "SELECT raw FROM messages WHERE user_name = ? AND msg_key = ?", (user, key)
+            ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def ack_actions(self, user: str, up_to_seq: int) -> int:
+        """Drop acknowledged phone actions, clear dirty where nothing is pending, run GC.
+
+        Returns how many trash entries the garbage collector dropped.
+        """
+        with self._tx() as conn:
+            self._require_user(conn, user)
+            conn.execute(
+                "DELETE FROM phone_actions WHERE user_name = ? AND seq <= ?", (user, up_to_seq)
+            )
+            conn.execute(
+                "UPDATE messages SET dirty = 0 WHERE user_name = ? AND dirty = 1 AND NOT EXISTS"
+                " (SELECT 1 FROM phone_actions a"
+                "  WHERE a.user_name = messages.user_name AND a.msg_key = messages.msg_key)",
+                (user,),
+            )
+            return _collect_garbage(conn, user)
+
+    def collect_garbage(self, user: str) -> int:
+        """Run the trash garbage collector alone; returns how many entries it dropped."""
+        with self._tx() as conn:
+            self._require_user(conn, user)
+            return _collect_garbage(conn, user)
+
+    def record_sync(self, user: str, summary: dict[str, Any]) -> None:
+        try:
+            text = json.dumps(summary, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(_one_line("bad sync summary", exc)) from exc
+        with self._tx() as conn:
+            self._require_user(conn, user)
+            conn.execute(
+                "UPDATE users SET last_sync = ?, last_summary = ? WHERE name = ?",
+                (self._now(), text, user),
+            )
+
+    def last_sync(self, user: str) -> SyncRecord | None:
+        with self._tx(write=False) as conn:
+            self._require_user(conn, user)
+            row = conn.execute(
+                "SELECT last_sync, last_summary FROM users WHERE name = ?", (user,)
+            ).fetchone()
+        if row[0] is None:
+            return None
+        return SyncRecord(row[0], json.loads(row[1]))
+
+    # --- phone side -----------------------------------------------------------------
+
+    def list_folder(self, user: str, folder: str) -> list[PhoneMessage]:
+        """Messages of inbox or trash, newest first (by internaldate, then id)."""
+        _check_folder(folder)
+        with self._tx(write=False) as conn:
+            self._require_user(conn, user)
+            rows = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE user_name = ? AND folder = ?"
+                " ORDER BY internaldate DESC, id DESC",
+                (user, folder),
+            ).fetchall()
+        return [_phone_message(row) for row in rows]
+
+    def get(self, user: str, id: int) -> PhoneMessage:
+        with self._tx(write=False) as conn:
+            self._require_user(conn, user)
+            row = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS}, raw FROM messages WHERE user_name = ? AND id = ?",
+                (user, _message_id_arg(id)),
+            ).fetchone()
+        if row is None:
+            raise StoreError(f"no message {id}")
+        return _phone_message(row[:-1], bytes(row[-1]))
+
+    def trash(self, user: str, id: int) -> bool:
+        return self._phone_change(user, id, "trash")
+
+    def restore(self, user: str, id: int) -> bool:
+        return self._phone_change(user, id, "restore")
+
+    def destroy(self, user: str, id: int) -> bool:
+        return self._phone_change(user, id, "destroy")
+
+    def set_seen(self, user: str, id: int, seen: bool) -> bool:
+        return self._phone_change(user, id, "seen" if seen else "unseen")
+
+    def set_flagged(self, user: str, id: int, flagged: bool) -> bool:
+        return self._phone_change(user, id, "flag" if flagged else "unflag")
+
+    def counts(self, user: str) -> dict[str, int]:
+        with self._tx(write=False) as conn:
+            self._require_user(conn, user)
+            folders = dict(
+                conn.execute(
+                    "SELECT folder, COUNT(*) FROM messages WHERE user_name = ? GROUP BY folder",
+                    (user,),
+                ).fetchall()
+            )
+            pending = conn.execute(
+                "SELECT COUNT(*) FROM phone_actions WHERE user_name = ?", (user,)
+            ).fetchone()[0]
+        return {
+            "inbox": folders.get(INBOX, 0),
+            "trash": folders.get(TRASH, 0),
+            "pending_actions": pending,
+        }
+
+    def _phone_change(self, user: str, id: int, kind: str) -> bool:
+        """One phone-user change + its action, in one transaction; False if a no-op."""
+        with self._tx() as conn:
+            self._require_user(conn, user)
+            row = conn.execute(
+                "SELECT msg_key, folder, seen, flagged FROM messages"
+                " WHERE user_name = ? AND id = ?",
+                (user, _message_id_arg(id)),
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"no message {id}")
+            key, folder, seen, flagged = row
+            now = self._now()
+            if kind == "destroy":
+                conn.execute("DELETE FROM messages WHERE id = ?", (id,))
+            else:
+                change = _PHONE_CHANGES[kind]
+                current = {"folder": folder, "seen": seen, "flagged": flagged}
+                column, value = change
+                if current[column] == value:
+                    return False
+                trashed_at = now if kind == "trash" else None
+                conn.execute(
+                    f"UPDATE messages SET {column} = ?, dirty = 1"
+                    + (", trashed_at = ?" if column == "folder" else "")
+                    + " WHERE id = ?",
+                    (value, trashed_at, id) if column == "folder" else (value, id),
+                )
+            conn.execute(
+                "INSERT INTO phone_actions (user_name, kind, msg_key, created) VALUES (?, ?, ?, ?)",
+                (user, kind, key, now),
+            )
+        return True
+
+
+_PHONE_CHANGES: dict[str, tuple[str, object]] = {
+    "trash": ("folder", TRASH),
+    "restore": ("folder", INBOX),
+    "seen": ("seen", 1),
+    "unseen": ("seen", 0),
+    "flag": ("flagged", 1),
+    "unflag": ("flagged", 0),
+}
+
+
+def _apply(conn: sqlite3.Connection, user: str, op: dict[str, Any], now: str) -> None:
+    """One desktop op inside the caller's transaction (no action, no dirty mark)."""
+    kind, key = op["kind"], op["key"]
+    if not isinstance(key, str) or not key:
+        raise ValueError("key must be a non-empty string")
+    row = conn.execute(
+        "SELECT id, folder FROM messages WHERE user_name = ? AND msg_key = ?", (user, key)
+    ).fetchone()
+    if kind == "put":
+        folder = _check_folder(op.get("folder", INBOX))
+        seen, flagged = _flag(op["seen"]), _flag(op["flagged"])
+        if row is not None:
+            _set_folder(conn, row, folder, now)
+            conn.execute(
+                "UPDATE messages SET seen = ?, flagged = ? WHERE id = ?", (seen, flagged, row[0])
+            )
+            return
+        if conn.execute(
+            "SELECT 1 FROM phone_actions WHERE user_name = ? AND msg_key = ? AND kind = 'destroy'",
+            (user, key),
+        ).fetchone():
+            return  # the phone user destroyed it; that wins over a late put
+        raw = op["raw"]
+        if not isinstance(raw, bytes | bytearray | memoryview):
+            raise TypeError("raw must be bytes")
+        raw = bytes(raw)
+        subject, from_addr = schema.parse_summary(raw)
+        conn.execute(
+            "INSERT INTO messages (user_name, msg_key, message_id, folder, seen, flagged,"
+            " internaldate, subject, from_addr, size, raw, trashed_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                user,
+                key,
+                op.get("message_id"),
+                folder,
+                seen,
+                flagged,
+                schema.date_text(op["internaldate"]),
+                subject,
+                from_addr,
+                len(raw),
+                raw,
+                now if folder == TRASH else None,
+            ),
+        )
+    elif kind == "flags":
+        seen, flagged = _flag(op["seen"]), _flag(op["flagged"])
+        if row is not None:
+            conn.execute(
+                "UPDATE messages SET seen = ?, flagged = ? WHERE id = ?", (seen, flagged, row[0])
+            )
+    elif kind == "move":
+        folder = _check_folder(op["folder"])
+        if row is not None:
+            _set_folder(conn, row, folder, now)
+    elif kind in ("evict", "destroy"):
+        if row is not None:
+            conn.execute("DELETE FROM messages WHERE id = ?", (row[0],))
+    else:
+        raise ValueError(f"unknown op kind {kind!r}")
+
+
+def _set_folder(conn: sqlite3.Connection, row: tuple, folder: str, now: str) -> None:
+    if row[1] != folder:
+        conn.execute(
+            "UPDATE messages SET folder = ?, trashed_at = ? WHERE id = ?",
+            (folder, now if folder == TRASH else None, row[0]),
+        )
+
+
+def _collect_garbage(conn: sqlite3.Connection, user: str) -> int:
+    window = conn.execute("SELECT window_size FROM users WHERE name = ?", (user,)).fetchone()[0]
+    capacity = max(window, MIN_TRASH_CAPACITY)
+    total = conn.execute(
+        "SELECT COUNT(*) FROM messages WHERE user_name = ? AND folder = 'trash'", (user,)
+    ).fetchone()[0]
+    if total <= capacity:
+        return 0
+    victims = conn.execute(
+        "SELECT id FROM messages WHERE user_name = ? AND folder = 'trash' AND dirty = 0"
+        " ORDER BY trashed_at, id LIMIT ?",
+        (user, total - capacity),
+    ).fetchall()
+    conn.executemany("DELETE FROM messages WHERE id = ?", victims)
+    return len(victims)
+
+
+def _phone_message(row: tuple, raw: bytes | None = None) -> PhoneMessage:
+    (id_, key, message_id, folder, seen, flagged, date, subject, from_addr, size, dirty) = row
+    return PhoneMessage(
+        id_,
+        key,
+        message_id,
+        folder,
+        bool(seen),
+        bool(flagged),
+        date,
+        subject,
+        from_addr,
+        size,
+        bool(dirty),
+        raw,
+    )
+
+
+def _check_folder(folder: object) -> str:
+    if folder not in FOLDERS:
+        raise StoreError(f"bad folder {folder!r}: want inbox or trash")
+    return str(folder)
+
+
+def _flag(value: object) -> int:
+    if not isinstance(value, bool | int) or value not in (0, 1):
+        raise TypeError(f"flag must be a boolean, not {value!r}")
+    return int(value)
+
+
+def _message_id_arg(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise StoreError(f"no message {value}")
+    return value
+
+
+def _hex(serial: int) -> str:
+    return format(serial, "x")
+
+
+def _one_line(context: str, exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{context}: {text}"

@@ -1,0 +1,196 @@
+"""Schema, migrations and row-value helpers of the hosted server's store (see store.py).
+
+Kept apart from :mod:`imapsync_bridge.server.store` so the store itself reads as the
+contract. Portability notes (for a later PostgreSQL backend):
+
+* Column names avoid words PostgreSQL reserves: ``user_name`` (not ``user``),
+  ``window_size`` (not ``window``), ``msg_key`` (not ``key``).
+* Booleans are INTEGER 0/1 with a CHECK; timestamps are fixed-width ISO 8601 UTC text
+  (so string order is time order); certificate serials are lowercase hex text (X.509
+  serials go up to 159 bits, far past a 64-bit INTEGER).
+* Only the DDL below is dialect-specific (``INTEGER PRIMARY KEY AUTOINCREMENT`` would be
+  ``BIGINT GENERATED ALWAYS AS IDENTITY``); AUTOINCREMENT is what guarantees that a phone
+  id or an action seq is never reused, even after the highest row was deleted.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import quopri
+import re
+import sqlite3
+from datetime import UTC, datetime
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+SCHEMA_VERSION = 1
+
+_SCHEMA_V1 = (
+    """
+    CREATE TABLE users (
+        name            TEXT PRIMARY KEY,
+        address         TEXT NOT NULL,
+        desktop_address TEXT NOT NULL,
+        window_size     INTEGER NOT NULL CHECK (window_size > 0),
+        created         TEXT NOT NULL,
+        last_seq        INTEGER NOT NULL DEFAULT 0 CHECK (last_seq >= 0),
+        last_sync       TEXT,
+        last_summary    TEXT
+    )
+    """,
+    """
+    CREATE TABLE pairing_codes (
+        token_hash TEXT PRIMARY KEY,
+        user_name  TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+        expires    TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX pairing_codes_user ON pairing_codes (user_name)",
+    """
+    CREATE TABLE certificates (
+        serial      TEXT PRIMARY KEY,
+        user_name   TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+        fingerprint TEXT,
+        not_after   TEXT NOT NULL,
+        revoked     INTEGER NOT NULL DEFAULT 0 CHECK (revoked IN (0, 1)),
+        created     TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX certificates_user ON certificates (user_name)",
+    """
+    CREATE TABLE messages (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_name   TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+        msg_key     TEXT NOT NULL,
+        message_id  TEXT,
+        folder      TEXT NOT NULL CHECK (folder IN ('inbox', 'trash')),
+        seen        INTEGER NOT NULL DEFAULT 0 CHECK (seen IN (0, 1)),
+        flagged     INTEGER NOT NULL DEFAULT 0 CHECK (flagged IN (0, 1)),
+        internaldate TEXT NOT NULL,
+        subject     TEXT NOT NULL DEFAULT '',
+        from_addr   TEXT NOT NULL DEFAULT '',
+        size        INTEGER NOT NULL,
+        raw         BLOB NOT NULL,
+        trashed_at  TEXT,
+        dirty       INTEGER NOT NULL DEFAULT 0 CHECK (dirty IN (0, 1)),
+        UNIQUE (user_name, msg_key)
+    )
+    """,
+    "CREATE INDEX messages_folder ON messages (user_name, folder, internaldate)",
+    """
+    CREATE TABLE phone_actions (
+        seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_name TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+        kind      TEXT NOT NULL CHECK (kind IN
+                      ('trash', 'restore', 'destroy', 'seen', 'unseen', 'flag', 'unflag')),
+        msg_key   TEXT NOT NULL,
+        created   TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX phone_actions_user ON phone_actions (user_name, msg_key)",
+)
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SCHEMA_V1}  # target version -> statements
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring the schema to SCHEMA_VERSION; the caller holds a write transaction."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise ValueError(
+            f"database schema version {version} is newer than this program ({SCHEMA_VERSION})"
+        )
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS[target]:
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {int(target)}")
+
+
+# --- timestamps -------------------------------------------------------------------------
+
+
+def stamp(moment: datetime) -> str:
+    """Fixed-width UTC text with microseconds, for created/expires/trashed_at."""
+    return _utc(moment).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def date_text(value: datetime | str) -> str:
+    """An INTERNALDATE as ``YYYY-MM-DDTHH:MM:SSZ`` (UTC); naive input is taken as UTC."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.strip())
+    if not isinstance(value, datetime):
+        raise TypeError("internaldate must be an ISO 8601 string or a datetime")
+    return _utc(value).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _utc(moment: datetime) -> datetime:
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+# --- header parsing (hostile input: never raises) --------------------------------------
+
+MAX_HEADER_BLOCK = 256 * 1024
+MAX_TEXT = 998
+_WORD = r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?="
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
+_BETWEEN_WORDS = re.compile(rf"({_WORD})\s+(?={_WORD})")
+_CONTROL = re.compile(r"[\x01-\x1f\x7f]+")
+_SPACES = re.compile(r"\s+")
+
+
+def parse_summary(raw: bytes) -> tuple[str, str]:
+    """(subject, from) of a raw message, decoded for display; ('', '') at worst.
+
+    Tolerates 8-bit headers (UTF-8 tried, then cp1252), broken or unknown-charset RFC 2047
+    words (left as they are), NUL and control bytes (dropped), a missing header.
+    """
+    try:
+        head = bytes(raw[:MAX_HEADER_BLOCK])
+        msg = BytesHeaderParser(policy=compat32).parsebytes(head)
+        found: dict[str, str] = {}
+        for name, value in msg.raw_items():  # raw: no Header objects, 8-bit kept as-is
+            found.setdefault(name.lower(), value)
+        return _display(found.get("subject", "")), _display(found.get("from", ""))
+    except Exception:  # a display summary must never stop a store
+        return "", ""
+
+
+def _display(value: str) -> str:
+    """One raw header value (8-bit bytes as surrogate escapes) as clean one-line text."""
+    try:
+        text = _bytes_text(value.encode("ascii", "surrogateescape"), None)
+        text = _BETWEEN_WORDS.sub(r"\1", text)  # RFC 2047: space between words is dropped
+        text = _ENCODED_WORD.sub(_decode_word, text)
+        text = text.replace("\x00", "")
+        text = _CONTROL.sub(" ", text)
+        return _SPACES.sub(" ", text).strip()[:MAX_TEXT]
+    except Exception:
+        return ""
+
+
+def _decode_word(found: re.Match[str]) -> str:
+    charset, encoding, payload = found.group(1), found.group(2).lower(), found.group(3)
+    try:
+        data = payload.encode("utf-8")
+        if encoding == "b":
+            data = base64.b64decode(data + b"=" * (-len(data) % 4), validate=True)
+        else:
+            data = quopri.decodestring(data.replace(b"_", b" "), header=True)
+        return _bytes_text(data, charset.split("*", 1)[0])  # RFC 2231 language suffix
+    except (ValueError, binascii.Error):
+        return found.group(0)  # broken word: shown as it came
+
+
+def _bytes_text(data: bytes, charset: str | None) -> str:
+    if charset and charset.lower() not in ("unknown-8bit", "x-unknown"):
+        try:
+            return data.decode(charset)
+        except (LookupError, UnicodeDecodeError):
+            pass
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", "replace")
