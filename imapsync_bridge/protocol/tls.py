@@ -1,0 +1,170 @@
+"""TLS 1.3 contexts and connections of the sync protocol (stdlib ``ssl``).
+
+- :func:`server_context`: the hosted listener. Client certificates are *optional* at the
+  TLS layer, because a pairing agent has none yet; when one is presented it must verify
+  against the server's CA (else the handshake fails). The listener itself demands a
+  certificate for every frame but ``ca`` and ``pair`` (see :func:`peer_certificate_serial`)
+  and checks the serial is issued to a user and not revoked.
+- :func:`agent_context`: the agent after pairing. It trusts only the pinned CA (never the
+  system store), checks the host name, and presents its certificate.
+- :func:`pairing_probe_context`: no verification at all, used only to fetch the CA during
+  pairing; the agent then checks that CA against the fingerprint in the pairing code and
+  checks the server's leaf certificate with :func:`verify_leaf_issued_by` before it sends
+  the pairing token or trusts anything it got.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import ssl
+
+from cryptography import x509
+from cryptography.x509 import verification
+
+from imapsync_bridge.errors import AuthError, ConnectionLost
+from imapsync_bridge.protocol.pki import PemLike, load_certificate
+
+PathLike = str | os.PathLike[str]
+
+
+def _tls13_only(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
+def server_context(ca_crt: PathLike, server_crt: PathLike, server_key: PathLike) -> ssl.SSLContext:
+    """The sync listener's context: TLS 1.3 only, client certificate optional but verified."""
+    ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    ctx.load_cert_chain(os.fspath(server_crt), os.fspath(server_key))
+    ctx.load_verify_locations(cafile=os.fspath(ca_crt))
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    return ctx
+
+
+def agent_context(ca_crt: PathLike, agent_crt: PathLike, agent_key: PathLike) -> ssl.SSLContext:
+    """The agent's context: TLS 1.3 only, the pinned CA only, host name checked."""
+    ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))  # no default CA store
+    ctx.load_verify_locations(cafile=os.fspath(ca_crt))
+    ctx.load_cert_chain(os.fspath(agent_crt), os.fspath(agent_key))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = True
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    return ctx
+
+
+def pairing_probe_context() -> ssl.SSLContext:
+    """TLS 1.3, no verification: ONLY to fetch the CA before checking it out of band."""
+    ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _subject_for(hostname: str) -> x509.DNSName | x509.IPAddress:
+    host = hostname.strip().strip("[]")
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host.encode("idna").decode("ascii").lower().rstrip("."))
+
+
+def verify_leaf_issued_by(leaf_der: bytes | None, ca_pem: PemLike, hostname: str) -> None:
+    """AuthError unless ``leaf_der`` is a valid server certificate for ``hostname``
+    issued by the CA ``ca_pem`` (signature, validity dates, serverAuth, name)."""
+    if not leaf_der:
+        raise AuthError("the server presented no certificate")
+    try:
+        ca = load_certificate(ca_pem)
+        leaf = x509.load_der_x509_certificate(leaf_der)
+        subject = _subject_for(hostname)
+    except (ValueError, UnicodeError) as exc:
+        raise AuthError(f"cannot check the server certificate: {exc}") from None
+    store = verification.Store([ca])
+    verifier = verification.PolicyBuilder().store(store).build_server_verifier(subject)
+    try:
+        verifier.verify(leaf, [])
+    except verification.VerificationError as exc:
+        raise AuthError(
+            f"server certificate for {hostname} not issued by the pinned CA or not valid "
+            f"for that name: {exc}"
+        ) from None
+
+
+def _peer_der(ssl_object: ssl.SSLSocket | ssl.SSLObject | None) -> bytes | None:
+    if ssl_object is None:
+        return None
+    try:
+        return ssl_object.getpeercert(binary_form=True)
+    except (ValueError, ssl.SSLError):  # handshake not done / connection closed
+        return None
+
+
+def peer_certificate_serial(ssl_object: ssl.SSLSocket | ssl.SSLObject | None) -> int | None:
+    """Serial of the peer's (verified) certificate, or None when it presented none.
+
+    With :func:`server_context` a presented certificate has verified against the CA, or
+    the handshake would have failed; the caller still checks the serial is not revoked.
+    For asyncio: ``writer.get_extra_info("ssl_object")``.
+    """
+    der = _peer_der(ssl_object)
+    if not der:
+        return None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def peer_certificate_user(ssl_object: ssl.SSLSocket | ssl.SSLObject | None) -> str | None:
+    """CN of the peer's certificate (the user it was issued to), or None."""
+    der = _peer_der(ssl_object)
+    if not der:
+        return None
+    names = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(
+        x509.NameOID.COMMON_NAME
+    )
+    return str(names[0].value) if names else None
+
+
+def connect(
+    host: str,
+    port: int,
+    context: ssl.SSLContext,
+    timeout: float,
+    *,
+    server_hostname: str | None = None,
+) -> ssl.SSLSocket:
+    """A TLS connection to host:port, handshake done; errors become AuthError/ConnectionLost.
+
+    ``timeout`` bounds the TCP connect, the handshake and every later read or write on the
+    socket. ``server_hostname`` (default: ``host``) is the name the certificate must carry.
+    """
+    where = f"{host}:{port}"
+    name = server_hostname or host.strip("[]")
+    try:
+        raw = socket.create_connection((host.strip("[]"), port), timeout=timeout)
+    except TimeoutError:
+        raise ConnectionLost(f"timed out connecting to {where}") from None
+    except OSError as exc:
+        raise ConnectionLost(f"cannot connect to {where}: {exc.strerror or exc}") from None
+    try:
+        return context.wrap_socket(raw, server_hostname=name)
+    except ssl.SSLCertVerificationError as exc:
+        raw.close()
+        raise AuthError(
+            f"server certificate of {where} not issued by the pinned CA or not valid for "
+            f"{name}: {exc.verify_message}"
+        ) from None
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+        raw.close()
+        raise ConnectionLost(f"{where} closed the connection during the TLS handshake") from None
+    except ssl.SSLError as exc:
+        raw.close()
+        raise AuthError(f"TLS handshake with {where} refused: {exc.reason or exc}") from None
+    except TimeoutError:
+        raw.close()
+        raise ConnectionLost(f"timed out in the TLS handshake with {where}") from None
+    except OSError as exc:
+        raw.close()
+        raise ConnectionLost(f"connection to {where} failed: {exc.strerror or exc}") from None
