@@ -1,0 +1,176 @@
+"""The desktop side of a session: find facts in the IMAP inbox and Trash, apply actions.
+
+This is where planned :mod:`imapsync_bridge.sync.ops` meet IMAP. Every action finds its
+message by key (UID when known and still valid, else a Message-ID search), so applying it
+again after a crash finds the work already done and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+
+from imapsync_bridge.agent.imap import ImapMailbox, MailboxStatus
+from imapsync_bridge.errors import MessageError
+from imapsync_bridge.model import DesktopFact, DesktopMessage, LedgerEntry, Where
+from imapsync_bridge.sync.ops import (
+    AppendToDesktop,
+    DesktopAction,
+    DestroyOnDesktop,
+    MoveOnDesktop,
+    SetDesktopFlags,
+)
+
+log = logging.getLogger(__name__)
+
+FetchFromPhone = Callable[[str], bytes]
+
+
+@dataclass(frozen=True)
+class DesktopStatus:
+    inbox: MailboxStatus
+    trash: MailboxStatus
+
+    def fingerprint(self) -> str:
+        """Changes whenever either mailbox changed (used by the no-change fast path)."""
+        parts = []
+        for status in (self.inbox, self.trash):
+            parts += [status.uidvalidity, status.uidnext, status.messages, status.highestmodseq]
+        return ":".join(str(part) for part in parts)
+
+
+class DesktopSide:
+    def __init__(self, imap: ImapMailbox, inbox: str, trash: str) -> None:
+        self.imap = imap
+        self.inbox = inbox
+        self.trash = trash
+        self._selected: str | None = None
+
+    def _select(self, mailbox: str) -> MailboxStatus:
+        status = self.imap.select(mailbox)
+        self._selected = mailbox
+        return status
+
+    def _ensure(self, mailbox: str) -> None:
+        if self._selected != mailbox:
+            self._select(mailbox)
+
+    def status(self) -> DesktopStatus:
+        """Two STATUS commands; cheap enough to run before deciding to do anything."""
+        return DesktopStatus(self.imap.status(self.inbox), self.imap.status(self.trash))
+
+    # -- facts -----------------------------------------------------------------------
+    def facts(
+        self, keys: Iterable[str], ledger: Mapping[str, LedgerEntry]
+    ) -> dict[str, DesktopFact]:
+        """Where each key is now: the inbox, Trash, or gone (expunged)."""
+        facts: dict[str, DesktopFact] = {}
+        wanted = set(keys)
+        for mailbox, where in ((self.inbox, Where.INBOX), (self.trash, Where.TRASH)):
+            self._ensure(mailbox)
+            by_uid = {
+                entry.uid: key
+                for key in wanted - facts.keys()
+                if (entry := ledger.get(key)) is not None
+                and entry.desktop is where
+                and entry.uid is not None
+            }
+            for message in self.imap.summaries(sorted(by_uid, reverse=True)):
+                if by_uid.get(message.uid) == message.key:
+                    facts[message.key] = _fact(where, message)
+            for key in sorted(wanted - facts.keys()):
+                found = self.imap.summaries(self.imap.locate(mailbox, key))
+                if found:
+                    facts[key] = _fact(where, found[0])
+        for key in wanted - facts.keys():
+            facts[key] = DesktopFact(Where.GONE)
+        return facts
+
+    def newest(self, count: int, skip: set[str]) -> tuple[list[DesktopMessage], DesktopStatus]:
+        """The inbox newest first, enough to fill ``count`` distinct keys not in ``skip``.
+
+        Returns the status taken at the same moment, so a change that lands after it is
+        seen by the next session's fast path.
+        """
+        inbox_status = self._select(self.inbox)
+        trash_status = self.imap.status(self.trash)
+        order = self.imap.inbox_order(self.inbox)
+        found: list[DesktopMessage] = []
+        keys: set[str] = set()
+        start = 0
+        while len(keys) < count and start < len(order):
+            chunk = order[start : start + count - len(keys) + 8]
+            start += len(chunk)
+            for message in self.imap.summaries(chunk):
+                if message.key not in skip:
+                    found.append(message)
+                    keys.add(message.key)
+        return found, DesktopStatus(inbox_status, trash_status)
+
+    def fetch_raw(self, uid: int, max_size: int) -> bytes:
+        self._ensure(self.inbox)
+        return self.imap.fetch_raw(uid, max_size)
+
+    # -- actions ---------------------------------------------------------------------
+    def apply(
+        self,
+        action: DesktopAction,
+        fact: DesktopFact,
+        entry: LedgerEntry | None,
+        fetch_from_phone: FetchFromPhone,
+    ) -> LedgerEntry | None:
+        """Carry out one action; returns the ledger entry with its new UID, if any."""
+        if isinstance(action, MoveOnDesktop):
+            source = self.inbox if fact.where is Where.INBOX else self.trash
+            dest = self.inbox if action.to is Where.INBOX else self.trash
+            if fact.where is action.to or fact.uid is None:
+                return entry
+            self._ensure(source)
+            moved = self.imap.move([fact.uid], dest)
+            log.info("moved %s to %s", action.key, dest)
+            return replace(entry, uid=moved.get(fact.uid)) if entry else entry
+        if isinstance(action, DestroyOnDesktop):
+            for mailbox in (self.inbox, self.trash):
+                self._ensure(mailbox)
+                uids = self.imap.locate(mailbox, action.key)
+                if uids:
+                    self.imap.expunge_uids(uids)
+                    log.info("destroyed %s in %s", action.key, mailbox)
+            return entry
+        if isinstance(action, SetDesktopFlags):
+            mailbox = self.inbox if (entry and entry.desktop is Where.INBOX) else self.trash
+            uid = entry.uid if entry else None
+            self._ensure(mailbox)
+            if uid is None:
+                located = self.imap.locate(mailbox, action.key)
+                uid = located[0] if located else None
+            if uid is not None:
+                self.imap.store_flags(uid, action.flags)
+            return replace(entry, uid=uid) if entry else entry
+        if isinstance(action, AppendToDesktop):
+            mailbox = self.inbox if action.to is Where.INBOX else self.trash
+            self._ensure(mailbox)
+            if self.imap.locate(mailbox, action.key):
+                return entry  # already there: an earlier run appended it
+            if entry is None or entry.internaldate is None:
+                raise MessageError(f"{action.key}: the phone gave no arrival time to append it")
+            raw = fetch_from_phone(action.key)
+            uid = self.imap.append(mailbox, raw, entry.internaldate, action.flags)
+            log.info("appended %s from the phone into %s", action.key, mailbox)
+            self._selected = None
+            return replace(entry, uid=uid)
+        raise TypeError(f"unknown desktop action {action!r}")
+
+
+def _fact(where: Where, message: DesktopMessage) -> DesktopFact:
+    return DesktopFact(where, message.flags, message.uid, message.internaldate)
+
+
+def ordered_for_apply(actions: Iterable[DesktopAction]) -> list[DesktopAction]:
+    """Moves and appends before flag changes, so flags land on the message's new home."""
+    first = (MoveOnDesktop, AppendToDesktop, DestroyOnDesktop)
+    actions = list(actions)
+    return [a for a in actions if isinstance(a, first)] + [
+        a for a in actions if not isinstance(a, first)
+    ]

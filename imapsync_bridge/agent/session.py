@@ -1,0 +1,271 @@
+"""One sync session (patent FIGs. 3-10), driven by the agent.
+
+1. hello: the server says which of our actions it already applied; resend the rest.
+2. snapshot: the phone mailbox now (bounded: window + trash) and its pending actions.
+3. fast path: nothing changed on either side since the last completed session -> done.
+4. update sync: find the desktop facts, :func:`merge`, check the mass-delete breaker,
+   apply the desktop actions, send the phone actions.
+5. normalize and pull: :func:`normalize` over the desktop's newest messages; send.
+6. acknowledge the phone actions, commit the ledger, tell the server we completed.
+
+The ledger is committed only at step 6, and every action is idempotent, so a crash at
+any point is recovered by simply running the next session.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from imapsync_bridge.agent.desktop import DesktopSide, DesktopStatus, ordered_for_apply
+from imapsync_bridge.agent.link import ServerLink
+from imapsync_bridge.agent.state import AgentState
+from imapsync_bridge.errors import ImapError, MessageError
+from imapsync_bridge.model import Flags, LedgerEntry, PhoneFact, Where
+from imapsync_bridge.protocol import framing
+from imapsync_bridge.sync.breaker import check_mass_delete
+from imapsync_bridge.sync.merge import keys_in_scope, merge
+from imapsync_bridge.sync.normalize import normalize
+from imapsync_bridge.sync.ops import (
+    DestroyOnPhone,
+    EvictFromPhone,
+    MoveOnPhone,
+    PhoneAction,
+    PutOnPhone,
+    SetPhoneFlags,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_PULL_RETRIES = 20
+
+
+@dataclass
+class SessionReport:
+    fast_path: bool = False
+    desktop_actions: int = 0
+    phone_actions: int = 0
+    pulled: int = 0
+    evicted: int = 0
+    quarantined: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "fast_path": self.fast_path,
+            "desktop_actions": self.desktop_actions,
+            "phone_actions": self.phone_actions,
+            "pulled": self.pulled,
+            "evicted": self.evicted,
+            "quarantined": len(self.quarantined),
+        }
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    mass_delete_share: float = 0.5
+    allow_mass_delete: bool = False
+    max_message_size: int = 25 * 1024 * 1024
+
+
+def phone_op(action: PhoneAction) -> dict[str, Any]:
+    """The protocol form of one phone action (raw bytes travel beside it)."""
+    if isinstance(action, PutOnPhone):
+        return {
+            "kind": "put",
+            "key": action.key,
+            "message_id": None if action.key.startswith("sha256:") else action.key,
+            "internaldate": action.internaldate.astimezone(UTC).isoformat(),
+            "seen": action.flags.seen,
+            "flagged": action.flags.flagged,
+            "folder": "inbox",
+        }
+    if isinstance(action, SetPhoneFlags):
+        return {
+            "kind": "flags",
+            "key": action.key,
+            "seen": action.flags.seen,
+            "flagged": action.flags.flagged,
+        }
+    if isinstance(action, MoveOnPhone):
+        return {"kind": "move", "key": action.key, "folder": action.to.value}
+    if isinstance(action, EvictFromPhone):
+        return {"kind": "evict", "key": action.key}
+    if isinstance(action, DestroyOnPhone):
+        return {"kind": "destroy", "key": action.key}
+    raise TypeError(f"unknown phone action {action!r}")
+
+
+def phone_facts(snapshot: dict[str, Any]) -> dict[str, PhoneFact]:
+    return {
+        m["key"]: PhoneFact(
+            Where(m["folder"]),
+            Flags(m["seen"], m["flagged"]),
+            m["id"],
+            datetime.fromisoformat(m["internaldate"]),
+        )
+        for m in snapshot["messages"]
+    }
+
+
+class SyncSession:
+    def __init__(
+        self,
+        state: AgentState,
+        desktop: DesktopSide,
+        link: ServerLink,
+        options: SessionOptions,
+    ) -> None:
+        self.state = state
+        self.desktop = desktop
+        self.link = link
+        self.options = options
+        self.report = SessionReport()
+
+    def run(self) -> SessionReport:
+        started = time.monotonic()
+        self.link.hello(self.state.agent_instance())
+        self._resend_journal()
+        snapshot = self.link.request({"type": "snapshot"}, "snapshot")
+        window = snapshot["window"]
+
+        if self._nothing_changed(snapshot):
+            self.report.fast_path = True
+            self.report.seconds = time.monotonic() - started
+            self.state.set_many(_done_meta())
+            return self.report
+
+        ledger = self._ledger_for(self.desktop.status())
+        phone = phone_facts(snapshot)
+        scope = keys_in_scope(ledger, phone) | set(snapshot["destroyed"])
+        facts = self.desktop.facts(scope, ledger)
+        plan = merge(ledger, facts, phone, snapshot["destroyed"])
+        if not self.options.allow_mass_delete:
+            check_mass_delete(plan.desktop_deletions, window, self.options.mass_delete_share)
+
+        before, ledger = ledger, dict(plan.ledger)
+        for action in ordered_for_apply(plan.desktop):
+            try:
+                updated = self.desktop.apply(
+                    action, facts[action.key], ledger.get(action.key), self._fetch_from_phone
+                )
+            except (MessageError, ImapError) as exc:
+                # Keep the old entry: the next session plans this message again.
+                self._quarantine(action.key, facts[action.key].uid, str(exc))
+                if action.key in before:
+                    ledger[action.key] = before[action.key]
+                else:
+                    ledger.pop(action.key, None)
+                continue
+            if updated is not None:
+                ledger[action.key] = updated
+            self.report.desktop_actions += 1
+        self._send([(phone_op(a), None) for a in plan.phone])
+        self.report.phone_actions += len(plan.phone)
+
+        ledger, status = self._normalize_and_pull(ledger, window)
+        if snapshot["action_seq"]:
+            self.link.request({"type": "ack_actions", "up_to": snapshot["action_seq"]}, "ok")
+        self.report.seconds = time.monotonic() - started
+        meta = _done_meta()
+        meta.update(
+            {
+                "desktop_status": status.fingerprint(),
+                "inbox_uidvalidity": status.inbox.uidvalidity,
+                "trash_uidvalidity": status.trash.uidvalidity,
+                "window": window,
+                "user": self.link.user,
+            }
+        )
+        self.state.commit_session(ledger, meta)
+        self.link.request({"type": "complete", "summary": self.report.summary()}, "ok")
+        return self.report
+
+    # -- steps -----------------------------------------------------------------------
+    def _resend_journal(self) -> None:
+        self.state.acknowledged(self.link.last_seq)  # the server applied these already
+        self.state.skip_sequence_past(self.link.last_seq)
+        pending = self.state.pending()
+        if pending:
+            log.info("resending %d unacknowledged action(s) from an earlier session", len(pending))
+            self.link.send_ops(pending, self.state.acknowledged)
+
+    def _nothing_changed(self, snapshot: dict[str, Any]) -> bool:
+        if snapshot["action_seq"] or snapshot["destroyed"]:
+            return False
+        if self.state.get("window") != str(snapshot["window"]):
+            return False
+        saved = self.state.get("desktop_status")
+        return saved is not None and saved == self.desktop.status().fingerprint()
+
+    def _ledger_for(self, status: DesktopStatus) -> dict[str, LedgerEntry]:
+        """The saved ledger, with UIDs forgotten where UIDVALIDITY changed."""
+        ledger = self.state.ledger()
+        for where, mailbox, saved_name in (
+            (Where.INBOX, status.inbox, "inbox_uidvalidity"),
+            (Where.TRASH, status.trash, "trash_uidvalidity"),
+        ):
+            saved = self.state.get(saved_name)
+            if saved is not None and int(saved) != mailbox.uidvalidity:
+                log.warning(
+                    "UIDVALIDITY of the %s changed (%s -> %s): re-mapping by Message-ID",
+                    where.value,
+                    saved,
+                    mailbox.uidvalidity,
+                )
+                for key, entry in ledger.items():
+                    if entry.desktop is where:
+                        ledger[key] = replace(entry, uid=None)
+        return ledger
+
+    def _normalize_and_pull(
+        self, ledger: dict[str, LedgerEntry], window: int
+    ) -> tuple[dict[str, LedgerEntry], DesktopStatus]:
+        for _attempt in range(MAX_PULL_RETRIES):
+            skip = self.state.quarantined_keys()
+            newest, status = self.desktop.newest(window, skip)
+            plan = normalize(ledger, newest, window)
+            ops: list[tuple[dict[str, Any], bytes | None]] = []
+            failed = False
+            for action in plan.phone:
+                raw = None
+                if isinstance(action, PutOnPhone):
+                    try:
+                        raw = self.desktop.fetch_raw(action.uid, self.options.max_message_size)
+                    except MessageError as exc:
+                        self._quarantine(action.key, action.uid, str(exc))
+                        failed = True
+                        break
+                ops.append((phone_op(action), raw))
+            if failed:
+                continue
+            self._send(ops)
+            self.report.pulled += sum(isinstance(a, PutOnPhone) for a in plan.phone)
+            self.report.evicted += sum(isinstance(a, EvictFromPhone) for a in plan.phone)
+            self.report.phone_actions += len(plan.phone)
+            return plan.ledger, status
+        raise MessageError("too many messages could not be pulled; see `agent status`")
+
+    def _send(self, ops: list[tuple[dict[str, Any], bytes | None]]) -> None:
+        if ops:
+            self.link.send_ops(self.state.journal(ops), self.state.acknowledged)
+
+    def _fetch_from_phone(self, key: str) -> bytes:
+        frame = self.link.request({"type": "fetch", "key": key}, "message")
+        return framing.b64decode_field(frame["raw"], "raw")
+
+    def _quarantine(self, key: str, uid: int | None, reason: str) -> None:
+        log.warning("quarantined %s (uid %s): %s", key, uid, reason)
+        self.state.quarantine(key, uid, reason)
+        self.report.quarantined.append(key)
+
+
+def _done_meta() -> dict[str, str | int | None]:
+    return {
+        "last_sync": datetime.now(UTC).isoformat(timespec="seconds"),
+        "last_result": "ok",
+        "last_error": None,
+    }

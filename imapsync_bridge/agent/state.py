@@ -1,0 +1,209 @@
+"""The agent's SQLite state: ledger, outgoing action list, quarantine, and small facts.
+
+Order is the design (journal before acting): a planned phone action is written to the
+outgoing list before it is sent and deleted only once the server acknowledged it; the
+ledger is replaced in one transaction only when a whole session completed. A crash at
+any point leaves the last completed ledger plus a journal of unacknowledged actions,
+which the next session resends before it plans anew.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from imapsync_bridge.errors import StoreError
+from imapsync_bridge.model import Flags, LedgerEntry, QuarantinedMessage, Where
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger (
+    key TEXT PRIMARY KEY,
+    desktop TEXT NOT NULL,
+    phone TEXT NOT NULL,
+    seen INTEGER NOT NULL,
+    flagged INTEGER NOT NULL,
+    uid INTEGER,
+    internaldate TEXT
+);
+CREATE TABLE IF NOT EXISTS outgoing (
+    seq INTEGER PRIMARY KEY,
+    op TEXT NOT NULL,
+    raw BLOB
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    key TEXT PRIMARY KEY,
+    uid INTEGER,
+    reason TEXT NOT NULL,
+    since TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class PendingOp:
+    seq: int
+    op: dict[str, Any]
+    raw: bytes | None
+
+
+class AgentState:
+    """One agent's state database (``state_dir/agent.sqlite3``)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: an acknowledged action must never reappear after a power loss.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: cannot open agent state: {exc}") from None
+        self.path = path
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: agent state: {exc}") from None
+
+    # -- small facts -----------------------------------------------------------------
+    def get(self, name: str, default: str | None = None) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else default
+
+    def get_int(self, name: str, default: int = 0) -> int:
+        value = self.get(name)
+        return int(value) if value is not None else default
+
+    def set_many(self, values: dict[str, str | int | None]) -> None:
+        with self.transaction() as db:
+            self._set_many(db, values)
+
+    @staticmethod
+    def _set_many(db: sqlite3.Connection, values: dict[str, str | int | None]) -> None:
+        for name, value in values.items():
+            if value is None:
+                db.execute("DELETE FROM meta WHERE name = ?", (name,))
+            else:
+                db.execute(
+                    "INSERT INTO meta (name, value) VALUES (?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    (name, str(value)),
+                )
+
+    def agent_instance(self) -> str:
+        """A random id for this state; a fresh state is a new agent to the server."""
+        instance = self.get("agent_instance")
+        if instance is None:
+            instance = uuid.uuid4().hex
+            self.set_many({"agent_instance": instance})
+        return instance
+
+    # -- ledger ----------------------------------------------------------------------
+    def ledger(self) -> dict[str, LedgerEntry]:
+        rows = self._db.execute(
+            "SELECT key, desktop, phone, seen, flagged, uid, internaldate FROM ledger"
+        )
+        return {row[0]: _entry(row) for row in rows}
+
+    def commit_session(
+        self, ledger: dict[str, LedgerEntry], meta: dict[str, str | int | None]
+    ) -> None:
+        """Replace the ledger and record the session's facts, atomically."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM ledger")
+            db.executemany(
+                "INSERT INTO ledger (key, desktop, phone, seen, flagged, uid, internaldate) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        e.key,
+                        e.desktop.value,
+                        e.phone.value,
+                        int(e.flags.seen),
+                        int(e.flags.flagged),
+                        e.uid,
+                        e.internaldate.isoformat() if e.internaldate else None,
+                    )
+                    for e in ledger.values()
+                ],
+            )
+            self._set_many(db, meta)
+
+    # -- outgoing action list ----------------------------------------------------------
+    def journal(self, ops: Iterable[tuple[dict[str, Any], bytes | None]]) -> list[PendingOp]:
+        """Give each op the next sequence number and store it before it is sent."""
+        pending = []
+        with self.transaction() as db:
+            seq = self.get_int("next_seq", 1)
+            for op, raw in ops:
+                db.execute(
+                    "INSERT INTO outgoing (seq, op, raw) VALUES (?, ?, ?)",
+                    (seq, json.dumps(op), raw),
+                )
+                pending.append(PendingOp(seq, op, raw))
+                seq += 1
+            self._set_many(db, {"next_seq": seq})
+        return pending
+
+    def pending(self) -> list[PendingOp]:
+        rows = self._db.execute("SELECT seq, op, raw FROM outgoing ORDER BY seq")
+        return [PendingOp(seq, json.loads(op), raw) for seq, op, raw in rows]
+
+    def acknowledged(self, up_to_seq: int) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM outgoing WHERE seq <= ?", (up_to_seq,))
+
+    def skip_sequence_past(self, server_last_seq: int) -> None:
+        """A restored backup must not reuse numbers the server already applied."""
+        if self.get_int("next_seq", 1) <= server_last_seq:
+            self.set_many({"next_seq": server_last_seq + 1})
+
+    # -- quarantine ------------------------------------------------------------------
+    def quarantine(self, key: str, uid: int | None, reason: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO quarantine (key, uid, reason, since) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET uid = excluded.uid, reason = excluded.reason",
+                (key, uid, reason, datetime.now().astimezone().isoformat(timespec="seconds")),
+            )
+
+    def quarantined(self) -> list[QuarantinedMessage]:
+        rows = self._db.execute("SELECT key, uid, reason FROM quarantine ORDER BY since")
+        return [QuarantinedMessage(key, uid, reason) for key, uid, reason in rows]
+
+    def quarantined_keys(self) -> set[str]:
+        return {row[0] for row in self._db.execute("SELECT key FROM quarantine")}
+
+
+def _entry(row: tuple[Any, ...]) -> LedgerEntry:
+    key, desktop, phone, seen, flagged, uid, internaldate = row
+    return LedgerEntry(
+        key=key,
+        desktop=Where(desktop),
+        phone=Where(phone),
+        flags=Flags(bool(seen), bool(flagged)),
+        uid=uid,
+        internaldate=datetime.fromisoformat(internaldate) if internaldate else None,
+    )
