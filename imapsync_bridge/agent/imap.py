@@ -1,0 +1,701 @@
+"""The agent's IMAP adapter: the desktop mailbox seen through ``imapclient``.
+
+Everything that talks IMAP goes through :class:`ImapMailbox`; imapclient, imaplib,
+socket and ssl exceptions never leave this module (see the class docstring for what
+each of ours means).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import imaplib
+import ipaddress
+import logging
+import re
+import socket
+import ssl
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from typing import Any
+
+import imapclient
+from imapclient import exceptions as imap_exc
+from imapclient.response_parser import parse_fetch_response, parse_message_list
+
+from imapsync_bridge import model
+from imapsync_bridge.errors import (
+    AuthError,
+    ConfigError,
+    ConnectionLost,
+    ImapError,
+    MessageError,
+)
+
+log = logging.getLogger(__name__)
+
+SECURITY_MODES = ("tls", "starttls", "none")
+
+#: How many of a mailbox's newest messages :meth:`ImapMailbox.locate` scans for a
+#: ``sha256:`` key (a message without a Message-ID cannot be searched for).
+HASH_SCAN_LIMIT = 2000
+#: UIDs per command where a request is split (keeps command lines and replies bounded).
+_CHUNK = 5000
+
+_APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]", re.I)
+_COPYUID = re.compile(rb"\[COPYUID (\d+) ([\d:,]+) ([\d:,]+)\]", re.I)
+_COPYUID_DATA = re.compile(rb"^(\d+) ([\d:,]+) ([\d:,]+)")
+
+
+@dataclass(frozen=True)
+class MailboxStatus:
+    uidvalidity: int
+    uidnext: int
+    messages: int
+    highestmodseq: int | None  # None when the server does not offer CONDSTORE
+
+
+def _is_loopback(host: str) -> bool:
+    """True when *host* is a loopback address, or a name that resolves only to them."""
+    name = host.strip("[]")
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        pass
+    if name.rstrip(".").lower() != "localhost":
+        return False
+    try:
+        infos = socket.getaddrinfo(name, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+def msgset(uids: Iterable[int]) -> str:
+    """IMAP sequence set for *uids*, consecutive runs compressed (``1:3,7``)."""
+    ordered = sorted(set(uids))
+    if not ordered:
+        raise ValueError("empty UID set")
+    parts: list[str] = []
+    start = prev = ordered[0]
+    for uid in ordered[1:]:
+        if uid == prev + 1:
+            prev = uid
+            continue
+        parts.append(f"{start}:{prev}" if prev > start else str(start))
+        start = prev = uid
+    parts.append(f"{start}:{prev}" if prev > start else str(start))
+    return ",".join(parts)
+
+
+def _expand_set(text: bytes) -> list[int]:
+    """The UIDs of a (numeric, ordered as written) IMAP sequence set like ``4:6,9``."""
+    out: list[int] = []
+    for part in text.split(b","):
+        if b":" in part:
+            a, b = (int(x) for x in part.split(b":"))
+            out.extend(range(a, b + 1) if a <= b else range(a, b - 1, -1))
+        else:
+            out.append(int(part))
+    return out
+
+
+def _chunks(items: Sequence[int], size: int = _CHUNK) -> Iterator[Sequence[int]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _flags(raw: Iterable[bytes]) -> model.Flags:
+    names = {f.lower() if isinstance(f, bytes) else f.encode().lower() for f in raw}
+    return model.Flags(seen=b"\\seen" in names, flagged=b"\\flagged" in names)
+
+
+def _body(data: dict[bytes, Any], prefix: bytes) -> bytes | None:
+    """The value of the first FETCH item whose name starts with *prefix*."""
+    for name, value in data.items():
+        if name.upper().startswith(prefix):
+            return value if isinstance(value, bytes) else (value or b"")
+    return None
+
+
+def _by_uid(data: list) -> dict[int, dict[bytes, Any]]:
+    """Parsed FETCH responses keyed by UID; responses without a UID (unsolicited
+    flag updates for other messages) are dropped."""
+    parsed = parse_fetch_response(data, False, False)
+    out: dict[int, dict[bytes, Any]] = {}
+    for d in parsed.values():
+        if b"UID" in d:
+            out.setdefault(int(d[b"UID"]), {}).update(d)
+    return out
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None:  # never expected with normalise_times=False
+        raise ValueError("naive INTERNALDATE")
+    return value.astimezone(UTC)
+
+
+class ImapMailbox:
+    """One logged-in IMAP session to the desktop mail server.
+
+    Work on the *selected* mailbox (:meth:`select`; :meth:`inbox_order` and
+    :meth:`locate` select the mailbox they are given) and speak in UIDs only.
+
+    Errors (everything else from imapclient/imaplib/socket/ssl is translated):
+
+    ``ConnectionLost`` (a ``TransientError``)
+        The connection failed, dropped, timed out or the server said BYE. The session
+        is dead: every later call raises ``ConnectionLost`` again. Retry later with a
+        new :meth:`connect`. Whether the last command took effect is unknown, so what
+        follows must be idempotent (look before you append or move again).
+    ``AuthError``
+        Login refused, TLS certificate not trusted, or STARTTLS asked for and not
+        offered. Retrying does not help until the configuration or password changes.
+    ``ConfigError``
+        The arguments are unusable (plain text to a non-loopback host, unknown
+        security mode). Fix the configuration.
+    ``ImapError``
+        The server answered NO or BAD to a command that is not about one message
+        (SELECT of a missing mailbox, CREATE refused, a capability we need missing).
+        The session is still usable; the operation did not happen. A later sync may
+        try again; it does not go away by itself.
+    ``MessageError``
+        One message cannot be handled (gone, larger than allowed, unparseable FETCH
+        data). The session is still usable: quarantine or skip that message and go on.
+
+    Counters for benchmarks: :attr:`round_trips` (commands sent, including login) and
+    :attr:`bytes_read` (bytes received from the server, after TLS).
+    """
+
+    def __init__(self, client: imapclient.IMAPClient, *, host: str, port: int) -> None:
+        self._client = client
+        self._host = host
+        self._port = port
+        self._broken: str | None = None
+        self._selected: str | None = None
+        self._capabilities: frozenset[str] = frozenset()
+        self._condstore = False
+        self.round_trips = 0
+        self.bytes_read = 0
+        client.normalise_times = False  # aware datetimes, converted to UTC here
+        self._instrument(client._imap)
+
+    # -- connecting ------------------------------------------------------------------
+
+    @classmethod
+    def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        security: str,
+        username: str,
+        password: str,
+        ssl_context: ssl.SSLContext | None = None,
+        timeout: float = 30.0,
+    ) -> ImapMailbox:
+        """Connect, secure (``tls`` | ``starttls`` | ``none``) and log in (unless
+        *username* is empty). ``none`` is allowed only to a loopback host."""
+        if security not in SECURITY_MODES:
+            raise ConfigError(f"IMAP security must be one of {SECURITY_MODES}, not {security!r}")
+        if security == "none" and not _is_loopback(host):
+            raise ConfigError(
+                f"IMAP security 'none' (plain text) is only allowed to a loopback host, "
+                f"not {host!r}: use tls or starttls"
+            )
+        if security != "none" and ssl_context is None:
+            ssl_context = ssl.create_default_context()
+            ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
+        where = f"{host}:{port}"
+        try:
+            client = imapclient.IMAPClient(
+                host,
+                port,
+                ssl=security == "tls",
+                ssl_context=ssl_context if security == "tls" else None,
+                timeout=timeout,
+            )
+        except ssl.SSLCertVerificationError as exc:
+            raise AuthError(f"IMAP server {where}: TLS certificate not trusted: {exc}") from exc
+        except (OSError, imaplib.IMAP4.error) as exc:
+            raise ConnectionLost(f"cannot connect to IMAP server {where}: {exc}") from exc
+        self = cls(client, host=host, port=port)
+        self.round_trips += 1  # the greeting + CAPABILITY at connect time
+        try:
+            with self._guard("connect"):
+                if security == "starttls":
+                    if b"STARTTLS" not in client.capabilities():
+                        raise AuthError(
+                            f"IMAP server {where} does not offer STARTTLS; "
+                            "refusing to continue in plain text"
+                        )
+                    client.starttls(ssl_context)
+                if username:
+                    try:
+                        client.login(username, password)
+                    except imap_exc.LoginError as exc:
+                        raise AuthError(
+                            f"IMAP login as {username!r} at {where} refused ({exc})"
+                        ) from exc
+                caps = client.capabilities()
+            self._capabilities = frozenset(c.decode("ascii", "replace").upper() for c in caps)
+            if "CONDSTORE" in self._capabilities and "ENABLE" in self._capabilities:
+                # Dovecot tracks per-message MODSEQs only once a client enabled CONDSTORE.
+                with self._guard("ENABLE CONDSTORE"):
+                    self._client.enable("CONDSTORE")
+                self._condstore = True
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _instrument(self, imap: imaplib.IMAP4) -> None:
+        new_tag, read, readline = imap._new_tag, imap.read, imap.readline
+
+        def counted_tag() -> bytes:
+            self.round_trips += 1
+            return new_tag()
+
+        def counted_read(size: int) -> bytes:
+            data = read(size)
+            self.bytes_read += len(data)
+            return data
+
+        def counted_readline() -> bytes:
+            data = readline()
+            self.bytes_read += len(data)
+            return data
+
+        imap._new_tag = counted_tag  # type: ignore[method-assign]
+        imap.read = counted_read  # type: ignore[method-assign]
+        imap.readline = counted_readline  # type: ignore[method-assign]
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """Upper-case capability names offered after login (e.g. ``"MOVE"``)."""
+        return self._capabilities
+
+    def has(self, capability: str) -> bool:
+        return capability.upper() in self._capabilities
+
+    @property
+    def selected(self) -> str | None:
+        return self._selected
+
+    def close(self) -> None:
+        """Log out (best effort) and close the connection. Safe to call twice."""
+        client, self._client = self._client, None  # type: ignore[assignment]
+        if client is None:
+            return
+        self._broken = self._broken or "closed"
+        try:
+            client.logout()
+        except Exception:
+            with contextlib.suppress(Exception):
+                client.shutdown()
+
+    def __enter__(self) -> ImapMailbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- error translation -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        if self._broken:
+            raise ConnectionLost(f"IMAP connection to {self._host} unusable: {self._broken}")
+        try:
+            yield
+        except (AuthError, ConfigError, ImapError, MessageError, ConnectionLost):
+            raise
+        except imap_exc.LoginError as exc:
+            raise AuthError(f"{what}: login refused: {exc}") from exc
+        except imaplib.IMAP4.readonly as exc:  # before .abort: it is a subclass
+            raise ImapError(f"{what}: mailbox became read-only: {exc}") from exc
+        except imaplib.IMAP4.abort as exc:
+            self._broken = str(exc)
+            raise ConnectionLost(f"{what}: IMAP connection to {self._host} lost: {exc}") from exc
+        except ssl.SSLCertVerificationError as exc:
+            self._broken = str(exc)
+            raise AuthError(f"{what}: TLS certificate not trusted: {exc}") from exc
+        except (OSError, EOFError) as exc:  # socket errors, timeouts, ssl.SSLError
+            self._broken = str(exc) or type(exc).__name__
+            raise ConnectionLost(
+                f"{what}: IMAP connection to {self._host} lost: {exc or type(exc).__name__}"
+            ) from exc
+        except imaplib.IMAP4.error as exc:  # NO / BAD, imapclient's own errors
+            raise ImapError(f"{what}: {exc}") from exc
+
+    # -- low-level commands ----------------------------------------------------------------
+
+    def _uid_command(self, command: str, *args: str | bytes) -> tuple[bytes, dict[str, list]]:
+        """``UID <command> args``; returns (tagged OK text, untagged responses)."""
+        imap = self._client._imap
+        imap.untagged_responses.clear()
+        tag = imap._command("UID", command, *args)
+        typ, data = imap._command_complete(command, tag)
+        text = data[0] if data and data[0] else b""
+        if typ != "OK":
+            raise ImapError(f"UID {command} failed: {text.decode('utf-8', 'replace')}")
+        return text, imap.untagged_responses
+
+    def _fetch(
+        self, uid_set: str, items: str, modifiers: str | None = None
+    ) -> dict[int, dict[bytes, Any]]:
+        """``UID FETCH uid_set (items) [(modifiers)]`` keyed by UID.
+
+        Not imapclient's ``fetch()``: in 4.1.0 it cannot take ``1:*`` (it runs
+        ``int()`` over the set to drop unsolicited responses). Unsolicited FETCH
+        responses without a UID are dropped here instead.
+        """
+        args = [uid_set, f"({items})"]
+        if modifiers:
+            args.append(f"({modifiers})")
+        _text, untagged = self._uid_command("FETCH", *args)
+        data = untagged.pop("FETCH", [])
+        if not data:
+            return {}
+        return _by_uid(data)
+
+    def _store(self, uids: Sequence[int], op: str, flags: str) -> None:
+        for chunk in _chunks(sorted(set(uids))):
+            self._uid_command("STORE", msgset(chunk), op, f"({flags})")
+
+    def _require_selected(self) -> None:
+        if self._selected is None:
+            raise ImapError("no mailbox selected (call select() first)")
+
+    def _folder(self, name: str) -> bytes:
+        return self._client._normalise_folder(name)
+
+    # -- mailboxes ---------------------------------------------------------------------------
+
+    def status(self, mailbox: str) -> MailboxStatus:
+        """One STATUS command (with HIGHESTMODSEQ when CONDSTORE is offered)."""
+        what = ["MESSAGES", "UIDNEXT", "UIDVALIDITY"]
+        if self.has("CONDSTORE"):
+            what.append("HIGHESTMODSEQ")
+        with self._guard(f"STATUS {mailbox}"):
+            self._client._imap.untagged_responses.clear()
+            st = self._client.folder_status(mailbox, what)
+        return MailboxStatus(
+            uidvalidity=int(st[b"UIDVALIDITY"]),
+            uidnext=int(st[b"UIDNEXT"]),
+            messages=int(st[b"MESSAGES"]),
+            highestmodseq=int(st[b"HIGHESTMODSEQ"]) if b"HIGHESTMODSEQ" in st else None,
+        )
+
+    def select(self, mailbox: str) -> MailboxStatus:
+        """SELECT *mailbox* read-write (CONDSTORE was ENABLEd at login when offered)."""
+        with self._guard(f"SELECT {mailbox}"):
+            self._selected = None
+            self._client._imap.untagged_responses.clear()
+            st = self._client.select_folder(mailbox)
+            self._selected = mailbox
+        modseq = st.get(b"HIGHESTMODSEQ") if self._condstore else None
+        return MailboxStatus(
+            uidvalidity=int(st[b"UIDVALIDITY"]),
+            uidnext=int(st.get(b"UIDNEXT", 0)),
+            messages=int(st[b"EXISTS"]),
+            highestmodseq=int(modseq) if modseq is not None else None,
+        )
+
+    def _ensure_selected(self, mailbox: str) -> None:
+        if self._selected != mailbox:
+            self.select(mailbox)
+
+    def find_special(self, use: str, configured: str | None, fallback: str) -> str:
+        """The mailbox for special use *use* (e.g. ``"\\\\Trash"``), created when missing.
+
+        A non-empty *configured* name wins (the user said so); else the mailbox the
+        server flags with SPECIAL-USE *use*; else *fallback*.
+        """
+        with self._guard(f"LIST for {use}"):
+            folders = self._client.list_folders()
+        names = {name for _flags, _sep, name in folders}
+        target = configured or None
+        if target is None:
+            wanted = use.encode().lower()
+            for flags, _sep, name in folders:
+                if wanted in {f.lower() for f in flags}:
+                    return name
+            target = fallback
+        if target not in names and target.upper() != "INBOX":
+            with self._guard(f"CREATE {target}"):
+                try:
+                    self._client.create_folder(target)
+                except imaplib.IMAP4.error as exc:
+                    # Someone else may have created it meanwhile.
+                    again = {n for _f, _s, n in self._client.list_folders()}
+                    if target not in again:
+                        raise ImapError(f"cannot create mailbox {target!r}: {exc}") from exc
+                with contextlib.suppress(imaplib.IMAP4.error):
+                    self._client.subscribe_folder(target)
+        return target
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def inbox_order(self, mailbox: str) -> list[int]:
+        """All UIDs of *mailbox* (selected now if it is not), newest INTERNALDATE first;
+        equal INTERNALDATEs: higher UID first.
+
+        With SORT: ``UID SORT (ARRIVAL)`` reversed (SORT breaks ties by sequence
+        number ascending, also under REVERSE, so reversing the ascending result gives
+        the wanted tie order). Without: one ``UID FETCH 1:* (INTERNALDATE)``.
+        """
+        self._ensure_selected(mailbox)
+        with self._guard(f"order of {mailbox}"):
+            if self.has("SORT"):
+                _text, untagged = self._uid_command("SORT", "(ARRIVAL)", "US-ASCII", "ALL")
+                uids = parse_message_list(untagged.pop("SORT", []))
+                return list(reversed(uids))
+            data = self._fetch("1:*", "UID INTERNALDATE")
+        dated = [(_utc(d[b"INTERNALDATE"]), uid) for uid, d in data.items()]
+        dated.sort(reverse=True)
+        return [uid for _date, uid in dated]
+
+    def summaries(self, uids: Sequence[int]) -> list[model.DesktopMessage]:
+        """Key, INTERNALDATE (UTC), size and flags of each of *uids* in the selected
+        mailbox, in the order of *uids*; UIDs that no longer exist are left out."""
+        self._require_selected()
+        if not uids:
+            return []
+        wanted = set(uids)
+        found: dict[int, dict[bytes, Any]] = {}
+        with self._guard("FETCH summaries"):
+            for chunk in _chunks(list(wanted)):
+                found.update(
+                    self._fetch(
+                        msgset(chunk),
+                        "UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]",
+                    )
+                )
+        keys: dict[int, str] = {}
+        need_header: list[int] = []
+        for uid, data in found.items():
+            if uid not in wanted:
+                continue
+            fields = _body(data, b"BODY[HEADER.FIELDS") or b""
+            raw = BytesHeaderParser(policy=compat32).parsebytes(fields).get("Message-ID")
+            mid = model.normalize_message_id(
+                raw.encode("utf-8", "surrogateescape") if raw else None
+            )
+            if mid:
+                keys[uid] = mid
+            else:
+                need_header.append(uid)
+        if need_header:
+            with self._guard("FETCH headers"):
+                headers = self._fetch(msgset(need_header), "UID RFC822.SIZE BODY.PEEK[HEADER]")
+            for uid in need_header:
+                data = headers.get(uid)
+                header = _body(data, b"BODY[HEADER") if data else None
+                if header is None:
+                    continue  # expunged between the two commands
+                keys[uid] = model.message_key(header, int(data[b"RFC822.SIZE"]))[0]
+        out: list[model.DesktopMessage] = []
+        seen: set[int] = set()
+        for uid in uids:
+            if uid in seen or uid not in keys:
+                continue
+            seen.add(uid)
+            data = found[uid]
+            try:
+                out.append(
+                    model.DesktopMessage(
+                        uid=uid,
+                        key=keys[uid],
+                        internaldate=_utc(data[b"INTERNALDATE"]),
+                        size=int(data[b"RFC822.SIZE"]),
+                        flags=_flags(data.get(b"FLAGS", ())),
+                    )
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise MessageError(f"UID {uid}: incomplete FETCH data: {exc!r}") from exc
+        return out
+
+    def flags(self, uids: Sequence[int]) -> dict[int, model.Flags]:
+        """\\Seen/\\Flagged of *uids* in the selected mailbox (absent = gone)."""
+        self._require_selected()
+        wanted = set(uids)
+        out: dict[int, model.Flags] = {}
+        with self._guard("FETCH FLAGS"):
+            for chunk in _chunks(sorted(wanted)):
+                for uid, data in self._fetch(msgset(chunk), "UID FLAGS").items():
+                    if uid in wanted and b"FLAGS" in data:
+                        out[uid] = _flags(data[b"FLAGS"])
+        return out
+
+    def changed_since(self, modseq: int) -> dict[int, model.Flags]:
+        """Flags of the messages of the selected mailbox whose MODSEQ is above *modseq*
+        (``UID FETCH 1:* (FLAGS) (CHANGEDSINCE m)``). Expunges are not reported: find
+        them with :meth:`existing`. ImapError without CONDSTORE."""
+        self._require_selected()
+        if not self._condstore:
+            raise ImapError("server does not offer CONDSTORE")
+        with self._guard("FETCH CHANGEDSINCE"):
+            data = self._fetch("1:*", "UID FLAGS", f"CHANGEDSINCE {int(modseq)}")
+        return {uid: _flags(d[b"FLAGS"]) for uid, d in data.items() if b"FLAGS" in d}
+
+    def existing(self, uids: Iterable[int]) -> set[int]:
+        """Which of *uids* still exist in the selected mailbox (``UID SEARCH UID set``)."""
+        self._require_selected()
+        wanted = sorted(set(uids))
+        out: set[int] = set()
+        with self._guard("SEARCH UID"):
+            for chunk in _chunks(wanted):
+                _text, untagged = self._uid_command("SEARCH", "UID", msgset(chunk))
+                out.update(parse_message_list(untagged.pop("SEARCH", [])))
+        return out & set(wanted)
+
+    def locate(self, mailbox: str, key: str) -> list[int]:
+        """UIDs in *mailbox* (which this selects) of the message with this key.
+
+        Message-ID keys: ``UID SEARCH HEADER Message-ID`` (a substring search), then
+        each hit is confirmed by its own Message-ID. ``sha256:`` keys (and Message-IDs
+        that are not ASCII): the headers of the newest :data:`HASH_SCAN_LIMIT`
+        messages are hashed; an older copy is not found.
+        """
+        self._ensure_selected(mailbox)
+        if not key.startswith("sha256:") and key.isascii():
+            with self._guard(f"SEARCH Message-ID in {mailbox}"):
+                hits = self._client.search(["HEADER", "Message-ID", key])
+                if not hits:
+                    return []
+                data = self._fetch(msgset(hits), "UID BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]")
+            out = []
+            for uid in sorted(data):
+                fields = _body(data[uid], b"BODY[HEADER.FIELDS") or b""
+                raw = BytesHeaderParser(policy=compat32).parsebytes(fields).get("Message-ID")
+                if raw and model.normalize_message_id(raw.encode("utf-8", "surrogateescape")) == (
+                    key
+                ):
+                    out.append(uid)
+            return out
+        newest = self.inbox_order(mailbox)[:HASH_SCAN_LIMIT]
+        out = []
+        with self._guard(f"scan headers in {mailbox}"):
+            for chunk in _chunks(newest, 500):
+                data = self._fetch(msgset(chunk), "UID RFC822.SIZE BODY.PEEK[HEADER]")
+                for uid, d in data.items():
+                    header = _body(d, b"BODY[HEADER")
+                    if header is None or b"RFC822.SIZE" not in d:
+                        continue
+                    if model.message_key(header, int(d[b"RFC822.SIZE"]))[0] == key:
+                        out.append(uid)
+        return sorted(out)
+
+    def fetch_raw(self, uid: int, max_size: int) -> bytes:
+        """The whole message *uid* of the selected mailbox (``BODY.PEEK[]``: \\Seen is
+        not set). MessageError when it is gone or larger than *max_size* bytes; at most
+        ``max_size + 1`` bytes are transferred either way."""
+        self._require_selected()
+        with self._guard(f"FETCH UID {uid}"):
+            data = self._fetch(str(int(uid)), f"UID RFC822.SIZE BODY.PEEK[]<0.{max_size + 1}>")
+        d = data.get(uid)
+        if d is None or b"RFC822.SIZE" not in d:
+            raise MessageError(f"UID {uid} in {self._selected} no longer exists")
+        size = int(d[b"RFC822.SIZE"])
+        if size > max_size:
+            raise MessageError(f"UID {uid} is {size} bytes, larger than the limit {max_size}")
+        body = _body(d, b"BODY[]")
+        if body is None:
+            raise MessageError(f"UID {uid}: server returned no body")
+        return body
+
+    # -- changing ------------------------------------------------------------------------------
+
+    def store_flags(self, uid: int, flags: model.Flags) -> None:
+        """Set \\Seen and \\Flagged of *uid* exactly as given; other flags untouched.
+        MessageError when the message is gone."""
+        self._require_selected()
+        add = [n for n, on in (("\\Seen", flags.seen), ("\\Flagged", flags.flagged)) if on]
+        remove = [n for n, on in (("\\Seen", flags.seen), ("\\Flagged", flags.flagged)) if not on]
+        with self._guard(f"STORE UID {uid}"):
+            reported: set[int] = set()
+            for op, names in (("+FLAGS", add), ("-FLAGS", remove)):
+                if names:
+                    _t, untagged = self._uid_command(
+                        "STORE", str(int(uid)), op, f"({' '.join(names)})"
+                    )
+                    fetched = untagged.get("FETCH", [])
+                    if fetched:
+                        reported.update(_by_uid(fetched))
+        # UID STORE on a missing UID is a silent no-op: look whether it still exists.
+        if uid not in reported and not self.existing([uid]):
+            raise MessageError(f"UID {uid} in {self._selected} no longer exists")
+
+    def move(self, uids: Sequence[int], dest: str) -> dict[int, int]:
+        """Move *uids* of the selected mailbox to *dest*; returns old UID → new UID
+        (from COPYUID; empty when the server does not say). MOVE when offered, else
+        COPY + \\Deleted + UID EXPUNGE of exactly these UIDs (needs UIDPLUS)."""
+        self._require_selected()
+        uids = sorted(set(uids))
+        if not uids:
+            return {}
+        if not self.has("MOVE") and not self.has("UIDPLUS"):
+            raise ImapError("server offers neither MOVE nor UIDPLUS: cannot move safely")
+        mapping: dict[int, int] = {}
+        with self._guard(f"MOVE to {dest}"):
+            for chunk in _chunks(uids):
+                uid_set = msgset(chunk)
+                if self.has("MOVE"):
+                    text, untagged = self._uid_command("MOVE", uid_set, self._folder(dest))
+                else:
+                    text, untagged = self._uid_command("COPY", uid_set, self._folder(dest))
+                mapping.update(self._copyuid(text, untagged))
+                if not self.has("MOVE"):
+                    self._store(chunk, "+FLAGS.SILENT", "\\Deleted")
+                    self._uid_command("EXPUNGE", uid_set)
+        return mapping
+
+    @staticmethod
+    def _copyuid(text: bytes, untagged: dict[str, list]) -> dict[int, int]:
+        found = _COPYUID.search(text)
+        if found:
+            src, dst = found.group(2), found.group(3)
+        else:
+            # MOVE sends COPYUID in an untagged OK before the EXPUNGEs; imaplib files
+            # it under "COPYUID".
+            data = [d for d in untagged.get("COPYUID", []) if d]
+            m = _COPYUID_DATA.match(data[-1]) if data else None
+            if not m:
+                return {}
+            src, dst = m.group(2), m.group(3)
+        old, new = _expand_set(src), _expand_set(dst)
+        if len(old) != len(new):
+            return {}
+        return dict(zip(old, new, strict=True))
+
+    def expunge_uids(self, uids: Sequence[int]) -> None:
+        """\\Deleted + ``UID EXPUNGE`` of exactly *uids* (never a plain EXPUNGE, which
+        would also remove other messages marked \\Deleted). Needs UIDPLUS."""
+        self._require_selected()
+        uids = sorted(set(uids))
+        if not uids:
+            return
+        if not self.has("UIDPLUS"):
+            raise ImapError("server lacks UIDPLUS: cannot expunge single messages safely")
+        with self._guard("UID EXPUNGE"):
+            for chunk in _chunks(uids):
+                self._store(chunk, "+FLAGS.SILENT", "\\Deleted")
+                self._uid_command("EXPUNGE", msgset(chunk))
+
+    def append(
+        self, mailbox: str, raw: bytes, internaldate: datetime, flags: model.Flags
+    ) -> int | None:
+        """APPEND *raw* to *mailbox* with this INTERNALDATE (timezone-aware) and flags;
+        returns the new UID (APPENDUID), or None when the server does not say.
+        Bare LF line ends are sent as CRLF (imaplib does that)."""
+        if internaldate.tzinfo is None:
+            raise ValueError("internaldate must be timezone-aware")
+        names = [n for n, on in (("\\Seen", flags.seen), ("\\Flagged", flags.flagged)) if on]
+        with self._guard(f"APPEND to {mailbox}"):
+            self._client._imap.untagged_responses.clear()
+            resp = self._client.append(mailbox, raw, flags=names, msg_time=internaldate)
+        found = _APPENDUID.search(resp if isinstance(resp, bytes) else str(resp).encode())
+        return int(found.group(2)) if found else None
