@@ -12,7 +12,6 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,24 @@ from typing import Any
 from imapsync_bridge.errors import StoreError
 from imapsync_bridge.model import INBOX, TRASH
 from imapsync_bridge.server import store_schema as schema
+from imapsync_bridge.server.store_schema import (
+    PhoneAction,
+    PhoneMessage,
+    Snapshot,
+    SnapshotMessage,
+    SyncRecord,
+    User,
+)
+
+__all__ = [
+    "PhoneAction",
+    "PhoneMessage",
+    "PhoneStore",
+    "Snapshot",
+    "SnapshotMessage",
+    "SyncRecord",
+    "User",
+]
 
 FOLDERS = (INBOX, TRASH)
 MIN_TRASH_CAPACITY = 10
@@ -29,66 +46,6 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _MESSAGE_COLUMNS = (
     "id, msg_key, message_id, folder, seen, flagged, internaldate, subject, from_addr, size, dirty"
 )
-
-
-@dataclass(frozen=True)
-class User:
-    name: str
-    address: str
-    desktop_address: str
-    window: int
-    created: str
-
-
-@dataclass(frozen=True)
-class PhoneMessage:
-    """A message as the phone user sees it; ``raw`` is filled by :meth:`PhoneStore.get`."""
-
-    id: int
-    key: str
-    message_id: str | None
-    folder: str
-    seen: bool
-    flagged: bool
-    internaldate: str
-    subject: str
-    from_addr: str
-    size: int
-    dirty: bool
-    raw: bytes | None = None
-
-
-@dataclass(frozen=True)
-class SnapshotMessage:
-    id: int
-    key: str
-    message_id: str | None
-    folder: str
-    seen: bool
-    flagged: bool
-    internaldate: str
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    window: int
-    messages: list[SnapshotMessage]
-    destroyed: list[str]  # keys of pending 'destroy' phone actions (tombstones)
-    action_seq: int  # highest pending phone action seq, 0 when none
-
-
-@dataclass(frozen=True)
-class PhoneAction:
-    seq: int
-    kind: str
-    key: str
-    created: str
-
-
-@dataclass(frozen=True)
-class SyncRecord:
-    at: str
-    summary: dict[str, Any]
 
 
 class PhoneStore:
@@ -377,6 +334,8 @@ class PhoneStore:
 
         Returns how many trash entries the garbage collector dropped.
         """
+        if isinstance(up_to_seq, bool) or not isinstance(up_to_seq, int):
+            raise StoreError(f"bad seq {up_to_seq!r}: want an integer")
         with self._tx() as conn:
             self._require_user(conn, user)
             conn.execute(

@@ -1,10 +1,10 @@
-"""Schema, migrations and row-value helpers of the hosted server's store (see store.py).
+"""Schema, migrations, returned row shapes and row-value helpers of the server store.
 
 Kept apart from :mod:`imapsync_bridge.server.store` so the store itself reads as the
 contract. Portability notes (for a later PostgreSQL backend):
 
-* Column names avoid words PostgreSQL reserves: ``user_name`` (not ``user``),
-  ``window_size`` (not ``window``), ``msg_key`` (not ``key``).
+* Column names avoid SQL keywords (USER and WINDOW are reserved in PostgreSQL):
+  ``user_name``, ``window_size``, ``msg_key`` instead of user, window, key.
 * Booleans are INTEGER 0/1 with a CHECK; timestamps are fixed-width ISO 8601 UTC text
   (so string order is time order); certificate serials are lowercase hex text (X.509
   serials go up to 159 bits, far past a 64-bit INTEGER).
@@ -20,9 +20,11 @@ import binascii
 import quopri
 import re
 import sqlite3
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
+from typing import Any
 
 SCHEMA_VERSION = 1
 
@@ -105,6 +107,69 @@ def migrate(conn: sqlite3.Connection) -> None:
         for statement in MIGRATIONS[target]:
             conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {int(target)}")
+
+
+# --- row shapes returned by the store -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    address: str
+    desktop_address: str
+    window: int
+    created: str
+
+
+@dataclass(frozen=True)
+class PhoneMessage:
+    """A message as the phone user sees it; ``raw`` is filled by :meth:`PhoneStore.get`."""
+
+    id: int
+    key: str
+    message_id: str | None
+    folder: str
+    seen: bool
+    flagged: bool
+    internaldate: str
+    subject: str
+    from_addr: str
+    size: int
+    dirty: bool
+    raw: bytes | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotMessage:
+    id: int
+    key: str
+    message_id: str | None
+    folder: str
+    seen: bool
+    flagged: bool
+    internaldate: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    window: int
+    messages: list[SnapshotMessage]
+    destroyed: list[str]  # keys of pending 'destroy' phone actions (tombstones)
+    action_seq: int  # highest pending phone action seq, 0 when none
+
+
+@dataclass(frozen=True)
+class PhoneAction:
+    seq: int
+    kind: str
+    key: str
+    created: str
+
+
+@dataclass(frozen=True)
+class SyncRecord:
+    at: str
+    summary: dict[str, Any]
 
 
 # --- timestamps -------------------------------------------------------------------------
