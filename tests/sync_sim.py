@@ -1,0 +1,248 @@
+"""An in-memory model of one whole sync session: the reference for the sync invariants.
+
+A :class:`Desktop` (inbox and Trash, each a dict key -> :class:`Msg`, one UID counter), a
+:class:`Phone` (inbox, trash, destroy tombstones) and the agent's ledger.
+:func:`sync` does what ``agent/session.py`` does, minus the I/O: facts -> ``merge`` ->
+apply the desktop actions -> apply the phone actions -> ``normalize`` over the desktop
+inbox newest first -> apply its phone actions -> acknowledge (clear) the phone's
+tombstones -> return the new ledger.
+
+The apply functions are deliberately literal (an APPEND always adds a copy, a PUT always
+adds to the phone inbox), so a wrong plan shows up as a broken invariant instead of being
+papered over here. ``crash_after`` stops a session at a step without committing the ledger,
+for the crash-and-rerun tests.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from imapsync_bridge.model import (
+    DesktopFact,
+    DesktopMessage,
+    Flags,
+    LedgerEntry,
+    PhoneFact,
+    Where,
+)
+from imapsync_bridge.sync.breaker import check_mass_delete
+from imapsync_bridge.sync.merge import MergePlan, keys_in_scope, merge
+from imapsync_bridge.sync.normalize import NormalizePlan, normalize
+from imapsync_bridge.sync.ops import (
+    AppendToDesktop,
+    DesktopAction,
+    DestroyOnDesktop,
+    DestroyOnPhone,
+    EvictFromPhone,
+    MoveOnDesktop,
+    MoveOnPhone,
+    PhoneAction,
+    PutOnPhone,
+    SetDesktopFlags,
+    SetPhoneFlags,
+)
+
+Ledger = dict[str, LedgerEntry]
+NO_FLAGS = Flags()
+CRASH_POINTS = ("desktop_applied", "merge_applied", "normalize_applied", "acknowledged")
+
+
+@dataclass
+class Msg:
+    key: str
+    internaldate: datetime
+    flags: Flags = Flags()
+    uid: int = 0  # desktop only
+
+
+@dataclass
+class Desktop:
+    inbox: dict[str, Msg] = field(default_factory=dict)
+    trash: dict[str, Msg] = field(default_factory=dict)
+    next_uid: int = 1
+
+    def folder(self, where: Where) -> dict[str, Msg]:
+        return self.inbox if where is Where.INBOX else self.trash
+
+    def locate(self, key: str) -> tuple[Where, Msg | None]:
+        if key in self.inbox:
+            return Where.INBOX, self.inbox[key]
+        if key in self.trash:
+            return Where.TRASH, self.trash[key]
+        return Where.GONE, None
+
+    def _new_uid(self) -> int:
+        self.next_uid += 1
+        return self.next_uid - 1
+
+    def deliver(self, key: str, internaldate: datetime, flags: Flags = NO_FLAGS) -> None:
+        self.add(Where.INBOX, key, internaldate, flags)
+
+    def add(self, where: Where, key: str, internaldate: datetime, flags: Flags) -> None:
+        """APPEND (new mail, or a copy from the phone): always a new copy with a new UID."""
+        assert key not in self.folder(where), f"sim: {key} appended twice to {where}"
+        self.folder(where)[key] = Msg(key, internaldate, flags, self._new_uid())
+
+    def move(self, key: str, to: Where) -> None:
+        """IMAP MOVE: new UID in the target folder, INTERNALDATE and flags kept."""
+        where, msg = self.locate(key)
+        if msg is None or where is to:
+            return
+        del self.folder(where)[key]
+        self.folder(to)[key] = Msg(key, msg.internaldate, msg.flags, self._new_uid())
+
+    def destroy(self, key: str) -> None:
+        self.inbox.pop(key, None)
+        self.trash.pop(key, None)
+
+    def set_flags(self, key: str, flags: Flags) -> None:
+        _, msg = self.locate(key)
+        if msg is not None:
+            msg.flags = flags
+
+    def newest_first(self) -> list[DesktopMessage]:
+        """The inbox newest first by INTERNALDATE, ties: higher UID first."""
+        ordered = sorted(self.inbox.values(), key=lambda m: (m.internaldate, m.uid), reverse=True)
+        return [DesktopMessage(m.uid, m.key, m.internaldate, 1000, m.flags) for m in ordered]
+
+    def fact(self, key: str) -> DesktopFact:
+        where, msg = self.locate(key)
+        if msg is None:
+            return DesktopFact(Where.GONE)
+        return DesktopFact(where, msg.flags, msg.uid, msg.internaldate)
+
+
+@dataclass
+class Phone:
+    inbox: dict[str, Msg] = field(default_factory=dict)
+    trash: dict[str, Msg] = field(default_factory=dict)
+    destroyed: set[str] = field(default_factory=set)  # tombstones, until acknowledged
+
+    def folder(self, where: Where) -> dict[str, Msg]:
+        return self.inbox if where is Where.INBOX else self.trash
+
+    def locate(self, key: str) -> tuple[Where, Msg | None]:
+        if key in self.inbox:
+            return Where.INBOX, self.inbox[key]
+        if key in self.trash:
+            return Where.TRASH, self.trash[key]
+        return Where.GONE, None
+
+    def inbox_newest_first(self) -> list[str]:
+        return [m.key for m in sorted(self.inbox.values(), key=lambda m: m.internaldate)][::-1]
+
+    # the user's verbs
+    def user_move(self, key: str, to: Where) -> None:
+        where, msg = self.locate(key)
+        assert msg is not None and where is not to
+        del self.folder(where)[key]
+        self.folder(to)[key] = msg
+
+    def user_destroy(self, key: str) -> None:
+        assert self.locate(key)[1] is not None
+        self.inbox.pop(key, None)
+        self.trash.pop(key, None)
+        self.destroyed.add(key)
+
+    def facts(self) -> dict[str, PhoneFact]:
+        facts = {}
+        for where in (Where.INBOX, Where.TRASH):
+            for phone_id, msg in enumerate(self.folder(where).values()):
+                facts[msg.key] = PhoneFact(where, msg.flags, phone_id, msg.internaldate)
+        return facts
+
+
+# -- the session ----------------------------------------------------------------------
+
+
+def plan_merge(desktop: Desktop, phone: Phone, ledger: Ledger) -> tuple[MergePlan, set[str]]:
+    """Facts exactly as the agent gathers them, then merge. Returns (plan, scope)."""
+    phone_now = phone.facts()
+    scope = keys_in_scope(ledger, phone_now) | phone.destroyed
+    facts = {key: desktop.fact(key) for key in scope}
+    return merge(ledger, facts, phone_now, sorted(phone.destroyed)), scope
+
+
+def apply_desktop(desktop: Desktop, phone: Phone, actions: list[DesktopAction]) -> None:
+    for action in actions:
+        match action:
+            case SetDesktopFlags(key, flags):
+                desktop.set_flags(key, flags)
+            case MoveOnDesktop(key, to):
+                desktop.move(key, to)
+            case DestroyOnDesktop(key):
+                desktop.destroy(key)
+            case AppendToDesktop(key, flags, to):
+                _, copy_on_phone = phone.locate(key)
+                assert copy_on_phone is not None, f"sim: append of {key} the phone lacks"
+                desktop.add(to, key, copy_on_phone.internaldate, flags)
+            case _:
+                raise AssertionError(f"unknown desktop action {action!r}")
+
+
+def apply_phone(phone: Phone, actions: list[PhoneAction]) -> None:
+    for action in actions:
+        match action:
+            case SetPhoneFlags(key, flags):
+                _, msg = phone.locate(key)
+                if msg is not None:
+                    msg.flags = flags
+            case MoveOnPhone(key, to):
+                where, msg = phone.locate(key)
+                if msg is not None and where is not to:
+                    phone.user_move(key, to)
+            case DestroyOnPhone(key):
+                phone.inbox.pop(key, None)
+                phone.trash.pop(key, None)
+            case EvictFromPhone(key):
+                phone.inbox.pop(key, None)
+            case PutOnPhone(key, _uid, flags, internaldate):
+                assert key not in phone.inbox, f"sim: put of {key} already in the phone inbox"
+                phone.inbox[key] = Msg(key, internaldate, flags)
+            case _:
+                raise AssertionError(f"unknown phone action {action!r}")
+
+
+def plan_normalize(desktop: Desktop, ledger: Ledger, window: int) -> NormalizePlan:
+    return normalize(ledger, desktop.newest_first(), window)
+
+
+def sync(
+    desktop: Desktop,
+    phone: Phone,
+    ledger: Ledger,
+    window: int,
+    *,
+    crash_after: str | None = None,
+    mass_delete_share: float | None = None,
+) -> Ledger:
+    """One session; mutates ``desktop`` and ``phone``, returns the committed ledger.
+
+    With ``crash_after`` (one of CRASH_POINTS) the session stops after that step and
+    returns the *old* ledger, as a crash before the ledger commit would leave it.
+    """
+    assert crash_after in (None, *CRASH_POINTS)
+    plan, _ = plan_merge(desktop, phone, ledger)
+    if mass_delete_share is not None:
+        check_mass_delete(plan.desktop_deletions, window, mass_delete_share)
+    apply_desktop(desktop, phone, plan.desktop)
+    if crash_after == "desktop_applied":
+        return ledger
+    apply_phone(phone, plan.phone)
+    if crash_after == "merge_applied":
+        return ledger
+    norm = plan_normalize(desktop, plan.ledger, window)
+    apply_phone(phone, norm.phone)
+    if crash_after == "normalize_applied":
+        return ledger
+    phone.destroyed.clear()  # the agent acknowledged the phone's actions
+    if crash_after == "acknowledged":
+        return ledger
+    return norm.ledger
+
+
+def snapshot(desktop: Desktop, phone: Phone, ledger: Ledger) -> tuple:
+    """Comparable state of everything (a deep copy)."""
+    return copy.deepcopy((desktop, phone, ledger))
