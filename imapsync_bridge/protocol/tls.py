@@ -15,15 +15,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import ipaddress
 import os
 import socket
 import ssl
+from collections.abc import Iterator
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.x509 import verification
 
-from imapsync_bridge.errors import AuthError, ConnectionLost
+from imapsync_bridge.errors import AuthError, ConfigError, ConnectionLost
 from imapsync_bridge.protocol.pki import PemLike, load_certificate
 
 PathLike = str | os.PathLike[str]
@@ -35,11 +39,22 @@ def _tls13_only(ctx: ssl.SSLContext) -> ssl.SSLContext:
     return ctx
 
 
+@contextlib.contextmanager
+def _config_files(what: str) -> Iterator[None]:
+    try:
+        yield
+    except ssl.SSLError as exc:
+        raise ConfigError(f"cannot load {what}: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot load {what}: {exc.filename}: {exc.strerror}") from None
+
+
 def server_context(ca_crt: PathLike, server_crt: PathLike, server_key: PathLike) -> ssl.SSLContext:
     """The sync listener's context: TLS 1.3 only, client certificate optional but verified."""
     ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-    ctx.load_cert_chain(os.fspath(server_crt), os.fspath(server_key))
-    ctx.load_verify_locations(cafile=os.fspath(ca_crt))
+    with _config_files("the server's certificates"):
+        ctx.load_cert_chain(os.fspath(server_crt), os.fspath(server_key))
+        ctx.load_verify_locations(cafile=os.fspath(ca_crt))
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     return ctx
@@ -47,13 +62,32 @@ def server_context(ca_crt: PathLike, server_crt: PathLike, server_key: PathLike)
 
 def agent_context(ca_crt: PathLike, agent_crt: PathLike, agent_key: PathLike) -> ssl.SSLContext:
     """The agent's context: TLS 1.3 only, the pinned CA only, host name checked."""
+    _check_not_expired(agent_crt)
     ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))  # no default CA store
-    ctx.load_verify_locations(cafile=os.fspath(ca_crt))
-    ctx.load_cert_chain(os.fspath(agent_crt), os.fspath(agent_key))
+    with _config_files("the agent's certificates (is the agent paired?)"):
+        ctx.load_verify_locations(cafile=os.fspath(ca_crt))
+        ctx.load_cert_chain(os.fspath(agent_crt), os.fspath(agent_key))
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.check_hostname = True
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     return ctx
+
+
+def _check_not_expired(agent_crt: PathLike) -> None:
+    """AuthError when our own certificate has expired.
+
+    The server would refuse it, but an asyncio server drops a refused TLS 1.3 client
+    without an alert, so the agent would only see the connection close: say why here.
+    """
+    try:
+        cert = load_certificate(Path(agent_crt).read_bytes())
+    except (OSError, AuthError):
+        return  # load_cert_chain reports a missing or unreadable file
+    expired = cert.not_valid_after_utc
+    if expired <= dt.datetime.now(dt.UTC):
+        raise AuthError(
+            f"this agent's certificate expired on {expired:%Y-%m-%d}; pair the agent again"
+        )
 
 
 def pairing_probe_context() -> ssl.SSLContext:

@@ -1,0 +1,247 @@
+"""Every frame type of the protocol: a valid example passes; broken ones are refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from imapsync_bridge.errors import ProtocolError
+from imapsync_bridge.protocol import framing, schema
+
+RAW = framing.b64encode_bytes(b"From: a@example.com\r\nSubject: hi\r\n\r\nbody\r\n")
+DATE = "2024-05-01T09:30:00+00:00"
+
+PUT = {
+    "kind": "put",
+    "key": "<1@example.com>",
+    "message_id": "<1@example.com>",
+    "raw": RAW,
+    "internaldate": DATE,
+    "seen": False,
+    "flagged": True,
+    "folder": "inbox",
+}
+
+VALID_TO_SERVER = {
+    "hello": {"type": "hello", "protocol": 1, "agent": "desk-1"},
+    "ca": {"type": "ca"},
+    "pair": {
+        "type": "pair",
+        "code": "abcdefghijklmnopqrstuv.0123456789abcdef0123456789abcdef",
+        "csr": "-----BEGIN CERTIFICATE REQUEST-----\nMII...\n-----END CERTIFICATE REQUEST-----\n",
+    },
+    "snapshot": {"type": "snapshot"},
+    "op": {"type": "op", "seq": 1, "op": PUT},
+    "fetch": {"type": "fetch", "key": "<1@example.com>"},
+    "ack_actions": {"type": "ack_actions", "up_to": 12},
+    "complete": {"type": "complete", "summary": {"sent": 3, "errors": [], "ok": True}},
+}
+
+OTHER_OPS = [
+    {"kind": "put", **{k: v for k, v in PUT.items() if k != "kind"}, "message_id": None},
+    {"kind": "flags", "key": "sha256:abc", "seen": True, "flagged": False},
+    {"kind": "move", "key": "sha256:abc", "folder": "trash"},
+    {"kind": "evict", "key": "sha256:abc"},
+    {"kind": "destroy", "key": "sha256:abc"},
+]
+
+VALID_TO_AGENT = {
+    "welcome": {"type": "welcome", "user": "alice", "window": 6, "last_seq": 0},
+    "ca_cert": {"type": "ca_cert", "pem": "-----BEGIN CERTIFICATE-----\n..."},
+    "paired": {"type": "paired", "user": "alice", "certificate": "-----BEGIN...", "window": 6},
+    "snapshot": {
+        "type": "snapshot",
+        "window": 6,
+        "messages": [
+            {
+                "id": 1,
+                "key": "<1@example.com>",
+                "message_id": "<1@example.com>",
+                "folder": "inbox",
+                "seen": True,
+                "flagged": False,
+                "internaldate": DATE,
+            },
+            {
+                "id": 2,
+                "key": "sha256:0123",
+                "message_id": None,
+                "folder": "trash",
+                "seen": False,
+                "flagged": False,
+                "internaldate": "2024-05-01T11:30:00.123456+02:00",
+            },
+        ],
+        "destroyed": ["<gone@example.com>"],
+        "action_seq": 4,
+    },
+    "ack": {"type": "ack", "seq": 3},
+    "nack": {"type": "nack", "seq": 3, "error": "message too large"},
+    "message": {"type": "message", "key": "<1@example.com>", "raw": RAW},
+    "ok": {"type": "ok"},
+    "error": {"type": "error", "code": "revoked", "message": "this agent was unpaired"},
+}
+
+
+def test_examples_cover_every_frame_type():
+    assert set(VALID_TO_SERVER) == set(schema.TO_SERVER)
+    assert set(VALID_TO_AGENT) == set(schema.TO_AGENT)
+    assert {op["kind"] for op in OTHER_OPS} == set(schema.OP_KINDS)
+
+
+@pytest.mark.parametrize("name", sorted(VALID_TO_SERVER))
+def test_valid_to_server(name):
+    frame = VALID_TO_SERVER[name]
+    assert schema.validate(frame, "to_server") is frame
+
+
+@pytest.mark.parametrize("name", sorted(VALID_TO_AGENT))
+def test_valid_to_agent(name):
+    frame = VALID_TO_AGENT[name]
+    assert schema.validate(frame, "to_agent") is frame
+
+
+@pytest.mark.parametrize("op", OTHER_OPS, ids=lambda op: op["kind"])
+def test_valid_ops(op):
+    schema.validate({"type": "op", "seq": 9, "op": op}, "to_server")
+
+
+def test_valid_frames_survive_the_wire():
+    for frame in [*VALID_TO_SERVER.values()]:
+        wire = framing.encode_frame(frame)
+        schema.validate(framing.decode_payload(wire[4:]), "to_server")
+
+
+def _op(**changes):
+    op = dict(PUT)
+    for key, value in changes.items():
+        if value is _DROP:
+            del op[key]
+        else:
+            op[key] = value
+    return {"type": "op", "seq": 1, "op": op}
+
+
+def _snap(**changes):
+    frame = copy.deepcopy(VALID_TO_AGENT["snapshot"])
+    frame["messages"][1].update(changes)
+    return frame
+
+
+_DROP = object()
+
+INVALID = [
+    # (direction, frame, text the one-line error must contain)
+    (
+        "to_server",
+        {"type": "op", "seq": True, "op": PUT},
+        "frame 'op': field 'seq' must be an integer",
+    ),
+    ("to_server", {"type": "op", "seq": -1, "op": PUT}, "field 'seq'"),
+    ("to_server", {"type": "op", "seq": 2**64, "op": PUT}, "field 'seq'"),
+    ("to_server", {"type": "op", "seq": 1.5, "op": PUT}, "field 'seq' must be an integer"),
+    ("to_server", {"type": "op", "seq": "1", "op": PUT}, "field 'seq' must be an integer"),
+    ("to_server", {"type": "op", "op": PUT}, "field 'seq' is missing"),
+    ("to_server", {"type": "op", "seq": 1, "op": PUT, "extra": 1}, "field 'extra' is not allowed"),
+    ("to_server", {"type": "ack_actions", "up_to": False}, "field 'up_to' must be an integer"),
+    ("to_server", {"type": "hello", "protocol": 2, "agent": "a"}, "field 'protocol' must be 1"),
+    ("to_server", {"type": "hello", "protocol": True, "agent": "a"}, "field 'protocol'"),
+    (
+        "to_server",
+        {"type": "hello", "protocol": 1, "agent": "a" * 65},
+        "field 'agent' must be at most 64",
+    ),
+    ("to_server", {"type": "hello", "protocol": 1}, "field 'agent' is missing"),
+    ("to_server", {"type": "hello", "protocol": 1, "agent": 5}, "field 'agent' must be a string"),
+    ("to_server", {"type": "ca", "x": 1}, "field 'x' is not allowed"),
+    (
+        "to_server",
+        {"type": "pair", "code": "c", "csr": "x" * 10_001},
+        "field 'csr' must be at most",
+    ),
+    ("to_server", {"type": "pair", "code": "c" * 201, "csr": "x"}, "field 'code'"),
+    ("to_server", {"type": "fetch", "key": "k" * 1001}, "field 'key' must be at most 1000"),
+    ("to_server", {"type": "fetch", "key": ""}, "field 'key' must not be empty"),
+    ("to_server", {"type": "fetch", "key": None}, "field 'key' must be a string"),
+    ("to_server", {"type": "fetch", "key": "\ud800"}, "field 'key' must be valid Unicode"),
+    ("to_server", {"type": "complete", "summary": []}, "field 'summary' must be an object"),
+    ("to_server", {"type": "complete", "summary": {"x": "y" * 70_000}}, "field 'summary'"),
+    ("to_server", _op(folder="sent"), 'field \'op.folder\' must be "inbox" or "trash"'),
+    ("to_server", _op(kind="delete"), "field 'op.kind' must be"),
+    ("to_server", _op(kind=_DROP), "field 'op.kind' is missing"),
+    ("to_server", _op(seen=1), "field 'op.seen' must be true or false"),
+    ("to_server", _op(flagged=None), "field 'op.flagged'"),
+    ("to_server", _op(raw="not base64!"), "field 'op.raw' must be valid base64"),
+    ("to_server", _op(raw="abc"), "field 'op.raw' must be valid base64"),
+    ("to_server", _op(raw=None), "field 'op.raw' must be a base64 string"),
+    ("to_server", _op(message_id=3), "field 'op.message_id' must be a string or null"),
+    ("to_server", _op(message_id="m" * 1001), "field 'op.message_id'"),
+    ("to_server", _op(internaldate="yesterday"), "field 'op.internaldate'"),
+    ("to_server", _op(internaldate="2024-05-01T09:30:00"), "field 'op.internaldate'"),
+    ("to_server", _op(internaldate="2024-13-01T09:30:00Z"), "field 'op.internaldate'"),
+    ("to_server", _op(key=_DROP), "field 'op.key' is missing"),
+    ("to_server", _op(uid=5), "field 'op.uid' is not allowed"),
+    (
+        "to_server",
+        {"type": "op", "seq": 1, "op": {"kind": "evict", "key": "k", "folder": "inbox"}},
+        "field 'op.folder' is not allowed",
+    ),
+    ("to_server", {"type": "op", "seq": 1, "op": "put"}, "field 'op' must be an object"),
+    (
+        "to_server",
+        {"type": "welcome", "user": "a", "window": 1, "last_seq": 0},
+        "unknown frame type 'welcome'",
+    ),
+    ("to_server", {"type": "nope"}, "unknown frame type 'nope'"),
+    ("to_server", {"seq": 1}, "no 'type'"),
+    ("to_server", {"type": 3}, "no 'type'"),
+    ("to_server", ["type", "ok"], "must be a JSON object"),
+    ("to_agent", {"type": "hello", "protocol": 1, "agent": "a"}, "unknown frame type 'hello'"),
+    ("to_agent", {"type": "welcome", "user": "a", "window": "6", "last_seq": 0}, "field 'window'"),
+    ("to_agent", {"type": "ack", "seq": False}, "field 'seq' must be an integer"),
+    ("to_agent", {"type": "nack", "seq": 1}, "field 'error' is missing"),
+    ("to_agent", {"type": "ok", "detail": "x"}, "field 'detail' is not allowed"),
+    ("to_agent", {"type": "error", "code": "x", "message": "m" * 5000}, "field 'message'"),
+    ("to_agent", {"type": "message", "key": "k", "raw": "%%%%"}, "field 'raw'"),
+    ("to_agent", _snap(folder="sent"), "field 'messages[1].folder'"),
+    ("to_agent", _snap(id=True), "field 'messages[1].id' must be an integer"),
+    ("to_agent", _snap(subject="hi"), "field 'messages[1].subject' is not allowed"),
+    ("to_agent", _snap(internaldate=None), "field 'messages[1].internaldate'"),
+    (
+        "to_agent",
+        {**VALID_TO_AGENT["snapshot"], "messages": {"a": 1}},
+        "field 'messages' must be a list",
+    ),
+    (
+        "to_agent",
+        {**VALID_TO_AGENT["snapshot"], "destroyed": ["ok", 5]},
+        "field 'destroyed[1]' must be a string",
+    ),
+    (
+        "to_agent",
+        {**VALID_TO_AGENT["snapshot"], "messages": [None]},
+        "field 'messages[0]' must be an object",
+    ),
+]
+
+
+@pytest.mark.parametrize(("direction", "frame", "expected"), INVALID)
+def test_invalid_frames(direction, frame, expected):
+    with pytest.raises(ProtocolError) as info:
+        schema.validate(frame, direction)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+    assert len(message) < 300  # never echoes a huge value
+
+
+def test_huge_field_names_are_not_echoed():
+    with pytest.raises(ProtocolError) as info:
+        schema.validate({"type": "ok", "x" * 10_000: 1}, "to_agent")
+    assert len(str(info.value)) < 200
+
+
+def test_bad_direction_is_a_programming_error():
+    with pytest.raises(ValueError):
+        schema.validate({"type": "ok"}, "sideways")  # type: ignore[arg-type]
