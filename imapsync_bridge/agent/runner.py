@@ -1,0 +1,108 @@
+"""Run one sync session with real connections, record its outcome, report status."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from imapsync_bridge.agent.desktop import DesktopSide
+from imapsync_bridge.agent.imap import ImapMailbox
+from imapsync_bridge.agent.link import ServerLink
+from imapsync_bridge.agent.session import SessionOptions, SessionReport, SyncSession
+from imapsync_bridge.agent.state import AgentState
+from imapsync_bridge.config import AgentConfig
+from imapsync_bridge.errors import BridgeError, ConfigError, TransientError
+from imapsync_bridge.model import Where
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "agent.sqlite3"
+
+
+def open_state(config: AgentConfig) -> AgentState:
+    return AgentState(config.state_dir / STATE_FILE)
+
+
+def connect_imap(config: AgentConfig) -> ImapMailbox:
+    server = config.imap.server
+    return ImapMailbox.connect(
+        server.host,
+        server.port,
+        security=server.security,
+        username=server.username,
+        password=server.password() or "",
+    )
+
+
+def open_desktop(config: AgentConfig, imap: ImapMailbox) -> DesktopSide:
+    trash = imap.find_special("\\Trash", config.imap.trash or None, "Trash")
+    return DesktopSide(imap, config.imap.mailbox, trash)
+
+
+def open_link(config: AgentConfig) -> ServerLink:
+    if not (config.state_dir / "agent.crt").exists():
+        raise ConfigError(f"{config.path}: this agent is not paired; run `agent pair` first")
+    host, port = config.server
+    return ServerLink.open(host, port, config.state_dir)
+
+
+def session_options(config: AgentConfig, allow_mass_delete: bool) -> SessionOptions:
+    return SessionOptions(
+        mass_delete_share=config.mass_delete_share,
+        allow_mass_delete=allow_mass_delete,
+        max_message_size=config.max_message_size,
+    )
+
+
+@retry(
+    retry=retry_if_exception_type(TransientError),
+    stop=stop_after_attempt(3),
+    wait=wait_exponential(multiplier=0.5, max=5),
+    reraise=True,
+)
+def _attempt(config: AgentConfig, state: AgentState, options: SessionOptions) -> SessionReport:
+    with connect_imap(config) as imap, open_link(config) as link:
+        return SyncSession(state, open_desktop(config, imap), link, options).run()
+
+
+def sync_once(config: AgentConfig, allow_mass_delete: bool = False) -> SessionReport:
+    """One complete session (retried on connection loss); records the outcome."""
+    state = open_state(config)
+    try:
+        report = _attempt(config, state, session_options(config, allow_mass_delete))
+    except BridgeError as exc:
+        state.set_many({"last_result": "failed", "last_error": str(exc)})
+        raise
+    finally:
+        state.close()
+    log.info("sync complete: %s in %.2f s", report.summary(), report.seconds)
+    return report
+
+
+def status(config: AgentConfig) -> dict[str, Any]:
+    """What `agent status --json` prints (stable field names, see README)."""
+    state = open_state(config)
+    try:
+        ledger = state.ledger()
+        window = state.get("window")
+        return {
+            "paired": (config.state_dir / "agent.crt").exists(),
+            "server": "%s:%d" % config.server,
+            "user": state.get("user"),
+            "window": int(window) if window else None,
+            "last_sync": state.get("last_sync"),
+            "last_result": state.get("last_result"),
+            "last_error": state.get("last_error"),
+            "pending_actions": len(state.pending()),
+            "mapped": sum(
+                e.desktop is Where.INBOX and e.phone is Where.INBOX for e in ledger.values()
+            ),
+            "quarantined": [
+                {"key": q.key, "uid": q.uid, "reason": q.reason} for q in state.quarantined()
+            ],
+            "sync_phrase": state.get("sync_phrase"),
+        }
+    finally:
+        state.close()

@@ -1,0 +1,284 @@
+"""`imapsync-bridge`: the command line (a contract: scripts and tests rely on it).
+
+Exit codes: 0 success, 1 operational failure (message on stderr), 2 usage/config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from imapsync_bridge.config import (
+    KEYRING_SERVICE,
+    keyring_account,
+    load_agent_config,
+    load_server_config,
+)
+from imapsync_bridge.errors import BridgeError, ConfigError, StoreError
+
+log = logging.getLogger("imapsync_bridge")
+
+
+# -- server ------------------------------------------------------------------------------
+def cmd_server_init(args: argparse.Namespace) -> int:
+    from imapsync_bridge.server.app import init_server
+
+    ini = init_server(Path(args.data_dir), args.hostname, args.sync_port)
+    print(f"created {ini}")
+    return 0
+
+
+def cmd_server_add_user(args: argparse.Namespace) -> int:
+    from imapsync_bridge.server.app import new_pairing_code, open_store
+
+    config = load_server_config(Path(args.config))
+    store = open_store(config)
+    try:
+        user = store.add_user(
+            args.user, args.address, args.desktop_address, args.window or config.default_window
+        )
+        code = new_pairing_code(config, store, user.name)
+    finally:
+        store.close()
+    print(f"added {user.name} (phone address {user.address}, window {user.window})")
+    print("pairing code (one use, 24 h):")
+    print(code)
+    return 0
+
+
+def cmd_server_pair_code(args: argparse.Namespace) -> int:
+    from imapsync_bridge.server.app import new_pairing_code, open_store
+
+    config = load_server_config(Path(args.config))
+    store = open_store(config)
+    try:
+        code = new_pairing_code(config, store, args.user)
+    finally:
+        store.close()
+    print(f"new pairing code for {args.user}; pairing with it revokes the current agent:")
+    print(code)
+    return 0
+
+
+def cmd_server_run(args: argparse.Namespace) -> int:
+    from imapsync_bridge.server.app import serve
+
+    asyncio.run(serve(load_server_config(Path(args.config))))
+    return 0
+
+
+# -- agent -------------------------------------------------------------------------------
+def cmd_agent_pair(args: argparse.Namespace) -> int:
+    from imapsync_bridge.agent.pairing import pair
+
+    config = load_agent_config(Path(args.config))
+    host, port = config.server
+    user = pair(host, port, args.code.strip(), config.state_dir)
+    print(f"paired with {host}:{port} as {user}")
+    return 0
+
+
+def cmd_agent_sync(args: argparse.Namespace) -> int:
+    from imapsync_bridge.agent.runner import sync_once
+
+    report = sync_once(load_agent_config(Path(args.config)), args.allow_mass_delete)
+    summary = report.summary()
+    print(" ".join(f"{name}={value}" for name, value in summary.items()))
+    return 0
+
+
+def cmd_agent_status(args: argparse.Namespace) -> int:
+    from imapsync_bridge.agent.runner import status
+
+    info = status(load_agent_config(Path(args.config)))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for name, value in info.items():
+            if name == "quarantined":
+                value = len(value)
+            print(f"{name:16} {value if value is not None else '-'}")
+        for item in info["quarantined"]:
+            print(f"  quarantined {item['key']} (uid {item['uid']}): {item['reason']}")
+    return 0
+
+
+def cmd_set_password(args: argparse.Namespace) -> int:
+    import keyring
+    from keyring.errors import KeyringError
+
+    config = load_agent_config(Path(args.config))
+    server = config.imap.server if args.role == "imap" else config.smtp
+    if server is None:
+        raise ConfigError(f"{config.path}: no [{args.role}] section")
+    secret = getpass.getpass(f"{args.role} password for {server.username}@{server.host}: ")
+    try:
+        keyring.set_password(
+            KEYRING_SERVICE, keyring_account(args.role, server.username, server.host), secret
+        )
+    except KeyringError as exc:
+        raise ConfigError(
+            f"no usable keyring ({exc}); use password_file or a systemd credential instead"
+        ) from None
+    print(f"stored the {args.role} password in the keyring")
+    return 0
+
+
+# -- phone -------------------------------------------------------------------------------
+def _message_json(message: Any) -> dict[str, Any]:
+    return {
+        "id": message.id,
+        "message_id": message.message_id,
+        "subject": message.subject,
+        "from": message.from_addr,
+        "date": message.internaldate,
+        "seen": message.seen,
+        "flagged": message.flagged,
+    }
+
+
+def cmd_phone(args: argparse.Namespace) -> int:
+    from imapsync_bridge.server.app import open_store
+
+    store = open_store(load_server_config(Path(args.config)))
+    try:
+        return _phone_verb(store, args)
+    finally:
+        store.close()
+
+
+def _phone_verb(store: Any, args: argparse.Namespace) -> int:
+    user = args.user
+    verb = args.verb
+    if verb == "list":
+        listing = {
+            "user": user,
+            "window": store.get_user(user).window,
+            "inbox": [_message_json(m) for m in store.list_folder(user, "inbox")],
+            "trash": [_message_json(m) for m in store.list_folder(user, "trash")],
+            "sent": [],
+            "outbox": [],
+        }
+        if args.json:
+            print(json.dumps(listing, indent=2))
+        else:
+            for folder in ("inbox", "trash"):
+                print(f"{folder} ({len(listing[folder])}):")
+                for m in listing[folder]:
+                    mark = ("  " if m["seen"] else "N ") + ("F " if m["flagged"] else "  ")
+                    print(f"  {m['id']:>6} {mark}{m['date'][:16]}  {m['from'][:24]:24}  {m['subject']}")
+        return 0
+    message_id = args.id
+    if verb == "show":
+        message = store.get(user, message_id)
+        sys.stdout.buffer.write(message.raw or b"")
+        return 0
+    actions: dict[str, Callable[[], bool]] = {
+        "delete": lambda: store.trash(user, message_id),
+        "restore": lambda: store.restore(user, message_id),
+        "destroy": lambda: store.destroy(user, message_id),
+        "read": lambda: store.set_seen(user, message_id, True),
+        "unread": lambda: store.set_seen(user, message_id, False),
+        "flag": lambda: store.set_flagged(user, message_id, True),
+        "unflag": lambda: store.set_flagged(user, message_id, False),
+    }
+    changed = actions[verb]()
+    print(f"{verb} {message_id}: {'done' if changed else 'nothing to change'}")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imapsync-bridge", description="Sync a corporate IMAP inbox with a phone mailbox."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    top = parser.add_subparsers(dest="command", required=True)
+
+    server = top.add_parser("server", help="the hosted server").add_subparsers(
+        dest="action", required=True
+    )
+    p = server.add_parser("init", help="create a CA, certificates, store and server.ini")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--hostname", default="localhost", help="DNS name or IP address")
+    p.add_argument("--sync-port", type=int, default=4465)
+    p.set_defaults(func=cmd_server_init)
+    p = server.add_parser("add-user", help="add a phone mailbox; prints a pairing code")
+    p.add_argument("--config", required=True)
+    p.add_argument("user")
+    p.add_argument("--address", required=True)
+    p.add_argument("--desktop-address", required=True)
+    p.add_argument("--window", type=int)
+    p.set_defaults(func=cmd_server_add_user)
+    p = server.add_parser("pair-code", help="a new pairing code (revokes the old agent)")
+    p.add_argument("--config", required=True)
+    p.add_argument("user")
+    p.set_defaults(func=cmd_server_pair_code)
+    p = server.add_parser("run", help="run the sync listener")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_server_run)
+
+    agent = top.add_parser("agent", help="the desktop agent").add_subparsers(
+        dest="action", required=True
+    )
+    p = agent.add_parser("pair", help="pair with the server using a one-time code")
+    p.add_argument("--config", required=True)
+    p.add_argument("--code", required=True)
+    p.set_defaults(func=cmd_agent_pair)
+    p = agent.add_parser("sync", help="one sync session now; exit 0 only if it completed")
+    p.add_argument("--config", required=True)
+    p.add_argument(
+        "--allow-mass-delete", action="store_true", help="carry out a mass delete the breaker stopped"
+    )
+    p.set_defaults(func=cmd_agent_sync)
+    p = agent.add_parser("status", help="pairing, last sync, quarantine")
+    p.add_argument("--config", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_agent_status)
+
+    p = top.add_parser("set-password", help="store the IMAP or SMTP password in the keyring")
+    p.add_argument("--config", required=True)
+    p.add_argument("role", choices=["imap", "smtp"])
+    p.set_defaults(func=cmd_set_password)
+
+    p = top.add_parser("phone", help="act as the phone user")
+    p.add_argument("--config", required=True)
+    p.add_argument("--user", required=True)
+    verbs = p.add_subparsers(dest="verb", required=True)
+    v = verbs.add_parser("list")
+    v.add_argument("--json", action="store_true")
+    for verb in ("show", "delete", "restore", "destroy", "read", "unread", "flag", "unflag"):
+        verbs.add_parser(verb).add_argument("id", type=int)
+    p.set_defaults(func=cmd_phone)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"imapsync-bridge: {exc}", file=sys.stderr)
+        return 2
+    except (BridgeError, StoreError) as exc:
+        print(f"imapsync-bridge: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
