@@ -69,7 +69,7 @@ def _no_constant(name: str) -> Any:
     raise ProtocolError(f"frame contains the non-JSON number {name}")
 
 
-def decode_payload(data: bytes) -> dict[str, Any]:
+def decode_payload(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     """The JSON object of a frame body; ProtocolError when it is not one."""
     try:
         text = bytes(data).decode("utf-8")

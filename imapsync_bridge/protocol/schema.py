@@ -211,7 +211,7 @@ class Tagged(Spec):
             raise _Invalid(tag_path, "is missing")
         OneOf(tuple(self.variants)).check(kind, tag_path)
         rest = {k: v for k, v in value.items() if k != self.tag}
-        check_fields(rest, self.variants[kind], frozenset(), path)
+        check_fields(rest, self.variants[str(kind)], frozenset(), path)
 
 
 @dataclass(frozen=True)
