@@ -243,6 +243,11 @@ def sync(
     return norm.ledger
 
 
+def ledger_view(ledger: Ledger) -> dict[str, tuple[Where, Where, Flags]]:
+    """The ledger without its UID cache (a UID unknown after a move is filled in later)."""
+    return {k: (e.desktop, e.phone, e.flags) for k, e in ledger.items()}
+
+
 def snapshot(desktop: Desktop, phone: Phone, ledger: Ledger) -> tuple:
     """Comparable state of everything (a deep copy)."""
     return copy.deepcopy((desktop, phone, ledger))
