@@ -13,6 +13,10 @@ keeps each user's mail in its own Maildir, so a fresh user name is a fresh, empt
 With ``tls=True`` an additional implicit-TLS listener (:attr:`Dovecot.tls_port`) is opened
 and STARTTLS is offered on the plain port; :attr:`Dovecot.ca_path` is the self-signed
 certificate to trust (it names ``localhost`` and ``127.0.0.1``).
+
+A failed login makes Dovecot delay the next logins from 127.0.0.1 by 2 to 15 s (its
+anvil "auth penalty"; no setting turns it off in 2.3). A test that fails a login on
+purpose should do it against its own short-lived ``Dovecot()``, not the shared one.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ first_valid_gid = 1
 auth_mechanisms = plain login
 disable_plaintext_auth = no
 auth_verbose = yes
+auth_failure_delay = 0
 {ssl_settings}
 mail_location = maildir:{root}/mail/%u
 mail_uid = {uid}
@@ -341,11 +346,17 @@ class Dovecot:
             return int(text.split()[2].rstrip("]"))
         return None
 
-    def deliver_file(self, user: str, raw: bytes, mailbox: str = "INBOX") -> Path:
+    def deliver_file(
+        self,
+        user: str,
+        raw: bytes,
+        internaldate: dt.datetime | None = None,
+        mailbox: str = "INBOX",
+    ) -> Path:
         """Drop *raw* into the Maildir's ``new/`` behind Dovecot's back, byte for byte.
 
-        For messages APPEND cannot carry (NUL bytes, bare LF). Dovecot picks it up on
-        the next SELECT/NOOP.
+        For messages APPEND would alter (NUL bytes, bare LF). The file's mtime becomes
+        the INTERNALDATE. Dovecot picks it up on the next SELECT/NOOP.
         """
         d = self.maildir(user, mailbox)
         for sub in ("new", "cur", "tmp"):
@@ -353,6 +364,9 @@ class Dovecot:
         name = f"{time.time():.6f}.test{next(self._msg_counter)}.{socket.gethostname()}"
         path = d / "new" / name
         path.write_bytes(raw)
+        if internaldate is not None:
+            stamp = internaldate.timestamp()
+            os.utime(path, (stamp, stamp))
         self._chown_tree(d)
         return path
 
