@@ -296,8 +296,10 @@ def _blocking_server_refusal(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLCont
     thread.start()
     try:
         port = listener.getsockname()[1]
-        with pytest.raises((AuthError, ConnectionLost)) as info:
-            _round_trip(tls.connect("127.0.0.1", port, client_ctx, TIMEOUT))
+        # read only: a write could race the server's close and fail before the alert is read
+        with pytest.raises((AuthError, ConnectionLost)) as info:  # noqa: SIM117
+            with tls.connect("127.0.0.1", port, client_ctx, TIMEOUT) as sock:
+                framing.read_frame(sock)
     finally:
         thread.join(TIMEOUT)
         listener.close()
@@ -407,6 +409,7 @@ def test_contexts_are_tls13_only(ip_pki: Pki):
         ip_pki.server_context(),
         tls.agent_context(ip_pki.files.ca_crt, crt, key),
         tls.pairing_probe_context(),
+        tls.server_verifying_context(ip_pki.files.ca_crt),
     ):
         assert ctx.minimum_version == ctx.maximum_version == ssl.TLSVersion.TLSv1_3
     agent = tls.agent_context(ip_pki.files.ca_crt, crt, key)
@@ -454,9 +457,14 @@ def test_pairing_probe_then_pinned_connection(ip_pki: Pki):
         assert server.peers == [(None, None)]  # a pairing connection has no client cert
         pki.check_ca_fingerprint(ca_pem, prefix)
         tls.verify_leaf_issued_by(leaf, ca_pem, "127.0.0.1")
-        # the agent now pins that CA and gets its certificate (issued directly here)
+        # step 2: pin that CA, talk over a verified connection (still no client cert)
         ca_file = ip_pki.dir / "pinned-ca.crt"
         pki.write_public(ca_file, ca_pem)
+        verified = tls.connect(
+            "127.0.0.1", server.port, tls.server_verifying_context(ca_file), TIMEOUT
+        )
+        assert _round_trip(verified) == {"type": "ok", "serial": None, "user": None}
+        # the agent then gets its certificate (issued directly here) and uses it
         crt, key, serial = ip_pki.agent("alice")
         ctx = tls.agent_context(ca_file, crt, key)
         assert _round_trip(tls.connect("127.0.0.1", server.port, ctx, TIMEOUT))["serial"] == serial
@@ -470,6 +478,10 @@ def test_pairing_detects_impostor_server(ip_pki: Pki, other_pki: Pki):
         leaf, ca_pem = _probe(impostor)
         with pytest.raises(AuthError, match="fingerprint"):
             pki.check_ca_fingerprint(ca_pem, prefix)
+        # and an agent that pinned the genuine CA refuses it at the pairing step too
+        pinned = tls.server_verifying_context(ip_pki.files.ca_crt)
+        with pytest.raises(AuthError, match="not issued by the pinned CA"):
+            tls.connect("127.0.0.1", impostor.port, pinned, TIMEOUT)
     with TLSServer(other_pki.server_context(), ip_pki.ca_pem) as replayer:
         leaf, ca_pem = _probe(replayer)
         pki.check_ca_fingerprint(ca_pem, prefix)  # the genuine CA, copied

@@ -7,6 +7,8 @@
   and checks the serial is issued to a user and not revoked.
 - :func:`agent_context`: the agent after pairing. It trusts only the pinned CA (never the
   system store), checks the host name, and presents its certificate.
+- :func:`server_verifying_context`: the same without a client certificate, for pairing
+  step 2 (sending the code once the CA is pinned).
 - :func:`pairing_probe_context`: no verification at all, used only to fetch the CA during
   pairing; the agent then checks that CA against the fingerprint in the pairing code and
   checks the server's leaf certificate with :func:`verify_leaf_issued_by` before it sends
@@ -60,16 +62,27 @@ def server_context(ca_crt: PathLike, server_crt: PathLike, server_key: PathLike)
     return ctx
 
 
-def agent_context(ca_crt: PathLike, agent_crt: PathLike, agent_key: PathLike) -> ssl.SSLContext:
-    """The agent's context: TLS 1.3 only, the pinned CA only, host name checked."""
-    _check_not_expired(agent_crt)
+def server_verifying_context(ca_crt: PathLike) -> ssl.SSLContext:
+    """TLS 1.3 only, the pinned CA only, host name checked, no client certificate.
+
+    Pairing step 2: the agent has pinned the CA (fingerprint + leaf checked) but has no
+    certificate yet; it sends the pairing code only over a connection verified this way.
+    """
     ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))  # no default CA store
-    with _config_files("the agent's certificates (is the agent paired?)"):
+    with _config_files("the pinned server CA"):
         ctx.load_verify_locations(cafile=os.fspath(ca_crt))
-        ctx.load_cert_chain(os.fspath(agent_crt), os.fspath(agent_key))
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.check_hostname = True
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    return ctx
+
+
+def agent_context(ca_crt: PathLike, agent_crt: PathLike, agent_key: PathLike) -> ssl.SSLContext:
+    """The agent's context: TLS 1.3 only, the pinned CA only, host name checked."""
+    _check_not_expired(agent_crt)
+    ctx = server_verifying_context(ca_crt)
+    with _config_files("the agent's certificate (is the agent paired?)"):
+        ctx.load_cert_chain(os.fspath(agent_crt), os.fspath(agent_key))
     return ctx
 
 
