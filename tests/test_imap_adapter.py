@@ -410,3 +410,23 @@ def test_expunge_uids_leaves_other_deleted_messages_alone(dovecot, imap_user, mb
 def test_commands_needing_a_selected_mailbox_say_so(mbox):
     with pytest.raises(ImapError, match="no mailbox selected"):
         mbox.summaries([1])
+
+
+def test_locate_message_id_with_quote_and_backslash(dovecot, imap_user, mbox):
+    raw = b'Message-ID: <we"ird\\id@example.com>\r\nSubject: odd\r\n\r\nbody\r\n'
+    uid = dovecot.append(imap_user, raw, T0)
+    mbox.select("INBOX")
+    (s,) = mbox.summaries([uid])
+    assert s.key == '<we"ird\\id@example.com>'
+    assert mbox.locate("INBOX", s.key) == [uid]
+
+
+def test_empty_mailbox_queries(mbox):
+    st = mbox.select("INBOX")
+    assert st.messages == 0
+    assert mbox.changed_since(st.highestmodseq) == {}
+    assert mbox.summaries([1, 2]) == []
+    assert mbox.flags([1]) == {} and mbox.existing([1]) == set()
+    assert mbox.move([], "Trash") == {}
+    mbox._capabilities = mbox.capabilities - {"SORT"}
+    assert mbox.inbox_order("INBOX") == []

@@ -170,7 +170,7 @@ class ImapMailbox:
     """
 
     def __init__(self, client: imapclient.IMAPClient, *, host: str, port: int) -> None:
-        self._client = client
+        self._client: Any = client  # None once closed
         self._host = host
         self._port = port
         self._broken: str | None = None
@@ -251,7 +251,7 @@ class ImapMailbox:
             raise
         return self
 
-    def _instrument(self, imap: imaplib.IMAP4) -> None:
+    def _instrument(self, imap: Any) -> None:
         new_tag, read, readline = imap._new_tag, imap.read, imap.readline
 
         def counted_tag() -> bytes:
@@ -268,9 +268,9 @@ class ImapMailbox:
             self.bytes_read += len(data)
             return data
 
-        imap._new_tag = counted_tag  # type: ignore[method-assign]
-        imap.read = counted_read  # type: ignore[method-assign]
-        imap.readline = counted_readline  # type: ignore[method-assign]
+        imap._new_tag = counted_tag
+        imap.read = counted_read
+        imap.readline = counted_readline
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -286,7 +286,7 @@ class ImapMailbox:
 
     def close(self) -> None:
         """Log out (best effort) and close the connection. Safe to call twice."""
-        client, self._client = self._client, None  # type: ignore[assignment]
+        client, self._client = self._client, None
         if client is None:
             return
         self._broken = self._broken or "closed"
@@ -492,11 +492,11 @@ class ImapMailbox:
             with self._guard("FETCH headers"):
                 headers = self._fetch(msgset(need_header), "UID RFC822.SIZE BODY.PEEK[HEADER]")
             for uid in need_header:
-                data = headers.get(uid)
-                header = _body(data, b"BODY[HEADER") if data else None
-                if header is None:
+                hdata = headers.get(uid)
+                header = _body(hdata, b"BODY[HEADER") if hdata else None
+                if hdata is None or header is None:
                     continue  # expunged between the two commands
-                keys[uid] = model.message_key(header, int(data[b"RFC822.SIZE"]))[0]
+                keys[uid] = model.message_key(header, int(hdata[b"RFC822.SIZE"]))[0]
         out: list[model.DesktopMessage] = []
         seen: set[int] = set()
         for uid in uids:
