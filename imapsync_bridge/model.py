@@ -101,6 +101,7 @@ class PhoneFact:
     flags: Flags = Flags()
     phone_id: int | None = None
     internaldate: datetime | None = None
+    restored: bool = False  # the user restored it since the last sync (maybe re-deleted)
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ VALID_TO_AGENT = {
             },
         ],
         "destroyed": ["<gone@example.com>"],
+        "restored": [],
         "action_seq": 4,
     },
     "ack": {"type": "ack", "seq": 3},

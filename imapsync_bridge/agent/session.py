@@ -100,12 +100,14 @@ def phone_op(action: PhoneAction) -> dict[str, Any]:
 
 
 def phone_facts(snapshot: dict[str, Any]) -> dict[str, PhoneFact]:
+    restored = set(snapshot["restored"])
     return {
         m["key"]: PhoneFact(
             Where(m["folder"]),
             Flags(m["seen"], m["flagged"]),
             m["id"],
             datetime.fromisoformat(m["internaldate"]),
+            restored=m["key"] in restored,
         )
         for m in snapshot["messages"]
     }

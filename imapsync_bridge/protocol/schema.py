@@ -315,6 +315,7 @@ TO_AGENT: dict[str, dict[str, Spec]] = {
         "window": WINDOW,
         "messages": ListOf(Obj(SNAPSHOT_MESSAGE)),
         "destroyed": ListOf(KEY),
+        "restored": ListOf(KEY),
         "action_seq": SEQ,
     },
     "ack": {"seq": SEQ},

@@ -115,6 +115,7 @@ class SyncSessionHandler:
                 for m in snap.messages
             ],
             "destroyed": list(snap.destroyed),
+            "restored": list(snap.restored),
             "action_seq": snap.action_seq,
         }
 

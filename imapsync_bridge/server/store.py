@@ -302,13 +302,20 @@ class PhoneStore:
                 " ORDER BY seq",
                 (user,),
             ).fetchall()
+            restored = conn.execute(
+                "SELECT DISTINCT msg_key FROM phone_actions WHERE user_name = ?"
+                " AND kind = 'restore' ORDER BY msg_key",
+                (user,),
+            ).fetchall()
             top = conn.execute(
                 "SELECT MAX(seq) FROM phone_actions WHERE user_name = ?", (user,)
             ).fetchone()[0]
         messages = [
             SnapshotMessage(r[0], r[1], r[2], r[3], bool(r[4]), bool(r[5]), r[6]) for r in rows
         ]
-        return Snapshot(window, messages, [r[0] for r in destroyed], top or 0)
+        return Snapshot(
+            window, messages, [r[0] for r in destroyed], top or 0, [r[0] for r in restored]
+        )
 
     def pending_actions(self, user: str, after_seq: int = 0) -> list[PhoneAction]:
         """The user's unacknowledged phone actions with seq > after_seq, oldest first."""

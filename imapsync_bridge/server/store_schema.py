@@ -20,7 +20,7 @@ import binascii
 import quopri
 import re
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -156,6 +156,7 @@ class Snapshot:
     messages: list[SnapshotMessage]
     destroyed: list[str]  # keys of pending 'destroy' phone actions (tombstones)
     action_seq: int  # highest pending phone action seq, 0 when none
+    restored: list[str] = field(default_factory=list)  # keys with a pending 'restore'
 
 
 @dataclass(frozen=True)

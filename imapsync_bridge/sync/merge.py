@@ -72,12 +72,18 @@ def merge_flags(base: Flags | None, desktop: Flags, phone: Flags) -> Flags:
     )
 
 
-def merge_location(base: LedgerEntry | None, desktop: Where, phone: Where) -> Where:
-    """Where a message held on both sides ends up (INBOX or TRASH)."""
+def merge_location(
+    base: LedgerEntry | None, desktop: Where, phone: Where, phone_restored: bool = False
+) -> Where:
+    """Where a message held on both sides ends up (INBOX or TRASH).
+
+    ``phone_restored``: the phone user restored it since the last sync, even if the net
+    location did not change (deleted, then restored): that restore beats a delete.
+    """
     if base is None or base.phone is Where.GONE:
         return Where.INBOX if Where.INBOX in (desktop, phone) else Where.TRASH
     desktop_moved = desktop is not base.desktop
-    phone_moved = phone is not base.phone
+    phone_moved = phone is not base.phone or phone_restored
     if desktop_moved and not phone_moved:
         return desktop
     if phone_moved and not desktop_moved:
@@ -128,7 +134,7 @@ def _merge_one(
         )
         return
 
-    target = merge_location(base, desk.where, phone.where)
+    target = merge_location(base, desk.where, phone.where, phone.restored)
     if desk.where is not target:
         plan.desktop.append(MoveOnDesktop(key, target))
     if phone.where is not target:
