@@ -134,7 +134,9 @@ class Bridge:
         self.write_agent_config(self.agent_ini)
         return self
 
-    def write_agent_config(self, ini: Path, **agent_options: str) -> None:
+    def write_agent_config(
+        self, ini: Path, imap_port: int | None = None, **agent_options: str
+    ) -> None:
         ini.parent.mkdir(parents=True, exist_ok=True)
         password = ini.parent / "imap.pass"
         password.write_text(self.dovecot.password + "\n")
@@ -146,7 +148,7 @@ class Bridge:
         lines += [
             "[imap]",
             "host = 127.0.0.1",
-            f"port = {self.dovecot.port}",
+            f"port = {imap_port or self.dovecot.port}",
             "security = none",
             f"username = {self.user}",
             "password_file = imap.pass",

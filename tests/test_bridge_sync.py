@@ -260,7 +260,7 @@ HOSTILE = [
     b"From: a@example.com\r\nSubject: no message id\r\n\r\nbody without id\r\n",
     b"From: b@example.com\r\nMessage-ID: <nul@example.com>\r\nSubject: nul\r\n\r\nbad\x00byte\r\n",
     b"From: =?utf-8?q?broken?=\r\nMessage-ID: <8bit@example.com>\r\nSubject: caf\xe9 \xff\r\n"
-    b"Content-Type: multipart/mixed; boundary=\"x\"\r\n\r\n--x\r\nno end boundary\r\n",
+    b'Content-Type: multipart/mixed; boundary="x"\r\n\r\n--x\r\nno end boundary\r\n',
 ]
 
 

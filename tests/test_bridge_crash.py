@@ -1,0 +1,232 @@
+"""SIGKILL the agent in the middle of a session, then sync again: invariants must hold.
+
+The server's frame observer kills the `agent sync` process at a chosen frame (the agent
+is then blocked waiting for that frame's answer, which the server still processes), or an
+IMAP proxy between the agent and Dovecot kills it at a chosen IMAP command, either before
+the command reaches Dovecot or right after (done on the server, the answer never read).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bridge import Bridge, kill
+from dovecot import Dovecot
+
+
+class Killer:
+    """Kills the agent process when the server sees the n-th frame of a type."""
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.frame_type = ""
+        self.nth = 0
+        self.seen = 0
+        self.fired = threading.Event()
+
+    def arm(self, pid: int, frame_type: str, nth: int) -> None:
+        self.pid, self.frame_type, self.nth, self.seen = pid, frame_type, nth, 0
+        self.fired.clear()
+
+    def __call__(self, user: str | None, frame: dict[str, Any]) -> None:
+        if self.pid is None or frame.get("type") != self.frame_type:
+            return
+        self.seen += 1
+        if self.seen == self.nth:
+            kill(self.pid)
+            self.pid = None
+            self.fired.set()
+
+
+@pytest.fixture
+def killer_bridge(dovecot: Dovecot, tmp_path: Path) -> Iterator[tuple[Bridge, Killer]]:
+    killer = Killer()
+    bridge = Bridge(dovecot, tmp_path, window=6).start(observer=killer)
+    bridge.pair()
+    try:
+        yield bridge, killer
+    finally:
+        bridge.stop()
+
+
+def everything(bridge: Bridge) -> dict[str, list[str]]:
+    listing = bridge.phone_list()
+    return {
+        "desktop inbox": bridge.desktop_ids("INBOX"),
+        "desktop trash": bridge.desktop_ids("Trash"),
+        "phone inbox": [m["message_id"] for m in listing["inbox"]],
+        "phone trash": [m["message_id"] for m in listing["trash"]],
+    }
+
+
+def crash_at_frame(bridge: Bridge, killer: Killer, frame_type: str, nth: int) -> None:
+    process = bridge.sync_process()
+    killer.arm(process.pid, frame_type, nth)
+    process.wait(60)
+    assert killer.fired.is_set(), f"the session never sent {frame_type} #{nth}"
+
+
+class KillingProxy:
+    """A TCP proxy to Dovecot that SIGKILLs the agent at its n-th IMAP command matching."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.pid: int | None = None
+        self.pattern = re.compile(b"")
+        self.nth = 0
+        self.forward_first = False
+        self.seen = 0
+        self.fired = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, pid: int, pattern: bytes, nth: int, forward_first: bool) -> None:
+        self.pattern = re.compile(pattern, re.IGNORECASE)
+        self.pid, self.nth, self.forward_first, self.seen = pid, nth, forward_first, 0
+        self.fired.clear()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
+            threading.Thread(target=self._commands, args=(client, server), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+    def _commands(self, client: socket.socket, server: socket.socket) -> None:
+        reader = client.makefile("rb")
+        try:
+            while line := reader.readline():
+                hit = self.pid is not None and self.pattern.search(line)
+                if hit:
+                    self.seen += 1
+                    hit = self.seen == self.nth
+                if hit and not self.forward_first:
+                    self._kill()
+                    break
+                server.sendall(line)
+                if hit:
+                    self._kill()
+        except OSError:
+            pass
+        finally:
+            server.close()
+
+    def _kill(self) -> None:
+        if self.pid is not None:
+            kill(self.pid)
+            self.pid = None
+            self.fired.set()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def make_changes(bridge: Bridge, ids: list[str]) -> None:
+    """A bit of everything on both sides since the last sync."""
+    bridge.phone("delete", str(bridge.phone_id(ids[19])))
+    bridge.phone("read", str(bridge.phone_id(ids[18])))
+    with bridge.imap() as client:
+        client.move([bridge.desktop_uid(ids[17])], "Trash")
+        client.add_flags([bridge.desktop_uid(ids[16])], [b"\\Flagged"])
+    bridge.deliver(21)
+    bridge.deliver(22)
+
+
+def check_after_recovery(bridge: Bridge, ids: list[str]) -> None:
+    bridge.sync_ok()
+    bridge.assert_in_sync()
+    state = everything(bridge)
+    assert ids[19] in state["desktop trash"] and ids[19] in state["phone trash"]
+    assert ids[17] in state["desktop trash"] and ids[17] in state["phone trash"]
+    mails = {m.message_id: m for m in bridge.mails()}
+    assert mails[ids[18]].seen
+    assert mails[ids[16]].flagged
+    # Nothing lost: all 22 messages still exist on the desktop, once.
+    desktop = state["desktop inbox"] + state["desktop trash"]
+    assert len(desktop) == len(set(desktop)) == 22
+    # A further sync changes nothing.
+    bridge.sync_ok()
+    assert everything(bridge) == state
+
+
+FRAME_POINTS = [
+    ("snapshot", 1),  # before anything was planned
+    ("op", 1),  # after the desktop actions, first phone action in flight
+    ("op", 3),  # among the phone actions and pulls
+    ("ack_actions", 1),  # phone actions applied, not yet acknowledged
+    ("complete", 1),  # ledger committed, server not yet told
+]
+
+
+@pytest.mark.parametrize(("frame_type", "nth"), FRAME_POINTS, ids=lambda v: str(v))
+def test_sigkill_during_an_update_sync(
+    killer_bridge: tuple[Bridge, Killer], frame_type: str, nth: int
+) -> None:
+    bridge, killer = killer_bridge
+    ids = [bridge.deliver(n) for n in range(1, 21)]
+    bridge.sync_ok()
+    make_changes(bridge, ids)
+    crash_at_frame(bridge, killer, frame_type, nth)
+    check_after_recovery(bridge, ids)
+
+
+@pytest.mark.parametrize("nth", [1, 4, 6])
+def test_sigkill_during_the_first_sync(killer_bridge: tuple[Bridge, Killer], nth: int) -> None:
+    bridge, killer = killer_bridge
+    ids = [bridge.deliver(n) for n in range(1, 21)]
+    crash_at_frame(bridge, killer, "op", nth)
+    bridge.sync_ok()
+    assert bridge.phone_inbox_ids() == list(reversed(ids))[:6]
+    bridge.assert_in_sync()
+
+
+IMAP_POINTS = [
+    (rb"^\S+ UID MOVE", 1, False),  # the delete to Trash never reached Dovecot
+    (rb"^\S+ UID MOVE", 1, True),  # moved on Dovecot, the answer never read
+    (rb"^\S+ UID STORE", 1, True),  # a flag set on Dovecot, the session lost
+    (rb"^\S+ UID FETCH .*BODY\.PEEK\[\]", 1, False),  # while pulling a message
+]
+
+
+@pytest.mark.parametrize(("pattern", "nth", "forward_first"), IMAP_POINTS, ids=str)
+def test_sigkill_among_the_imap_actions(
+    killer_bridge: tuple[Bridge, Killer],
+    pattern: bytes,
+    nth: int,
+    forward_first: bool,
+) -> None:
+    bridge, _killer = killer_bridge
+    ids = [bridge.deliver(n) for n in range(1, 21)]
+    bridge.sync_ok()
+    make_changes(bridge, ids)
+    proxy = KillingProxy(bridge.dovecot.port)
+    proxied = bridge.agent_ini.parent / "proxied.ini"
+    bridge.write_agent_config(proxied, imap_port=proxy.port)
+    try:
+        process = bridge.sync_process(proxied)
+        proxy.arm(process.pid, pattern, nth, forward_first)
+        process.wait(60)
+        assert proxy.fired.is_set(), f"the session never sent {pattern!r}"
+    finally:
+        proxy.close()
+    check_after_recovery(bridge, ids)
