@@ -119,6 +119,7 @@ class Phone:
     inbox: dict[str, Msg] = field(default_factory=dict)
     trash: dict[str, Msg] = field(default_factory=dict)
     destroyed: set[str] = field(default_factory=set)  # tombstones, until acknowledged
+    restored: set[str] = field(default_factory=set)  # user restores, until acknowledged
 
     def folder(self, where: Where) -> dict[str, Msg]:
         return self.inbox if where is Where.INBOX else self.trash
@@ -139,6 +140,8 @@ class Phone:
         assert msg is not None and where is not to
         del self.folder(where)[key]
         self.folder(to)[key] = msg
+        if to is Where.INBOX:
+            self.restored.add(key)
 
     def user_destroy(self, key: str) -> None:
         assert self.locate(key)[1] is not None
@@ -150,7 +153,9 @@ class Phone:
         facts = {}
         for where in (Where.INBOX, Where.TRASH):
             for phone_id, msg in enumerate(self.folder(where).values()):
-                facts[msg.key] = PhoneFact(where, msg.flags, phone_id, msg.internaldate)
+                facts[msg.key] = PhoneFact(
+                    where, msg.flags, phone_id, msg.internaldate, restored=msg.key in self.restored
+                )
         return facts
 
 
@@ -192,7 +197,8 @@ def apply_phone(phone: Phone, actions: list[PhoneAction]) -> None:
             case MoveOnPhone(key, to):
                 where, msg = phone.locate(key)
                 if msg is not None and where is not to:
-                    phone.user_move(key, to)
+                    del phone.folder(where)[key]
+                    phone.folder(to)[key] = msg
             case DestroyOnPhone(key):
                 phone.inbox.pop(key, None)
                 phone.trash.pop(key, None)
@@ -238,6 +244,7 @@ def sync(
     if crash_after == "normalize_applied":
         return ledger
     phone.destroyed.clear()  # the agent acknowledged the phone's actions
+    phone.restored.clear()
     if crash_after == "acknowledged":
         return ledger
     return norm.ledger

@@ -56,8 +56,8 @@ def D(where: Where, flags: Flags = N, uid: int = UID) -> DesktopFact:
     return DesktopFact(where, flags, uid, T0)
 
 
-def P(where: Where, flags: Flags = N) -> PhoneFact:
-    return PhoneFact(where, flags, 7, T_PHONE)
+def P(where: Where, flags: Flags = N, *, restored: bool = False) -> PhoneFact:
+    return PhoneFact(where, flags, 7, T_PHONE, restored=restored)
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,17 @@ ROWS = {
     "phone-destroy-beats-desktop-delete": Row(
         L(I, I), D(T, uid=UID2), P(X), [DestroyOnDesktop(K)], [], None
     ),
+    # --- the phone restored since the last sync, though its net location may not show it
+    "phone-delete-restore-beats-desktop-delete": Row(
+        L(I, I), D(T, uid=UID2), P(I, restored=True), [MoveOnDesktop(K, I)], [], L(I, I, uid=None)
+    ),
+    "phone-restore-redelete-desktop-unchanged": Row(
+        L(T, T), D(T), P(T, restored=True), [], [], L(T, T)
+    ),
+    "phone-restore-redelete-vs-desktop-restore": Row(
+        L(T, T), D(I, uid=UID2), P(T, restored=True), [], [MoveOnPhone(K, I)], L(I, I, uid=UID2)
+    ),
+    "phone-restored-flag-no-change": Row(L(I, I), D(I), P(I, restored=True), [], [], L(I, I)),
     # --- fresh state: no ledger entry (first pairing, reset, lost agent state) ---------
     "fresh-both-hold-seen-set-beats-unset": Row(
         None, D(I), P(I, S), [SetDesktopFlags(K, S)], [], L(I, I, S)
@@ -236,6 +247,26 @@ def test_merge_result_is_stable(row: Row) -> None:
     again = merge(plan.ledger, {K: desk}, {K: P(entry.phone, entry.flags)})
     assert again.desktop == [] and again.phone == []
     assert again.ledger[K].desktop is entry.desktop and again.ledger[K].flags == entry.flags
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: PhoneFact.restored (199c1c1) is honoured against a desktop delete but not "
+    "against a desktop destroy: the phone's delete-then-restore is lost",
+)
+def test_phone_delete_then_restore_beats_desktop_destroy() -> None:
+    """Restore beats destroy, with "restore" as 199c1c1 defines it for restore-vs-delete.
+
+    Mapped K; the phone user deletes K and restores it (net: inbox, restored=True); the
+    desktop user destroys K. Against a desktop *delete* the restore wins (row
+    phone-delete-restore-beats-desktop-delete); against a destroy merge plans
+    DestroyOnPhone and K is gone everywhere, although the phone user asked to keep it.
+    """
+    plan = merge({K: L(I, I)}, {K: D(G)}, {K: P(I, restored=True)})
+    assert plan.phone == []
+    assert plan.desktop == [AppendToDesktop(K, N, I)]
+    assert plan.ledger[K] == LedgerEntry(K, I, I, N, None, T_PHONE)
+    assert plan.desktop_deletions == 0
 
 
 # --- merge_flags ----------------------------------------------------------------------

@@ -305,11 +305,8 @@ def test_window_of_keeps_the_first_copy() -> None:
     assert [m.uid for m in win] == [50]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: window_of(..., 0) returns the whole inbox (size checked only after append)",
-)
 def test_window_of_zero_is_empty() -> None:
+    """Regression: window_of(..., 0) returned the whole inbox (size checked after append)."""
     assert window_of([dm(3), dm(2), dm(1)], 0) == []
 
 
