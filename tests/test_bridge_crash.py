@@ -8,15 +8,19 @@ the command reaches Dovecot or right after (done on the server, the answer never
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from bridge import Bridge, kill
+from bridge import REPO, Bridge, kill
 from dovecot import Dovecot
 
 
@@ -230,3 +234,120 @@ def test_sigkill_among_the_imap_actions(
     finally:
         proxy.close()
     check_after_recovery(bridge, ids)
+
+
+class ServerProcess:
+    """`imapsync-bridge server run` as a real process on a fixed port (restartable)."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        probe = socket.create_server(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        text = bridge.server_ini.read_text()
+        bridge.server_ini.write_text(
+            re.sub(r"sync_listen = .*", f"sync_listen = 127.0.0.1:{self.port}", text)
+        )
+        self.ini = bridge.server_ini
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "imapsync_bridge.cli", "server", "run", "--config",
+             str(self.ini)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("server run did not start listening")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            kill(self.process.pid)
+            self.process.wait(10)
+
+
+class ByteCountingProxy:
+    """Forwards to the sync listener; SIGKILLs the server after the agent sent N bytes."""
+
+    def __init__(self, target_port: int, server: ServerProcess, after_bytes: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target_port = target_port
+        self.server = server
+        self.after_bytes = after_bytes
+        self.sent = 0
+        self.fired = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the server is down: refuse, as a dead host would
+                client.close()
+                continue
+            threading.Thread(target=self._down, args=(upstream, client), daemon=True).start()
+            threading.Thread(target=self._up, args=(client, upstream), daemon=True).start()
+
+    @staticmethod
+    def _down(source: socket.socket, sink: socket.socket) -> None:
+        KillingProxy._pump(source, sink)
+
+    def _up(self, client: socket.socket, upstream: socket.socket) -> None:
+        try:
+            while data := client.recv(4096):
+                upstream.sendall(data)
+                self.sent += len(data)
+                if self.sent >= self.after_bytes and not self.fired.is_set():
+                    self.fired.set()
+                    self.server.kill()
+        except OSError:
+            pass
+        finally:
+            upstream.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("after_bytes", [1500, 2200, 2900])
+def test_sigkill_of_the_server_mid_session(
+    dovecot: Dovecot, tmp_path: Path, after_bytes: int
+) -> None:
+    bridge = Bridge(dovecot, tmp_path, window=6).start()
+    bridge.stop()  # the in-process listener; a real process takes over on a fixed port
+    server = ServerProcess(bridge)
+    server.start()
+    try:
+        bridge.write_agent_config(bridge.agent_ini)
+        _point_agent_at(bridge.agent_ini, server.port)
+        bridge.pair()
+        ids = [bridge.deliver(n) for n in range(1, 21)]
+        bridge.sync_ok()
+        make_changes(bridge, ids)
+        proxy = ByteCountingProxy(server.port, server, after_bytes)
+        proxied = bridge.agent_ini.parent / "proxied.ini"
+        bridge.write_agent_config(proxied)
+        _point_agent_at(proxied, proxy.port)
+        rc, _out, err = bridge.sync(ini=proxied)
+        proxy.close()
+        assert proxy.fired.is_set(), f"the session sent only {proxy.sent} bytes"
+        assert rc == 1, "a session whose server died cannot have completed"
+        server.start()
+        check_after_recovery(bridge, ids)
+    finally:
+        server.kill()
+
+
+def _point_agent_at(ini: Path, port: int) -> None:
+    ini.write_text(re.sub(r"server = .*", f"server = 127.0.0.1:{port}", ini.read_text()))

@@ -249,11 +249,6 @@ def test_merge_result_is_stable(row: Row) -> None:
     assert again.ledger[K].desktop is entry.desktop and again.ledger[K].flags == entry.flags
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: PhoneFact.restored (199c1c1) is honoured against a desktop delete but not "
-    "against a desktop destroy: the phone's delete-then-restore is lost",
-)
 def test_phone_delete_then_restore_beats_desktop_destroy() -> None:
     """Restore beats destroy, with "restore" as 199c1c1 defines it for restore-vs-delete.
 

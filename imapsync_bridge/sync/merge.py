@@ -112,8 +112,8 @@ def _merge_one(
     if desk.where is Where.GONE:
         if phone.where not in _HELD:
             return
-        restored_on_phone = (
-            base is not None and base.phone is Where.TRASH and phone.where is Where.INBOX
+        restored_on_phone = phone.where is Where.INBOX and (
+            phone.restored or (base is not None and base.phone is Where.TRASH)
         )
         if base is None or restored_on_phone:
             # The desktop lacks a message the phone holds (fresh state, or restore beats

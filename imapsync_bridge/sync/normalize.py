@@ -25,6 +25,8 @@ def window_of(newest_first: Sequence[DesktopMessage], size: int) -> list[Desktop
     """The newest ``size`` distinct messages (copies sharing a key count once)."""
     window: list[DesktopMessage] = []
     seen: set[str] = set()
+    if size <= 0:
+        return window
     for message in newest_first:
         if message.key in seen:
             continue
