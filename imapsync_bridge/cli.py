@@ -173,7 +173,8 @@ def _phone_verb(store: Any, args: argparse.Namespace) -> int:
                 print(f"{folder} ({len(listing[folder])}):")
                 for m in listing[folder]:
                     mark = ("  " if m["seen"] else "N ") + ("F " if m["flagged"] else "  ")
-                    print(f"  {m['id']:>6} {mark}{m['date'][:16]}  {m['from'][:24]:24}  {m['subject']}")
+                    sender = m["from"][:24]
+                    print(f"  {m['id']:>6} {mark}{m['date'][:16]}  {sender:24}  {m['subject']}")
         return 0
     message_id = args.id
     if verb == "show":
@@ -235,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = agent.add_parser("sync", help="one sync session now; exit 0 only if it completed")
     p.add_argument("--config", required=True)
     p.add_argument(
-        "--allow-mass-delete", action="store_true", help="carry out a mass delete the breaker stopped"
+        "--allow-mass-delete",
+        action="store_true",
+        help="carry out a mass delete the breaker stopped",
     )
     p.set_defaults(func=cmd_agent_sync)
     p = agent.add_parser("status", help="pairing, last sync, quarantine")

@@ -10,7 +10,9 @@ the CA it just pinned.
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
+from typing import Any
 
 from imapsync_bridge.errors import AuthError, ProtocolError
 from imapsync_bridge.protocol import framing, pki, schema, tls
@@ -18,7 +20,7 @@ from imapsync_bridge.protocol import framing, pki, schema, tls
 log = logging.getLogger(__name__)
 
 
-def _exchange(sock, frame: dict, expected: str) -> dict:  # type: ignore[no-untyped-def]
+def _exchange(sock: ssl.SSLSocket, frame: dict[str, Any], expected: str) -> dict[str, Any]:
     framing.write_frame(sock, frame)
     reply = schema.validate(framing.read_frame(sock), "to_agent")
     if reply["type"] == "error":

@@ -89,7 +89,7 @@ def status(config: AgentConfig) -> dict[str, Any]:
         window = state.get("window")
         return {
             "paired": (config.state_dir / "agent.crt").exists(),
-            "server": "%s:%d" % config.server,
+            "server": "{}:{}".format(*config.server),
             "user": state.get("user"),
             "window": int(window) if window else None,
             "last_sync": state.get("last_sync"),

@@ -9,6 +9,7 @@ with an ``error`` frame and a log line; nothing is stored from them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import ssl
@@ -178,7 +179,7 @@ class SyncListener:
         return await asyncio.start_server(self._serve, host, port, ssl=self.context)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = "%s:%s" % writer.get_extra_info("peername")[:2]
+        peer = "{}:{}".format(*writer.get_extra_info("peername")[:2])
         ssl_object: ssl.SSLObject | None = writer.get_extra_info("ssl_object")
         serial = tls.peer_certificate_serial(ssl_object) if ssl_object else None
         user = self.store.user_for_certificate(serial) if serial is not None else None
@@ -210,14 +211,10 @@ class SyncListener:
             log.info("%s: connection ended: %s", peer, exc)
         finally:
             writer.close()
-            try:
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
                 await writer.wait_closed()
-            except (ConnectionError, ssl.SSLError):
-                pass
 
 
 async def _send(writer: asyncio.StreamWriter, frame: dict[str, Any]) -> None:
-    try:
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
         await framing.write_frame_async(writer, frame)
-    except (ConnectionError, ssl.SSLError):
-        pass

@@ -55,10 +55,10 @@ def normalize(
             plan.ledger[key] = replace(entry, phone=Where.GONE)
 
     for message in window:
-        entry = plan.ledger.get(message.key)
-        if entry is not None and entry.phone is Where.INBOX:
+        mapped = plan.ledger.get(message.key)
+        if mapped is not None and mapped.phone is Where.INBOX:
             plan.ledger[message.key] = replace(
-                entry, desktop=Where.INBOX, uid=message.uid, internaldate=message.internaldate
+                mapped, desktop=Where.INBOX, uid=message.uid, internaldate=message.internaldate
             )
             continue
         plan.phone.append(PutOnPhone(message.key, message.uid, message.flags, message.internaldate))
