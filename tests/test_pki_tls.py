@@ -501,3 +501,9 @@ def test_verify_leaf_checks_the_name(ip_pki: Pki):
         tls.verify_leaf_issued_by(None, ca_pem, "127.0.0.1")
     with pytest.raises(AuthError):
         tls.verify_leaf_issued_by(b"garbage", ca_pem, "127.0.0.1")
+
+
+def test_pairing_codes_never_look_like_a_command_line_option() -> None:
+    fingerprint = "ab" * 32
+    codes = [pki.make_pairing_code(fingerprint)[0] for _ in range(2000)]
+    assert not [code for code in codes if code.startswith("-")]

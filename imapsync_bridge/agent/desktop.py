@@ -57,7 +57,13 @@ class DesktopSide:
             self._select(mailbox)
 
     def status(self) -> DesktopStatus:
-        """Two STATUS commands; cheap enough to run before deciding to do anything."""
+        """Two STATUS commands; cheap enough to run before deciding to do anything.
+
+        Nothing may be selected: Dovecot answers STATUS of the selected mailbox from the
+        session's own view, which misses what other clients did since.
+        """
+        self.imap.unselect()
+        self._selected = None
         return DesktopStatus(self.imap.status(self.inbox), self.imap.status(self.trash))
 
     # -- facts -----------------------------------------------------------------------
@@ -76,9 +82,11 @@ class DesktopSide:
                 and entry.desktop is where
                 and entry.uid is not None
             }
-            for message in self.imap.summaries(sorted(by_uid, reverse=True)):
-                if by_uid.get(message.uid) == message.key:
-                    facts[message.key] = _fact(where, message)
+            # UIDs in the ledger belong to the current UIDVALIDITY (the session forgets
+            # them when it changes), so a UID still present is still the same message.
+            for uid, flags in self.imap.flags(sorted(by_uid)).items():
+                key = by_uid[uid]
+                facts[key] = DesktopFact(where, flags, uid, ledger[key].internaldate)
             for key in sorted(wanted - facts.keys()):
                 found = self.imap.summaries(self.imap.locate(mailbox, key))
                 if found:
@@ -93,24 +101,27 @@ class DesktopSide:
         Returns the status taken at the same moment, so a change that lands after it is
         seen by the next session's fast path.
         """
+        trash_status = self.status().trash
         inbox_status = self._select(self.inbox)
-        trash_status = self.imap.status(self.trash)
+        wanted = count + len(skip) + 8
+        partial = self.imap.newest_uids(self.inbox, wanted)
+        if partial is not None:
+            found = _newest_first(self.imap.summaries(partial))
+            if len(partial) < wanted or _enough(found, count, skip, wanted):
+                return _distinct(found, count, skip), DesktopStatus(inbox_status, trash_status)
+        # No ESORT, or ties/skips at the edge of the partial answer: sort everything.
         order = self.imap.inbox_order(self.inbox)
-        found: list[DesktopMessage] = []
-        keys: set[str] = set()
+        found = []
         start = 0
-        while len(keys) < count and start < len(order):
-            chunk = order[start : start + count - len(keys) + 8]
+        while len(_distinct(found, count, skip)) < count and start < len(order):
+            chunk = order[start : start + wanted]
             start += len(chunk)
-            for message in self.imap.summaries(chunk):
-                if message.key not in skip:
-                    found.append(message)
-                    keys.add(message.key)
-        return found, DesktopStatus(inbox_status, trash_status)
+            found = _newest_first(found + self.imap.summaries(chunk))
+        return _distinct(found, count, skip), DesktopStatus(inbox_status, trash_status)
 
-    def fetch_raw(self, uid: int, max_size: int) -> bytes:
+    def fetch_raws(self, uids: list[int], max_size: int) -> dict[int, bytes | MessageError]:
         self._ensure(self.inbox)
-        return self.imap.fetch_raw(uid, max_size)
+        return self.imap.fetch_raws(uids, max_size)
 
     # -- actions ---------------------------------------------------------------------
     def apply(
@@ -161,6 +172,37 @@ class DesktopSide:
             self._selected = None
             return replace(entry, uid=uid)
         raise TypeError(f"unknown desktop action {action!r}")
+
+
+def _newest_first(messages: list[DesktopMessage]) -> list[DesktopMessage]:
+    return sorted(messages, key=lambda m: (m.internaldate, m.uid), reverse=True)
+
+
+def _distinct(messages: list[DesktopMessage], count: int, skip: set[str]) -> list[DesktopMessage]:
+    """The first ``count`` messages with distinct keys not in ``skip``."""
+    out: list[DesktopMessage] = []
+    keys: set[str] = set()
+    for message in messages:
+        if message.key in skip or message.key in keys:
+            continue
+        keys.add(message.key)
+        out.append(message)
+        if len(out) == count:
+            break
+    return out
+
+
+def _enough(found: list[DesktopMessage], count: int, skip: set[str], fetched: int) -> bool:
+    """Whether a partial answer certainly holds the window.
+
+    It does when the window fills before the oldest message fetched, and that oldest
+    message's INTERNALDATE is not shared by a window message (a tie could hide an equal
+    date just past the partial answer).
+    """
+    window = _distinct(found, count, skip)
+    if len(window) < count or not found:
+        return False
+    return window[-1].internaldate > found[-1].internaldate
 
 
 def _fact(where: Where, message: DesktopMessage) -> DesktopFact:

@@ -102,6 +102,23 @@ def _expand_set(text: bytes) -> list[int]:
     return out
 
 
+_PARTIAL = re.compile(rb"PARTIAL \(\S+ (NIL|[0-9,:]+)\)")
+
+
+def _raw_or_error(
+    uid: int, d: dict[bytes, Any] | None, max_size: int, mailbox: str | None
+) -> bytes | MessageError:
+    if d is None or b"RFC822.SIZE" not in d:
+        return MessageError(f"UID {uid} in {mailbox} no longer exists")
+    size = int(d[b"RFC822.SIZE"])
+    if size > max_size:
+        return MessageError(f"UID {uid} is {size} bytes, larger than the limit {max_size}")
+    body = _body(d, b"BODY[]")
+    if body is None:
+        return MessageError(f"UID {uid}: server returned no body")
+    return body
+
+
 def _chunks(items: Sequence[int], size: int = _CHUNK) -> Iterator[Sequence[int]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -458,6 +475,56 @@ class ImapMailbox:
         dated.sort(reverse=True)
         return [uid for _date, uid in dated]
 
+    def newest_uids(self, mailbox: str, count: int) -> list[int] | None:
+        """Up to *count* UIDs of *mailbox*, newest INTERNALDATE first, in one small answer.
+
+        ``UID SORT RETURN (PARTIAL 1:count) (REVERSE ARRIVAL)`` (ESORT + RFC 5267): the
+        server sorts, only the window comes back, not all UIDs of a 50,000-message inbox.
+        Equal INTERNALDATEs come back lowest UID first; callers re-sort what they fetch.
+        None when the server does not offer it (use :meth:`inbox_order`).
+        """
+        if count <= 0 or not (self.has("ESORT") and self.has("CONTEXT=SEARCH")):
+            return None
+        self._ensure_selected(mailbox)
+        with self._guard(f"newest of {mailbox}"):
+            _text, untagged = self._uid_command(
+                "SORT", "RETURN", f"(PARTIAL 1:{count})", "(REVERSE ARRIVAL)", "US-ASCII", "ALL"
+            )
+        for line in untagged.pop("ESEARCH", []):
+            found = _PARTIAL.search(line if isinstance(line, bytes) else bytes(line))
+            if found:
+                return [] if found.group(1) == b"NIL" else _expand_set(found.group(1))
+        return []
+
+    def unselect(self) -> None:
+        """Leave the selected mailbox without expunging (UNSELECT), so a later STATUS of it
+        is answered fresh: Dovecot answers STATUS of the selected mailbox from the
+        session's own, possibly stale, view."""
+        if self._selected is None:
+            return
+        with self._guard("UNSELECT"):
+            if self.has("UNSELECT"):
+                self._client.unselect_folder()
+            else:
+                self._client.noop()
+                return
+        self._selected = None
+
+    def fetch_raws(self, uids: Sequence[int], max_size: int) -> dict[int, bytes | MessageError]:
+        """Whole messages in one ``UID FETCH`` per chunk (BODY.PEEK[]: \\Seen not set).
+
+        Each UID maps to its bytes, or to the MessageError that makes it unusable (gone,
+        larger than *max_size*); at most ``max_size + 1`` bytes of each are transferred.
+        """
+        self._require_selected()
+        out: dict[int, bytes | MessageError] = {}
+        for chunk in _chunks(list(uids), 50):
+            with self._guard("FETCH messages"):
+                data = self._fetch(msgset(chunk), f"UID RFC822.SIZE BODY.PEEK[]<0.{max_size + 1}>")
+            for uid in chunk:
+                out[uid] = _raw_or_error(uid, data.get(uid), max_size, self._selected)
+        return out
+
     def summaries(self, uids: Sequence[int]) -> list[model.DesktopMessage]:
         """Key, INTERNALDATE (UTC), size and flags of each of *uids* in the selected
         mailbox, in the order of *uids*; UIDs that no longer exist are left out."""
@@ -593,19 +660,10 @@ class ImapMailbox:
         """The whole message *uid* of the selected mailbox (``BODY.PEEK[]``: \\Seen is
         not set). MessageError when it is gone or larger than *max_size* bytes; at most
         ``max_size + 1`` bytes are transferred either way."""
-        self._require_selected()
-        with self._guard(f"FETCH UID {uid}"):
-            data = self._fetch(str(int(uid)), f"UID RFC822.SIZE BODY.PEEK[]<0.{max_size + 1}>")
-        d = data.get(uid)
-        if d is None or b"RFC822.SIZE" not in d:
-            raise MessageError(f"UID {uid} in {self._selected} no longer exists")
-        size = int(d[b"RFC822.SIZE"])
-        if size > max_size:
-            raise MessageError(f"UID {uid} is {size} bytes, larger than the limit {max_size}")
-        body = _body(d, b"BODY[]")
-        if body is None:
-            raise MessageError(f"UID {uid}: server returned no body")
-        return body
+        result = self.fetch_raws([uid], max_size)[uid]
+        if isinstance(result, MessageError):
+            raise result
+        return result
 
     # -- changing ------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imapsync_bridge.agent.state import PendingOp
-from imapsync_bridge.errors import AuthError, ProtocolError
+from imapsync_bridge.errors import AuthError, ConnectionLost, ProtocolError
 from imapsync_bridge.protocol import framing, schema, tls
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,17 @@ class ServerLink:
 
     # -- session steps -----------------------------------------------------------------
     def hello(self, agent_instance: str) -> None:
-        welcome = self.request(
-            {"type": "hello", "protocol": PROTOCOL_VERSION, "agent": agent_instance}, "welcome"
-        )
+        hello = {"type": "hello", "protocol": PROTOCOL_VERSION, "agent": agent_instance}
+        try:
+            welcome = self.request(hello, "welcome")
+        except ConnectionLost:
+            # Under TLS 1.3 the server checks our certificate after our side of the
+            # handshake is done, and a refused client is dropped without an alert.
+            raise AuthError(
+                "the server closed the connection before answering hello: it most likely "
+                "refused this agent's certificate (issued by another server, expired or "
+                "revoked); pair the agent again"
+            ) from None
         self.user, self.window, self.last_seq = (
             welcome["user"],
             welcome["window"],

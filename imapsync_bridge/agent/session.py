@@ -227,25 +227,21 @@ class SyncSession:
         self, ledger: dict[str, LedgerEntry], window: int
     ) -> tuple[dict[str, LedgerEntry], DesktopStatus]:
         for _attempt in range(MAX_PULL_RETRIES):
-            skip = self.state.quarantined_keys()
-            newest, status = self.desktop.newest(window, skip)
+            newest, status = self.desktop.newest(window, self.state.quarantined_keys())
             plan = normalize(ledger, newest, window)
-            ops: list[tuple[dict[str, Any], bytes | None]] = []
-            failed = False
-            for action in plan.phone:
-                raw = None
-                if isinstance(action, PutOnPhone):
-                    try:
-                        raw = self.desktop.fetch_raw(action.uid, self.options.max_message_size)
-                    except MessageError as exc:
-                        self._quarantine(action.key, action.uid, str(exc))
-                        failed = True
-                        break
-                ops.append((phone_op(action), raw))
+            puts = [a for a in plan.phone if isinstance(a, PutOnPhone)]
+            raws = self.desktop.fetch_raws([a.uid for a in puts], self.options.max_message_size)
+            failed = [(a, raws[a.uid]) for a in puts if isinstance(raws[a.uid], MessageError)]
+            for put, error in failed:
+                self._quarantine(put.key, put.uid, str(error))
             if failed:
-                continue
+                continue  # plan again without them: the next newest fill their slots
+            ops: list[tuple[dict[str, Any], bytes | None]] = []
+            for action in plan.phone:
+                raw = raws[action.uid] if isinstance(action, PutOnPhone) else None
+                ops.append((phone_op(action), raw if isinstance(raw, bytes) else None))
             self._send(ops)
-            self.report.pulled += sum(isinstance(a, PutOnPhone) for a in plan.phone)
+            self.report.pulled += len(puts)
             self.report.evicted += sum(isinstance(a, EvictFromPhone) for a in plan.phone)
             self.report.phone_actions += len(plan.phone)
             return plan.ledger, status

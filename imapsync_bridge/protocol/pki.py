@@ -336,6 +336,8 @@ def make_pairing_code(ca_fp: str) -> tuple[str, str]:
     if not re.fullmatch(r"[0-9a-fA-F]{64}", ca_fp):
         raise ValueError("ca_fp must be a hex SHA-256 fingerprint")
     token = secrets.token_urlsafe(16)
+    while token.startswith("-"):  # a code is typed after --code: never like an option
+        token = secrets.token_urlsafe(16)
     return f"{token}.{ca_fp[:FINGERPRINT_PREFIX].lower()}", token_hash(token)
 
 
