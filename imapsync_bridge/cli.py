@@ -6,7 +6,6 @@ Exit codes: 0 success, 1 operational failure (message on stderr), 2 usage/config
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import json
 import logging
@@ -68,6 +67,8 @@ def cmd_server_pair_code(args: argparse.Namespace) -> int:
 
 
 def cmd_server_run(args: argparse.Namespace) -> int:
+    import asyncio
+
     from imapsync_bridge.server.app import serve
 
     asyncio.run(serve(load_server_config(Path(args.config))))

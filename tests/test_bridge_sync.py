@@ -299,3 +299,24 @@ def _server_cli(bridge: Bridge, *argv: str) -> tuple[int, str, str]:
     from bridge import run_cli
 
     return run_cli("server", argv[0], "--config", str(bridge.server_ini), *argv[1:])
+
+
+def test_equal_arrival_times_order_by_uid_at_the_window_edge(bridge: Bridge) -> None:
+    # Ten messages delivered in the same minute: newest first means highest UID first.
+    ids = [bridge.deliver(n, minutes=0) for n in range(1, 11)]
+    bridge.sync_ok()
+    assert bridge.phone_inbox_ids() == list(reversed(ids))[:6]
+    bridge.assert_in_sync()
+
+
+def test_a_flag_change_alone_keeps_the_window_and_syncs_the_flag(bridge: Bridge) -> None:
+    ids = [bridge.deliver(n) for n in range(1, 11)]
+    bridge.sync_ok()
+    phone_before = bridge.phone_list()["inbox"]
+    with bridge.imap() as client:
+        client.add_flags([bridge.desktop_uid(ids[7])], [b"\\Seen"])
+    out = bridge.sync_ok()
+    assert "pulled=0" in out and "evicted=0" in out
+    assert [m["id"] for m in bridge.phone_list()["inbox"]] == [m["id"] for m in phone_before]
+    assert {m["message_id"]: m for m in bridge.phone_list()["inbox"]}[ids[7]]["seen"]
+    bridge.assert_in_sync()

@@ -363,7 +363,8 @@ def test_list_folder_newest_first(store):
     ids = fill(store, "alice", ["<old@x>", "<mid@x>", "<new@x>"])
     store.apply_op("alice", 4, dict(put("<twin@x>"), internaldate="2024-04-03T08:00:00Z"))
     listed = [m.key for m in store.list_folder("alice", "inbox")]
-    assert listed == ["<twin@x>", "<new@x>", "<mid@x>", "<old@x>"]  # same date: higher id first
+    # Same date: put order (the agent puts newest first, as the desktop lists them).
+    assert listed == ["<new@x>", "<twin@x>", "<mid@x>", "<old@x>"]
     store.trash("alice", ids["<mid@x>"])
     assert [m.key for m in store.list_folder("alice", "trash")] == ["<mid@x>"]
     with pytest.raises(StoreError, match="bad folder"):

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 OPS_IN_FLIGHT = 32
+ACK_BATCH = 64
 
 
 class ServerLink:
@@ -85,27 +86,41 @@ class ServerLink:
             welcome["last_seq"],
         )
 
-    def send_ops(self, ops: Sequence[PendingOp], on_ack: Callable[[int], None]) -> None:
-        """Send ops with up to OPS_IN_FLIGHT unacknowledged; ``on_ack(seq)`` per ack."""
+    def send_ops(self, ops: Sequence[PendingOp], on_acked: Callable[[int], None]) -> None:
+        """Send ops with up to OPS_IN_FLIGHT unacknowledged.
+
+        ``on_acked(seq)`` retires every op up to ``seq``; it is called every ACK_BATCH acks
+        and once at the end (also when the session breaks), not once per ack: the server
+        remembers the highest op it applied, so a retirement lost in a crash only makes
+        the next session skip those ops after ``hello``.
+        """
         in_flight: deque[int] = deque()
         queue = deque(ops)
-        while queue or in_flight:
-            while queue and len(in_flight) < OPS_IN_FLIGHT:
-                pending = queue.popleft()
-                op = dict(pending.op)
-                if pending.raw is not None:
-                    op["raw"] = framing.b64encode_bytes(pending.raw)
-                self.send({"type": "op", "seq": pending.seq, "op": op})
-                in_flight.append(pending.seq)
-            frame = schema.validate(framing.read_frame(self._sock, self._max_frame), "to_agent")
-            if frame["type"] == "error":
-                raise _server_error(frame)
-            if frame["type"] not in ("ack", "nack") or frame["seq"] != in_flight[0]:
-                raise ProtocolError(f"expected the ack of op {in_flight[0]}, got {frame}")
-            in_flight.popleft()
-            if frame["type"] == "nack":
-                log.warning("server refused op %d: %s", frame["seq"], frame["error"])
-            on_ack(frame["seq"])
+        acked = retired = 0
+        try:
+            while queue or in_flight:
+                while queue and len(in_flight) < OPS_IN_FLIGHT:
+                    pending = queue.popleft()
+                    op = dict(pending.op)
+                    if pending.raw is not None:
+                        op["raw"] = framing.b64encode_bytes(pending.raw)
+                    self.send({"type": "op", "seq": pending.seq, "op": op})
+                    in_flight.append(pending.seq)
+                frame = schema.validate(framing.read_frame(self._sock, self._max_frame), "to_agent")
+                if frame["type"] == "error":
+                    raise _server_error(frame)
+                if frame["type"] not in ("ack", "nack") or frame["seq"] != in_flight[0]:
+                    raise ProtocolError(f"expected the ack of op {in_flight[0]}, got {frame}")
+                in_flight.popleft()
+                if frame["type"] == "nack":
+                    log.warning("server refused op %d: %s", frame["seq"], frame["error"])
+                acked = frame["seq"]
+                if acked - retired >= ACK_BATCH:
+                    on_acked(acked)
+                    retired = acked
+        finally:
+            if acked > retired:
+                on_acked(acked)
 
 
 def _server_error(frame: dict[str, Any]) -> Exception:

@@ -63,7 +63,7 @@ def session_options(config: AgentConfig, allow_mass_delete: bool) -> SessionOpti
     reraise=True,
 )
 def _attempt(config: AgentConfig, state: AgentState, options: SessionOptions) -> SessionReport:
-    with connect_imap(config) as imap, open_link(config) as link:
+    with open_link(config) as link, connect_imap(config) as imap:
         return SyncSession(state, open_desktop(config, imap), link, options).run()
 
 

@@ -27,11 +27,14 @@ from imapsync_bridge.errors import ImapError, MessageError
 from imapsync_bridge.model import Flags, LedgerEntry, PhoneFact, Where
 from imapsync_bridge.protocol import framing
 from imapsync_bridge.sync.breaker import check_mass_delete
-from imapsync_bridge.sync.merge import keys_in_scope, merge
+from imapsync_bridge.sync.merge import MergePlan, keys_in_scope, merge
 from imapsync_bridge.sync.normalize import normalize
 from imapsync_bridge.sync.ops import (
+    AppendToDesktop,
+    DestroyOnDesktop,
     DestroyOnPhone,
     EvictFromPhone,
+    MoveOnDesktop,
     MoveOnPhone,
     PhoneAction,
     PutOnPhone,
@@ -41,6 +44,8 @@ from imapsync_bridge.sync.ops import (
 log = logging.getLogger(__name__)
 
 MAX_PULL_RETRIES = 20
+# Actions after which the window must be computed again.
+STRUCTURAL = (MoveOnDesktop, AppendToDesktop, DestroyOnDesktop, MoveOnPhone, DestroyOnPhone)
 
 
 @dataclass
@@ -140,7 +145,8 @@ class SyncSession:
             self.state.set_many(_done_meta())
             return self.report
 
-        ledger = self._ledger_for(self.desktop.status())
+        before_status = self.desktop.status()
+        ledger = self._ledger_for(before_status)
         phone = phone_facts(snapshot)
         scope = keys_in_scope(ledger, phone) | set(snapshot["destroyed"])
         facts = self.desktop.facts(scope, ledger)
@@ -168,7 +174,10 @@ class SyncSession:
         self._send([(phone_op(a), None) for a in plan.phone])
         self.report.phone_actions += len(plan.phone)
 
-        ledger, status = self._normalize_and_pull(ledger, window)
+        if self._window_unchanged(plan, before_status, window):
+            status = self.desktop.status()  # only flags changed: no message left or came
+        else:
+            ledger, status = self._normalize_and_pull(ledger, window)
         if snapshot["action_seq"]:
             self.link.request({"type": "ack_actions", "up_to": snapshot["action_seq"]}, "ok")
         self.report.seconds = time.monotonic() - started
@@ -176,6 +185,7 @@ class SyncSession:
         meta.update(
             {
                 "desktop_status": status.fingerprint(),
+                "inbox_shape": _shape(status),
                 "inbox_uidvalidity": status.inbox.uidvalidity,
                 "trash_uidvalidity": status.trash.uidvalidity,
                 "window": window,
@@ -202,6 +212,20 @@ class SyncSession:
             return False
         saved = self.state.get("desktop_status")
         return saved is not None and saved == self.desktop.status().fingerprint()
+
+    def _window_unchanged(self, plan: MergePlan, before: DesktopStatus, window: int) -> bool:
+        """True when the last session's window still holds: no message entered or left.
+
+        The same UIDVALIDITY, UIDNEXT and message count mean the same set of UIDs (a
+        new message takes a new UID), and no action of this session moved one.
+        """
+        moved = any(isinstance(a, STRUCTURAL) for a in [*plan.desktop, *plan.phone])
+        return (
+            not moved
+            and not self.report.quarantined
+            and self.state.get("window") == str(window)
+            and self.state.get("inbox_shape") == _shape(before)
+        )
 
     def _ledger_for(self, status: DesktopStatus) -> dict[str, LedgerEntry]:
         """The saved ledger, with UIDs forgotten where UIDVALIDITY changed."""
@@ -259,6 +283,11 @@ class SyncSession:
         log.warning("quarantined %s (uid %s): %s", key, uid, reason)
         self.state.quarantine(key, uid, reason)
         self.report.quarantined.append(key)
+
+
+def _shape(status: DesktopStatus) -> str:
+    inbox = status.inbox
+    return f"{inbox.uidvalidity}:{inbox.uidnext}:{inbox.messages}"
 
 
 def _done_meta() -> dict[str, str | int | None]:

@@ -387,13 +387,17 @@ class PhoneStore:
     # --- phone side -----------------------------------------------------------------
 
     def list_folder(self, user: str, folder: str) -> list[PhoneMessage]:
-        """Messages of inbox or trash, newest first (by internaldate, then id)."""
+        """Messages of inbox or trash, newest first by internaldate.
+
+        Equal internaldates keep the order the agent put them in (it pulls newest first,
+        as the desktop lists them: higher UID first), so ties list as on the desktop.
+        """
         _check_folder(folder)
         with self._tx(write=False) as conn:
             self._require_user(conn, user)
             rows = conn.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE user_name = ? AND folder = ?"
-                " ORDER BY internaldate DESC, id DESC",
+                " ORDER BY internaldate DESC, id ASC",
                 (user, folder),
             ).fetchall()
         return [_phone_message(row) for row in rows]
