@@ -76,25 +76,15 @@ def crash_at_frame(bridge: Bridge, killer: Killer, frame_type: str, nth: int) ->
     assert killer.fired.is_set(), f"the session never sent {frame_type} #{nth}"
 
 
-class KillingProxy:
-    """A TCP proxy to Dovecot that SIGKILLs the agent at its n-th IMAP command matching."""
+class Proxy:
+    """A TCP proxy on loopback; subclasses watch what the client sends upstream."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self.pid: int | None = None
-        self.pattern = re.compile(b"")
-        self.nth = 0
-        self.forward_first = False
-        self.seen = 0
         self.fired = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
-
-    def arm(self, pid: int, pattern: bytes, nth: int, forward_first: bool) -> None:
-        self.pattern = re.compile(pattern, re.IGNORECASE)
-        self.pid, self.nth, self.forward_first, self.seen = pid, nth, forward_first, 0
-        self.fired.clear()
 
     def _accept(self) -> None:
         while True:
@@ -102,9 +92,13 @@ class KillingProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
-            threading.Thread(target=self._commands, args=(client, server), daemon=True).start()
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the target is down: refuse, as a dead host would
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+            threading.Thread(target=self._upstream, args=(client, upstream), daemon=True).start()
 
     @staticmethod
     def _pump(source: socket.socket, sink: socket.socket) -> None:
@@ -116,7 +110,30 @@ class KillingProxy:
         finally:
             sink.close()
 
-    def _commands(self, client: socket.socket, server: socket.socket) -> None:
+    def _upstream(self, client: socket.socket, upstream: socket.socket) -> None:
+        self._pump(client, upstream)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class KillingProxy(Proxy):
+    """An IMAP proxy that SIGKILLs the agent at its n-th IMAP command matching."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self.pid: int | None = None
+        self.pattern = re.compile(b"")
+        self.nth = 0
+        self.forward_first = False
+        self.seen = 0
+
+    def arm(self, pid: int, pattern: bytes, nth: int, forward_first: bool) -> None:
+        self.pattern = re.compile(pattern, re.IGNORECASE)
+        self.pid, self.nth, self.forward_first, self.seen = pid, nth, forward_first, 0
+        self.fired.clear()
+
+    def _upstream(self, client: socket.socket, server: socket.socket) -> None:
         reader = client.makefile("rb")
         try:
             while line := reader.readline():
@@ -272,38 +289,16 @@ class ServerProcess:
             self.process.wait(10)
 
 
-class ByteCountingProxy:
+class ByteCountingProxy(Proxy):
     """Forwards to the sync listener; SIGKILLs the server after the agent sent N bytes."""
 
     def __init__(self, target_port: int, server: ServerProcess, after_bytes: int) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.target_port = target_port
+        super().__init__(target_port)
         self.server = server
         self.after_bytes = after_bytes
         self.sent = 0
-        self.fired = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:  # the server is down: refuse, as a dead host would
-                client.close()
-                continue
-            threading.Thread(target=self._down, args=(upstream, client), daemon=True).start()
-            threading.Thread(target=self._up, args=(client, upstream), daemon=True).start()
-
-    @staticmethod
-    def _down(source: socket.socket, sink: socket.socket) -> None:
-        KillingProxy._pump(source, sink)
-
-    def _up(self, client: socket.socket, upstream: socket.socket) -> None:
+    def _upstream(self, client: socket.socket, upstream: socket.socket) -> None:
         try:
             while data := client.recv(4096):
                 upstream.sendall(data)
@@ -315,9 +310,6 @@ class ByteCountingProxy:
             pass
         finally:
             upstream.close()
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 @pytest.mark.parametrize("after_bytes", [1500, 2200, 2900])

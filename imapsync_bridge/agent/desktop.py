@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from imapsync_bridge.agent.imap import ImapMailbox, MailboxStatus
 from imapsync_bridge.errors import MessageError
 from imapsync_bridge.model import DesktopFact, DesktopMessage, LedgerEntry, Where
+from imapsync_bridge.sync.normalize import window_of
 from imapsync_bridge.sync.ops import (
     AppendToDesktop,
     DesktopAction,
@@ -108,16 +109,16 @@ class DesktopSide:
         if partial is not None:
             found = _newest_first(self.imap.summaries(partial))
             if len(partial) < wanted or _enough(found, count, skip, wanted):
-                return _distinct(found, count, skip), DesktopStatus(inbox_status, trash_status)
+                return window_of(found, count, skip), DesktopStatus(inbox_status, trash_status)
         # No ESORT, or ties/skips at the edge of the partial answer: sort everything.
         order = self.imap.inbox_order(self.inbox)
         found = []
         start = 0
-        while len(_distinct(found, count, skip)) < count and start < len(order):
+        while len(window_of(found, count, skip)) < count and start < len(order):
             chunk = order[start : start + wanted]
             start += len(chunk)
             found = _newest_first(found + self.imap.summaries(chunk))
-        return _distinct(found, count, skip), DesktopStatus(inbox_status, trash_status)
+        return window_of(found, count, skip), DesktopStatus(inbox_status, trash_status)
 
     def fetch_raws(self, uids: list[int], max_size: int) -> dict[int, bytes | MessageError]:
         self._ensure(self.inbox)
@@ -178,20 +179,6 @@ def _newest_first(messages: list[DesktopMessage]) -> list[DesktopMessage]:
     return sorted(messages, key=lambda m: (m.internaldate, m.uid), reverse=True)
 
 
-def _distinct(messages: list[DesktopMessage], count: int, skip: set[str]) -> list[DesktopMessage]:
-    """The first ``count`` messages with distinct keys not in ``skip``."""
-    out: list[DesktopMessage] = []
-    keys: set[str] = set()
-    for message in messages:
-        if message.key in skip or message.key in keys:
-            continue
-        keys.add(message.key)
-        out.append(message)
-        if len(out) == count:
-            break
-    return out
-
-
 def _enough(found: list[DesktopMessage], count: int, skip: set[str], fetched: int) -> bool:
     """Whether a partial answer certainly holds the window.
 
@@ -199,7 +186,7 @@ def _enough(found: list[DesktopMessage], count: int, skip: set[str], fetched: in
     message's INTERNALDATE is not shared by a window message (a tie could hide an equal
     date just past the partial answer).
     """
-    window = _distinct(found, count, skip)
+    window = window_of(found, count, skip)
     if len(window) < count or not found:
         return False
     return window[-1].internaldate > found[-1].internaldate

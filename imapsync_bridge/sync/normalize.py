@@ -8,7 +8,7 @@ messages.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 
 from imapsync_bridge.model import DesktopMessage, LedgerEntry, Where
@@ -21,14 +21,16 @@ class NormalizePlan:
     ledger: dict[str, LedgerEntry] = field(default_factory=dict)
 
 
-def window_of(newest_first: Sequence[DesktopMessage], size: int) -> list[DesktopMessage]:
-    """The newest ``size`` distinct messages (copies sharing a key count once)."""
+def window_of(
+    newest_first: Sequence[DesktopMessage], size: int, skip: Set[str] = frozenset()
+) -> list[DesktopMessage]:
+    """The newest ``size`` distinct messages not in ``skip`` (copies of a key count once)."""
     window: list[DesktopMessage] = []
     seen: set[str] = set()
     if size <= 0:
         return window
     for message in newest_first:
-        if message.key in seen:
+        if message.key in seen or message.key in skip:
             continue
         seen.add(message.key)
         window.append(message)
