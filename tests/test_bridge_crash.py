@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from bridge import REPO, Bridge, kill
 from dovecot import Dovecot
+from proxy import Proxy
 
 
 class Killer:
@@ -74,47 +75,6 @@ def crash_at_frame(bridge: Bridge, killer: Killer, frame_type: str, nth: int) ->
     killer.arm(process.pid, frame_type, nth)
     process.wait(60)
     assert killer.fired.is_set(), f"the session never sent {frame_type} #{nth}"
-
-
-class Proxy:
-    """A TCP proxy on loopback; subclasses watch what the client sends upstream."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.fired = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:  # the target is down: refuse, as a dead host would
-                client.close()
-                continue
-            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
-            threading.Thread(target=self._upstream, args=(client, upstream), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            sink.close()
-
-    def _upstream(self, client: socket.socket, upstream: socket.socket) -> None:
-        self._pump(client, upstream)
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 class KillingProxy(Proxy):

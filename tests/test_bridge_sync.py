@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from bridge import Bridge
 from dovecot import Dovecot
+from proxy import RewritingProxy
 
 
 @pytest.fixture
@@ -319,4 +320,30 @@ def test_a_flag_change_alone_keeps_the_window_and_syncs_the_flag(bridge: Bridge)
     assert "pulled=0" in out and "evicted=0" in out
     assert [m["id"] for m in bridge.phone_list()["inbox"]] == [m["id"] for m in phone_before]
     assert {m["message_id"]: m for m in bridge.phone_list()["inbox"]}[ids[7]]["seen"]
+    bridge.assert_in_sync()
+
+
+def test_a_failed_desktop_action_is_held_and_retried(bridge: Bridge) -> None:
+    ids = [bridge.deliver(n) for n in range(1, 9)]
+    bridge.sync_ok()
+    bridge.phone("delete", str(bridge.phone_id(ids[7])))
+    # Dovecot refuses the MOVE for real: the proxy sends it to a mailbox that is not there.
+    proxy = RewritingProxy(bridge.dovecot.port, rb"UID MOVE (\S+) (\S+)", rb"UID MOVE \1 Nowhere")
+    proxied = bridge.agent_ini.parent / "proxied.ini"
+    bridge.write_agent_config(proxied, imap_port=proxy.port)
+    try:
+        rc, _out, err = bridge.sync(ini=proxied)
+        assert rc == 0, err
+        assert proxy.rewritten == 1
+        status = bridge.agent_status()
+        assert [q["key"] for q in status["quarantined"]] == [ids[7]]
+        assert "MoveOnDesktop" in status["quarantined"][0]["reason"]
+        assert ids[7] in bridge.desktop_ids()  # not moved...
+        trash_ids = [m["message_id"] for m in bridge.phone_list()["trash"]]
+        assert ids[7] in trash_ids  # ...and the phone keeps what its user did
+    finally:
+        proxy.close()
+    bridge.sync_ok()
+    assert ids[7] in bridge.desktop_ids("Trash")
+    assert bridge.agent_status()["quarantined"] == []
     bridge.assert_in_sync()

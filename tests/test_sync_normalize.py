@@ -333,7 +333,7 @@ def test_mapped_window_message_gets_uid_updated_and_is_not_reput() -> None:
 def test_evicted_message_back_in_window_is_put_again_with_current_flags() -> None:
     entry = LedgerEntry(key(5), Where.INBOX, Where.GONE, N, 5, date(5))
     plan = normalize({key(5): entry}, [dm(5, flags=S)], 3)
-    assert plan.phone == [PutOnPhone(key(5), 5, S, date(5))]
+    assert plan.phone == [PutOnPhone(key(5), 5, S, date(5), 100)]
     assert plan.ledger[key(5)].state == "mapped" and plan.ledger[key(5)].flags == S
 
 
@@ -341,7 +341,7 @@ def test_normalize_leaves_trash_and_evicted_entries_alone() -> None:
     trashed = LedgerEntry(key(1), Where.TRASH, Where.TRASH, N, 1, date(1))
     evicted = LedgerEntry(key(2), Where.INBOX, Where.GONE, N, 2, date(2))
     plan = normalize({key(1): trashed, key(2): evicted}, [dm(3)], 1)
-    assert plan.phone == [PutOnPhone(key(3), 3, N, date(3))]
+    assert plan.phone == [PutOnPhone(key(3), 3, N, date(3), 100)]
     assert plan.ledger[key(1)] == trashed and plan.ledger[key(2)] == evicted
 
 

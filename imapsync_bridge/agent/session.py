@@ -24,7 +24,14 @@ from imapsync_bridge.agent.desktop import DesktopSide, DesktopStatus, ordered_fo
 from imapsync_bridge.agent.link import ServerLink
 from imapsync_bridge.agent.state import AgentState
 from imapsync_bridge.errors import ImapError, MessageError
-from imapsync_bridge.model import Flags, LedgerEntry, PhoneFact, Where
+from imapsync_bridge.model import (
+    DesktopFact,
+    Flags,
+    LedgerEntry,
+    PhoneFact,
+    QuarantinedMessage,
+    Where,
+)
 from imapsync_bridge.protocol import framing
 from imapsync_bridge.sync.breaker import check_mass_delete
 from imapsync_bridge.sync.merge import MergePlan, keys_in_scope, merge
@@ -55,7 +62,7 @@ class SessionReport:
     phone_actions: int = 0
     pulled: int = 0
     evicted: int = 0
-    quarantined: list[str] = field(default_factory=list)
+    quarantined: list[QuarantinedMessage] = field(default_factory=list)
     seconds: float = 0.0
 
     def summary(self) -> dict[str, Any]:
@@ -154,31 +161,18 @@ class SyncSession:
         if not self.options.allow_mass_delete:
             check_mass_delete(plan.desktop_deletions, window, self.options.mass_delete_share)
 
-        before, ledger = ledger, dict(plan.ledger)
-        for action in ordered_for_apply(plan.desktop):
-            try:
-                updated = self.desktop.apply(
-                    action, facts[action.key], ledger.get(action.key), self._fetch_from_phone
-                )
-            except (MessageError, ImapError) as exc:
-                # Keep the old entry: the next session plans this message again.
-                self._quarantine(action.key, facts[action.key].uid, str(exc))
-                if action.key in before:
-                    ledger[action.key] = before[action.key]
-                else:
-                    ledger.pop(action.key, None)
-                continue
-            if updated is not None:
-                ledger[action.key] = updated
-            self.report.desktop_actions += 1
-        self._send([(phone_op(a), None) for a in plan.phone])
-        self.report.phone_actions += len(plan.phone)
+        ledger, held = self._apply_desktop(plan, facts, ledger)
+        phone_actions = [a for a in plan.phone if a.key not in held]
+        self._send([(phone_op(a), None) for a in phone_actions])
+        self.report.phone_actions += len(phone_actions)
 
         if self._window_unchanged(plan, before_status, window):
             status = self.desktop.status()  # only flags changed: no message left or came
         else:
-            ledger, status = self._normalize_and_pull(ledger, window)
-        if snapshot["action_seq"]:
+            ledger, status = self._normalize_and_pull(ledger, window, held)
+        # A held message's tombstone or restore must survive until its action succeeds.
+        keep_actions = held & (set(snapshot["destroyed"]) | set(snapshot["restored"]))
+        if snapshot["action_seq"] and not keep_actions:
             self.link.request({"type": "ack_actions", "up_to": snapshot["action_seq"]}, "ok")
         self.report.seconds = time.monotonic() - started
         meta = _done_meta()
@@ -190,9 +184,10 @@ class SyncSession:
                 "trash_uidvalidity": status.trash.uidvalidity,
                 "window": window,
                 "user": self.link.user,
+                "held": len(held),
             }
         )
-        self.state.commit_session(ledger, meta)
+        self.state.commit_session(ledger, meta, self.report.quarantined)
         self.link.request({"type": "complete", "summary": self.report.summary()}, "ok")
         return self.report
 
@@ -205,9 +200,43 @@ class SyncSession:
             log.info("resending %d unacknowledged action(s) from an earlier session", len(pending))
             self.link.send_ops(pending, self.state.acknowledged)
 
+    def _apply_desktop(
+        self, plan: MergePlan, facts: dict[str, DesktopFact], saved: dict[str, LedgerEntry]
+    ) -> tuple[dict[str, LedgerEntry], set[str]]:
+        """Carry out the desktop actions; returns the ledger and the keys held back.
+
+        A message whose action failed keeps its saved ledger entry and is held out of
+        this session's phone actions and normalization, so the next session plans it
+        again from the same starting point (and the phone keeps what its user did).
+        """
+        ledger = dict(plan.ledger)
+        held: set[str] = set()
+        for action in ordered_for_apply(plan.desktop):
+            if action.key in held:
+                continue
+            fact = facts[action.key]
+            try:
+                updated = self.desktop.apply(
+                    action, fact, ledger.get(action.key), self._fetch_from_phone
+                )
+            except (MessageError, ImapError) as exc:
+                self._quarantine(action.key, fact.uid, f"{type(action).__name__}: {exc}")
+                held.add(action.key)
+                if action.key in saved:
+                    ledger[action.key] = saved[action.key]
+                else:
+                    ledger.pop(action.key, None)
+                continue
+            if updated is not None:
+                ledger[action.key] = updated
+            self.report.desktop_actions += 1
+        return ledger, held
+
     def _nothing_changed(self, snapshot: dict[str, Any]) -> bool:
         if snapshot["action_seq"] or snapshot["destroyed"]:
             return False
+        if self.state.get_int("held"):
+            return False  # an action failed last time: try it again
         if self.state.get("window") != str(snapshot["window"]):
             return False
         saved = self.state.get("desktop_status")
@@ -248,16 +277,28 @@ class SyncSession:
         return ledger
 
     def _normalize_and_pull(
-        self, ledger: dict[str, LedgerEntry], window: int
+        self, ledger: dict[str, LedgerEntry], window: int, held: set[str]
     ) -> tuple[dict[str, LedgerEntry], DesktopStatus]:
+        """Evict and pull until the window is right; a message that cannot be pulled
+        is quarantined and the next newest takes its slot."""
+        skip = set(held)
         for _attempt in range(MAX_PULL_RETRIES):
-            newest, status = self.desktop.newest(window, self.state.quarantined_keys())
-            plan = normalize(ledger, newest, window)
+            newest, status = self.desktop.newest(window, skip)
+            plan = normalize({k: e for k, e in ledger.items() if k not in held}, newest, window)
             puts = [a for a in plan.phone if isinstance(a, PutOnPhone)]
-            raws = self.desktop.fetch_raws([a.uid for a in puts], self.options.max_message_size)
-            failed = [(a, raws[a.uid]) for a in puts if isinstance(raws[a.uid], MessageError)]
-            for put, error in failed:
-                self._quarantine(put.key, put.uid, str(error))
+            limit = self.options.max_message_size
+            too_big = {a.key for a in puts if a.size > limit}
+            raws = self.desktop.fetch_raws([a.uid for a in puts if a.key not in too_big], limit)
+            failed = [
+                (put, f"{put.size} bytes, larger than max_message_size {limit}")
+                if put.key in too_big
+                else (put, str(raws[put.uid]))
+                for put in puts
+                if put.key in too_big or isinstance(raws[put.uid], MessageError)
+            ]
+            for put, reason in failed:
+                self._quarantine(put.key, put.uid, reason)
+                skip.add(put.key)
             if failed:
                 continue  # plan again without them: the next newest fill their slots
             ops: list[tuple[dict[str, Any], bytes | None]] = []
@@ -268,7 +309,7 @@ class SyncSession:
             self.report.pulled += len(puts)
             self.report.evicted += sum(isinstance(a, EvictFromPhone) for a in plan.phone)
             self.report.phone_actions += len(plan.phone)
-            return plan.ledger, status
+            return {**plan.ledger, **{k: ledger[k] for k in held if k in ledger}}, status
         raise MessageError("too many messages could not be pulled; see `agent status`")
 
     def _send(self, ops: list[tuple[dict[str, Any], bytes | None]]) -> None:
@@ -281,8 +322,7 @@ class SyncSession:
 
     def _quarantine(self, key: str, uid: int | None, reason: str) -> None:
         log.warning("quarantined %s (uid %s): %s", key, uid, reason)
-        self.state.quarantine(key, uid, reason)
-        self.report.quarantined.append(key)
+        self.report.quarantined.append(QuarantinedMessage(key, uid, reason))
 
 
 def _shape(status: DesktopStatus) -> str:

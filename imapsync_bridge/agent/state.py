@@ -128,10 +128,24 @@ class AgentState:
         return {row[0]: _entry(row) for row in rows}
 
     def commit_session(
-        self, ledger: dict[str, LedgerEntry], meta: dict[str, str | int | None]
+        self,
+        ledger: dict[str, LedgerEntry],
+        meta: dict[str, str | int | None],
+        quarantine: list[QuarantinedMessage],
     ) -> None:
-        """Replace the ledger and record the session's facts, atomically."""
+        """Replace the ledger and the quarantine, record the session's facts, atomically.
+
+        The quarantine lists what this session could not handle; each session tries
+        those messages again, so one that became fine drops off by itself.
+        """
+        now = datetime.now().astimezone().isoformat(timespec="seconds")
         with self.transaction() as db:
+            db.execute("DELETE FROM quarantine")
+            db.executemany(
+                "INSERT INTO quarantine (key, uid, reason, since) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (key) DO NOTHING",
+                [(q.key, q.uid, q.reason, now) for q in quarantine],
+            )
             db.execute("DELETE FROM ledger")
             db.executemany(
                 "INSERT INTO ledger (key, desktop, phone, seen, flagged, uid, internaldate) "
@@ -181,20 +195,9 @@ class AgentState:
             self.set_many({"next_seq": server_last_seq + 1})
 
     # -- quarantine ------------------------------------------------------------------
-    def quarantine(self, key: str, uid: int | None, reason: str) -> None:
-        with self.transaction() as db:
-            db.execute(
-                "INSERT INTO quarantine (key, uid, reason, since) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET uid = excluded.uid, reason = excluded.reason",
-                (key, uid, reason, datetime.now().astimezone().isoformat(timespec="seconds")),
-            )
-
     def quarantined(self) -> list[QuarantinedMessage]:
-        rows = self._db.execute("SELECT key, uid, reason FROM quarantine ORDER BY since")
+        rows = self._db.execute("SELECT key, uid, reason FROM quarantine ORDER BY since, key")
         return [QuarantinedMessage(key, uid, reason) for key, uid, reason in rows]
-
-    def quarantined_keys(self) -> set[str]:
-        return {row[0] for row in self._db.execute("SELECT key FROM quarantine")}
 
 
 def _entry(row: tuple[Any, ...]) -> LedgerEntry:

@@ -63,7 +63,9 @@ def normalize(
                 mapped, desktop=Where.INBOX, uid=message.uid, internaldate=message.internaldate
             )
             continue
-        plan.phone.append(PutOnPhone(message.key, message.uid, message.flags, message.internaldate))
+        plan.phone.append(
+            PutOnPhone(message.key, message.uid, message.flags, message.internaldate, message.size)
+        )
         plan.ledger[message.key] = LedgerEntry(
             message.key,
             Where.INBOX,

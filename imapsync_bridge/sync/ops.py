@@ -80,6 +80,7 @@ class PutOnPhone:
     uid: int
     flags: Flags
     internaldate: datetime
+    size: int = 0
 
 
 PhoneAction = SetPhoneFlags | MoveOnPhone | DestroyOnPhone | EvictFromPhone | PutOnPhone

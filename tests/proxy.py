@@ -1,0 +1,74 @@
+"""A TCP proxy on loopback for fault tests: it sits between a client and a real server
+and lets a test act on what the client sends (kill a process, rewrite a command)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+
+
+class Proxy:
+    """A TCP proxy on loopback; subclasses watch what the client sends upstream."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.fired = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the target is down: refuse, as a dead host would
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+            threading.Thread(target=self._upstream, args=(client, upstream), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+    def _upstream(self, client: socket.socket, upstream: socket.socket) -> None:
+        self._pump(client, upstream)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class RewritingProxy(Proxy):
+    """Rewrites client lines matching ``pattern`` with ``replacement`` (while armed), so
+    the real server answers a command the client did not mean: a real refusal."""
+
+    def __init__(self, target_port: int, pattern: bytes, replacement: bytes) -> None:
+        super().__init__(target_port)
+        self.pattern = re.compile(pattern)
+        self.replacement = replacement
+        self.armed = True
+        self.rewritten = 0
+
+    def _upstream(self, client: socket.socket, upstream: socket.socket) -> None:
+        reader = client.makefile("rb")
+        try:
+            while line := reader.readline():
+                if self.armed and self.pattern.search(line):
+                    line = self.pattern.sub(self.replacement, line)
+                    self.rewritten += 1
+                upstream.sendall(line)
+        except OSError:
+            pass
+        finally:
+            upstream.close()
