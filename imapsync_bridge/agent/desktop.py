@@ -26,6 +26,7 @@ from imapsync_bridge.sync.ops import (
 log = logging.getLogger(__name__)
 
 FetchFromPhone = Callable[[str], bytes]
+SCAN_LIMIT = 500  # newest (or new) messages looked at before searching key by key
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,20 @@ class DesktopSide:
 
     # -- facts -----------------------------------------------------------------------
     def facts(
-        self, keys: Iterable[str], ledger: Mapping[str, LedgerEntry]
+        self,
+        keys: Iterable[str],
+        ledger: Mapping[str, LedgerEntry],
+        since: Mapping[Where, int | None],
     ) -> dict[str, DesktopFact]:
-        """Where each key is now: the inbox, Trash, or gone (expunged)."""
+        """Where each key is now: the inbox, Trash, or gone (expunged).
+
+        ``since[where]`` is the mailbox's UIDNEXT at the end of the last session, given
+        only when its UIDVALIDITY has not changed: a known message that is no longer
+        under its UID can then only be among the UIDs from there on (moved or restored
+        messages get new UIDs), so no search is needed. Without it (first sync, new
+        UIDVALIDITY) the newest messages are looked at first and only the rest is
+        searched for by Message-ID, which on a large mailbox costs seconds per key.
+        """
         facts: dict[str, DesktopFact] = {}
         wanted = set(keys)
         for mailbox, where in ((self.inbox, Where.INBOX), (self.trash, Where.TRASH)):
@@ -88,7 +100,28 @@ class DesktopSide:
             for uid, flags in self.imap.flags(sorted(by_uid)).items():
                 key = by_uid[uid]
                 facts[key] = DesktopFact(where, flags, uid, ledger[key].internaldate)
-            for key in sorted(wanted - facts.keys()):
+            missing = wanted - facts.keys()
+            if not missing:
+                continue
+            first = since.get(where)
+            candidates = self.imap.uids_from(first) if first is not None else []
+            complete = first is not None and len(candidates) <= SCAN_LIMIT
+            if not complete:
+                newest = self.imap.newest_uids(mailbox, SCAN_LIMIT)
+                candidates = newest if newest is not None else self.imap.inbox_order(mailbox)
+            for message in self.imap.summaries(candidates[:SCAN_LIMIT]):
+                if message.key in missing and message.key not in facts:
+                    facts[message.key] = _fact(where, message)
+            unsure = missing - facts.keys()
+            if complete:
+                # Only a message whose UID here was never known can hide under an old UID.
+                unsure = {
+                    key
+                    for key in unsure
+                    if (entry := ledger.get(key)) is None
+                    or (entry.desktop is where and entry.uid is None)
+                }
+            for key in sorted(unsure):
                 found = self.imap.summaries(self.imap.locate(mailbox, key))
                 if found:
                     facts[key] = _fact(where, found[0])

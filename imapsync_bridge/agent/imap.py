@@ -619,6 +619,17 @@ class ImapMailbox:
                 out.update(parse_message_list(untagged.pop("SEARCH", [])))
         return out & set(wanted)
 
+    def uids_from(self, first: int) -> list[int]:
+        """UIDs >= *first* in the selected mailbox, ascending (``UID SEARCH UID first:*``).
+
+        ``first:*`` also matches the highest UID when it is below *first* (RFC 3501
+        ranges are unordered), so that one is filtered out.
+        """
+        self._require_selected()
+        with self._guard("SEARCH UID"):
+            _text, untagged = self._uid_command("SEARCH", "UID", f"{max(first, 1)}:*")
+        return sorted(uid for uid in parse_message_list(untagged.pop("SEARCH", [])) if uid >= first)
+
     def locate(self, mailbox: str, key: str) -> list[int]:
         """UIDs in *mailbox* (which this selects) of the message with this key.
 

@@ -156,7 +156,7 @@ class SyncSession:
         ledger = self._ledger_for(before_status)
         phone = phone_facts(snapshot)
         scope = keys_in_scope(ledger, phone) | set(snapshot["destroyed"])
-        facts = self.desktop.facts(scope, ledger)
+        facts = self.desktop.facts(scope, ledger, self._uidnext_since(before_status))
         plan = merge(ledger, facts, phone, snapshot["destroyed"])
         if not self.options.allow_mass_delete:
             check_mass_delete(plan.desktop_deletions, window, self.options.mass_delete_share)
@@ -182,6 +182,8 @@ class SyncSession:
                 "inbox_shape": _shape(status),
                 "inbox_uidvalidity": status.inbox.uidvalidity,
                 "trash_uidvalidity": status.trash.uidvalidity,
+                "inbox_uidnext": status.inbox.uidnext,
+                "trash_uidnext": status.trash.uidnext,
                 "window": window,
                 "user": self.link.user,
                 "held": len(held),
@@ -255,6 +257,18 @@ class SyncSession:
             and self.state.get("window") == str(window)
             and self.state.get("inbox_shape") == _shape(before)
         )
+
+    def _uidnext_since(self, status: DesktopStatus) -> dict[Where, int | None]:
+        """Each mailbox's UIDNEXT of the last session, where its UIDVALIDITY held."""
+        since: dict[Where, int | None] = {}
+        for where, mailbox, name in (
+            (Where.INBOX, status.inbox, "inbox"),
+            (Where.TRASH, status.trash, "trash"),
+        ):
+            same = self.state.get(f"{name}_uidvalidity") == str(mailbox.uidvalidity)
+            saved = self.state.get(f"{name}_uidnext")
+            since[where] = int(saved) if same and saved is not None else None
+        return since
 
     def _ledger_for(self, status: DesktopStatus) -> dict[str, LedgerEntry]:
         """The saved ledger, with UIDs forgotten where UIDVALIDITY changed."""
