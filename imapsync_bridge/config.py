@@ -131,6 +131,7 @@ class AgentConfig:
     path: Path
     state_dir: Path
     server: tuple[str, int]
+    server_timeout: int
     sync_interval: int
     idle: bool
     sync_on_change: bool
@@ -168,6 +169,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         path=path,
         state_dir=path.parent / agent.text("state_dir"),
         server=agent.host_port("server"),
+        server_timeout=agent.integer("server_timeout", 60, minimum=1),
         sync_interval=agent.integer("sync_interval", 300, minimum=10),
         idle=agent.boolean("idle", True),
         sync_on_change=agent.boolean("sync_on_change", True),

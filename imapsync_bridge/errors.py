@@ -4,6 +4,7 @@
     ├── ConfigError               bad configuration or usage: exit code 2, fix and rerun
     ├── TransientError            worth a retry later (network down, timeout, server busy)
     │   └── ConnectionLost        a connection dropped or timed out mid-session
+    │       └── PeerClosed        the peer closed the connection (not a timeout)
     ├── ImapError                 the IMAP server refused a command (not per-message)
     ├── MessageError              one message cannot be handled: quarantine it, go on
     ├── ProtocolError             the peer broke the sync protocol (bad frame, schema)
@@ -32,6 +33,10 @@ class TransientError(BridgeError):
 
 
 class ConnectionLost(TransientError):
+    pass
+
+
+class PeerClosed(ConnectionLost):
     pass
 
 

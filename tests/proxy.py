@@ -72,3 +72,30 @@ class RewritingProxy(Proxy):
             pass
         finally:
             upstream.close()
+
+
+class StallingProxy(Proxy):
+    """The first connection goes silent (nothing forwarded, nothing closed) once the
+    client has sent ``after_bytes``: a network that stops answering."""
+
+    def __init__(self, target_port: int, after_bytes: int) -> None:
+        super().__init__(target_port)
+        self.after_bytes = after_bytes
+        self.connections = 0
+
+    def _upstream(self, client: socket.socket, upstream: socket.socket) -> None:
+        self.connections += 1
+        if self.connections > 1:
+            self._pump(client, upstream)
+            return
+        sent = 0
+        try:
+            while data := client.recv(4096):
+                if self.fired.is_set():
+                    continue  # swallowed
+                upstream.sendall(data)
+                sent += len(data)
+                if sent >= self.after_bytes:
+                    self.fired.set()
+        except OSError:
+            pass

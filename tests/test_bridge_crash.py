@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from bridge import REPO, Bridge, kill
 from dovecot import Dovecot
-from proxy import Proxy
+from proxy import Proxy, StallingProxy
 
 
 class Killer:
@@ -303,3 +303,24 @@ def test_sigkill_of_the_server_mid_session(
 
 def _point_agent_at(ini: Path, port: int) -> None:
     ini.write_text(re.sub(r"server = .*", f"server = 127.0.0.1:{port}", ini.read_text()))
+
+
+def test_a_silent_server_times_out_and_the_session_is_retried(
+    killer_bridge: tuple[Bridge, Killer],
+) -> None:
+    bridge, _killer = killer_bridge
+    ids = [bridge.deliver(n) for n in range(1, 21)]
+    bridge.sync_ok()
+    make_changes(bridge, ids)
+    assert bridge.server is not None
+    proxy = StallingProxy(bridge.server.port, after_bytes=2000)
+    proxied = bridge.agent_ini.parent / "proxied.ini"
+    bridge.write_agent_config(proxied, server_timeout="2")
+    _point_agent_at(proxied, proxy.port)
+    try:
+        rc, _out, err = bridge.sync(ini=proxied)
+    finally:
+        proxy.close()
+    assert proxy.fired.is_set() and proxy.connections >= 2
+    assert rc == 0, err  # the retry on a new connection completed the session
+    check_after_recovery(bridge, ids)

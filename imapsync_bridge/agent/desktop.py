@@ -129,18 +129,21 @@ class DesktopSide:
             facts[key] = DesktopFact(Where.GONE)
         return facts
 
-    def newest(self, count: int, skip: set[str]) -> tuple[list[DesktopMessage], DesktopStatus]:
+    def newest(
+        self, count: int, skip: set[str], known: Mapping[int, str]
+    ) -> tuple[list[DesktopMessage], DesktopStatus]:
         """The inbox newest first, enough to fill ``count`` distinct keys not in ``skip``.
 
-        Returns the status taken at the same moment, so a change that lands after it is
-        seen by the next session's fast path.
+        ``known`` maps inbox UIDs to keys the ledger already has (no header fetch for
+        them). Returns the status taken at the same moment, so a change that lands after
+        it is seen by the next session's fast path.
         """
         trash_status = self.status().trash
         inbox_status = self._select(self.inbox)
         wanted = count + len(skip) + 8
         partial = self.imap.newest_uids(self.inbox, wanted)
         if partial is not None:
-            found = _newest_first(self.imap.summaries(partial))
+            found = _newest_first(self.imap.summaries(partial, known))
             if len(partial) < wanted or _enough(found, count, skip, wanted):
                 return window_of(found, count, skip), DesktopStatus(inbox_status, trash_status)
         # No ESORT, or ties/skips at the edge of the partial answer: sort everything.
@@ -150,7 +153,7 @@ class DesktopSide:
         while len(window_of(found, count, skip)) < count and start < len(order):
             chunk = order[start : start + wanted]
             start += len(chunk)
-            found = _newest_first(found + self.imap.summaries(chunk))
+            found = _newest_first(found + self.imap.summaries(chunk, known))
         return window_of(found, count, skip), DesktopStatus(inbox_status, trash_status)
 
     def fetch_raws(self, uids: list[int], max_size: int) -> dict[int, bytes | MessageError]:

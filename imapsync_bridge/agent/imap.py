@@ -14,7 +14,7 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
@@ -525,26 +525,34 @@ class ImapMailbox:
                 out[uid] = _raw_or_error(uid, data.get(uid), max_size, self._selected)
         return out
 
-    def summaries(self, uids: Sequence[int]) -> list[model.DesktopMessage]:
+    def summaries(
+        self, uids: Sequence[int], known: Mapping[int, str] | None = None
+    ) -> list[model.DesktopMessage]:
         """Key, INTERNALDATE (UTC), size and flags of each of *uids* in the selected
-        mailbox, in the order of *uids*; UIDs that no longer exist are left out."""
+        mailbox, in the order of *uids*; UIDs that no longer exist are left out.
+
+        *known* maps UIDs whose key the caller already has (a UID never changes its
+        message while UIDVALIDITY holds); their header is not fetched, which spares the
+        server opening those message files.
+        """
         self._require_selected()
         if not uids:
             return []
         wanted = set(uids)
+        known = {uid: key for uid, key in (known or {}).items() if uid in wanted}
         found: dict[int, dict[bytes, Any]] = {}
+        basic = "UID FLAGS INTERNALDATE RFC822.SIZE"
         with self._guard("FETCH summaries"):
-            for chunk in _chunks(list(wanted)):
-                found.update(
-                    self._fetch(
-                        msgset(chunk),
-                        "UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]",
-                    )
-                )
-        keys: dict[int, str] = {}
+            for items, group in (
+                (basic, sorted(known)),
+                (f"{basic} BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]", sorted(wanted - known.keys())),
+            ):
+                for chunk in _chunks(group):
+                    found.update(self._fetch(msgset(chunk), items))
+        keys: dict[int, str] = {uid: key for uid, key in known.items() if uid in found}
         need_header: list[int] = []
         for uid, data in found.items():
-            if uid not in wanted:
+            if uid not in wanted or uid in known:
                 continue
             fields = _body(data, b"BODY[HEADER.FIELDS") or b""
             raw = BytesHeaderParser(policy=compat32).parsebytes(fields).get("Message-ID")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imapsync_bridge.agent.state import PendingOp
-from imapsync_bridge.errors import AuthError, ConnectionLost, ProtocolError
+from imapsync_bridge.errors import AuthError, PeerClosed, ProtocolError
 from imapsync_bridge.protocol import framing, schema, tls
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class ServerLink:
         hello = {"type": "hello", "protocol": PROTOCOL_VERSION, "agent": agent_instance}
         try:
             welcome = self.request(hello, "welcome")
-        except ConnectionLost:
+        except PeerClosed:
             # Under TLS 1.3 the server checks our certificate after our side of the
             # handshake is done, and a refused client is dropped without an alert.
             raise AuthError(

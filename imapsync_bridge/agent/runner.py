@@ -45,7 +45,7 @@ def open_link(config: AgentConfig) -> ServerLink:
     if not (config.state_dir / "agent.crt").exists():
         raise ConfigError(f"{config.path}: this agent is not paired; run `agent pair` first")
     host, port = config.server
-    return ServerLink.open(host, port, config.state_dir)
+    return ServerLink.open(host, port, config.state_dir, config.server_timeout)
 
 
 def session_options(config: AgentConfig, allow_mass_delete: bool) -> SessionOptions:

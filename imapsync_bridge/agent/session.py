@@ -297,7 +297,8 @@ class SyncSession:
         is quarantined and the next newest takes its slot."""
         skip = set(held)
         for _attempt in range(MAX_PULL_RETRIES):
-            newest, status = self.desktop.newest(window, skip)
+            known = {e.uid: k for k, e in ledger.items() if e.desktop is Where.INBOX and e.uid}
+            newest, status = self.desktop.newest(window, skip, known)
             plan = normalize({k: e for k, e in ledger.items() if k not in held}, newest, window)
             puts = [a for a in plan.phone if isinstance(a, PutOnPhone)]
             limit = self.options.max_message_size

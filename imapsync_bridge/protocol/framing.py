@@ -27,7 +27,13 @@ import ssl
 import struct
 from typing import Any
 
-from imapsync_bridge.errors import AuthError, ConnectionLost, FrameTooLarge, ProtocolError
+from imapsync_bridge.errors import (
+    AuthError,
+    ConnectionLost,
+    FrameTooLarge,
+    PeerClosed,
+    ProtocolError,
+)
 
 MAX_FRAME = 64 * 1024 * 1024
 """Default limit of one frame body, in bytes (the 4-byte header not counted)."""
@@ -135,7 +141,7 @@ def _translate_ssl(exc: ssl.SSLError, doing: str) -> Exception:
     if "ALERT" in reason and any(word in reason for word in _CERT_ALERTS):
         return AuthError(f"the peer refused our certificate ({exc.reason})")
     if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
-        return ConnectionLost(f"connection closed by the peer while {doing}")
+        return PeerClosed(f"connection closed by the peer while {doing}")
     return ConnectionLost(f"TLS error while {doing}: {exc.reason or exc}")
 
 
@@ -148,7 +154,7 @@ def _recv_exactly(sock: socket.socket, size: int, doing: str, started: bool) -> 
             n = sock.recv_into(view[got:], size - got)
             if n == 0:
                 if got == 0 and not started:
-                    raise ConnectionLost(f"connection closed by the peer while {doing}")
+                    raise PeerClosed(f"connection closed by the peer while {doing}")
                 raise ConnectionLost(
                     f"connection closed by the peer in the middle of a frame "
                     f"({got} of {size} bytes of the {doing.removeprefix('reading ')})"
@@ -195,7 +201,7 @@ async def _readexactly(reader: asyncio.StreamReader, size: int, doing: str) -> b
         return await reader.readexactly(size)
     except asyncio.IncompleteReadError as exc:
         if not exc.partial and doing.endswith("header"):
-            raise ConnectionLost(f"connection closed by the peer while {doing}") from None
+            raise PeerClosed(f"connection closed by the peer while {doing}") from None
         raise ConnectionLost(
             f"connection closed by the peer in the middle of a frame "
             f"({len(exc.partial)} of {size} bytes of the {doing.removeprefix('reading ')})"
