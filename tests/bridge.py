@@ -66,13 +66,14 @@ class ServerThread:
         self.observer = observer
         self.port = 0
         self._ready = threading.Event()
-        self._loop = asyncio.new_event_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         async def main() -> None:
+            self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
             await serve(
                 self.config,
@@ -82,7 +83,9 @@ class ServerThread:
             )
 
         try:
-            self._loop.run_until_complete(main())
+            # asyncio.run cancels and awaits whatever is left before closing the loop:
+            # no coroutine is left for the garbage collector to finalize later.
+            asyncio.run(main())
         except BaseException as exc:  # surfaced by start()
             self._error = exc
             self._ready.set()
@@ -102,9 +105,10 @@ class ServerThread:
         return self
 
     def stop(self) -> None:
-        if self._stop is not None and self._thread.is_alive():
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
+        assert not self._thread.is_alive(), "the sync listener did not stop"
 
 
 class Bridge:

@@ -3,6 +3,7 @@ and lets a test act on what the client sends (kill a process, rewrite a command)
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
@@ -46,6 +47,8 @@ class Proxy:
         self._pump(client, upstream)
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
         self.listener.close()
 
 

@@ -86,66 +86,81 @@ class DesktopSide:
         """
         facts: dict[str, DesktopFact] = {}
         wanted = set(keys)
-        for mailbox, where in ((self.inbox, Where.INBOX), (self.trash, Where.TRASH)):
-            self._ensure(mailbox)
-            by_uid = {
-                entry.uid: key
-                for key in wanted - facts.keys()
-                if (entry := ledger.get(key)) is not None
-                and entry.desktop is where
-                and entry.uid is not None
-            }
-            # UIDs in the ledger belong to the current UIDVALIDITY (the session forgets
-            # them when it changes), so a UID still present is still the same message.
-            for uid, flags in self.imap.flags(sorted(by_uid)).items():
-                key = by_uid[uid]
-                facts[key] = DesktopFact(where, flags, uid, ledger[key].internaldate)
-            missing = wanted - facts.keys()
-            if not missing:
-                continue
-            first = since.get(where)
-            candidates = self.imap.uids_from(first) if first is not None else []
-            complete = first is not None and len(candidates) <= SCAN_LIMIT
-            if not complete:
-                newest = self.imap.newest_uids(mailbox, SCAN_LIMIT)
-                candidates = newest if newest is not None else self.imap.inbox_order(mailbox)
-            for message in self.imap.summaries(candidates[:SCAN_LIMIT]):
-                if message.key in missing and message.key not in facts:
-                    facts[message.key] = _fact(where, message)
-            unsure = missing - facts.keys()
-            if complete:
-                # Only a message whose UID here was never known can hide under an old UID.
-                unsure = {
-                    key
-                    for key in unsure
-                    if (entry := ledger.get(key)) is None
-                    or (entry.desktop is where and entry.uid is None)
-                }
-            for key in sorted(unsure):
-                found = self.imap.summaries(self.imap.locate(mailbox, key))
-                if found:
-                    facts[key] = _fact(where, found[0])
+        in_trash = {k for k in wanted if (e := ledger.get(k)) and e.desktop is Where.TRASH}
+        # Trash first for what should be there, then the inbox, which is left selected
+        # for the window scan; then Trash again only for what is still missing (it left
+        # the inbox, or the ledger never knew it).
+        passes = ((Where.TRASH, in_trash), (Where.INBOX, wanted), (Where.TRASH, wanted))
+        for where, candidates in passes:
+            keys_left = candidates - facts.keys()
+            if keys_left:
+                self._find_in(where, keys_left, ledger, since.get(where), facts)
         for key in wanted - facts.keys():
             facts[key] = DesktopFact(Where.GONE)
         return facts
 
-    def newest(
-        self, count: int, skip: set[str], known: Mapping[int, str]
-    ) -> tuple[list[DesktopMessage], DesktopStatus]:
+    def _find_in(
+        self,
+        where: Where,
+        keys: set[str],
+        ledger: Mapping[str, LedgerEntry],
+        first: int | None,
+        facts: dict[str, DesktopFact],
+    ) -> None:
+        """Add to ``facts`` those of ``keys`` found in one mailbox."""
+        mailbox = self.inbox if where is Where.INBOX else self.trash
+        self._ensure(mailbox)
+        by_uid = {
+            entry.uid: key
+            for key in keys
+            if (entry := ledger.get(key)) is not None
+            and entry.desktop is where
+            and entry.uid is not None
+        }
+        # UIDs in the ledger belong to the current UIDVALIDITY (the session forgets
+        # them when it changes), so a UID still present is still the same message.
+        for uid, flags in self.imap.flags(sorted(by_uid)).items():
+            key = by_uid[uid]
+            facts[key] = DesktopFact(where, flags, uid, ledger[key].internaldate)
+        missing = keys - facts.keys()
+        if not missing:
+            return
+        candidates = self.imap.uids_from(first) if first is not None else []
+        complete = first is not None and len(candidates) <= SCAN_LIMIT
+        if not complete:
+            newest = self.imap.newest_uids(mailbox, SCAN_LIMIT)
+            candidates = newest if newest is not None else self.imap.inbox_order(mailbox)
+        for message in self.imap.summaries(candidates[:SCAN_LIMIT]):
+            if message.key in missing and message.key not in facts:
+                facts[message.key] = _fact(where, message)
+        unsure = missing - facts.keys()
+        if complete:
+            # Only a message whose UID here was never known can hide under an old UID.
+            unsure = {
+                key
+                for key in unsure
+                if (entry := ledger.get(key)) is None
+                or (entry.desktop is where and entry.uid is None)
+            }
+        for key in sorted(unsure):
+            found = self.imap.summaries(self.imap.locate(mailbox, key))
+            if found:
+                facts[key] = _fact(where, found[0])
+
+    def newest(self, count: int, skip: set[str], known: Mapping[int, str]) -> list[DesktopMessage]:
         """The inbox newest first, enough to fill ``count`` distinct keys not in ``skip``.
 
         ``known`` maps inbox UIDs to keys the ledger already has (no header fetch for
-        them). Returns the status taken at the same moment, so a change that lands after
-        it is seen by the next session's fast path.
+        them). Reuses the inbox if it is selected: after a change Dovecot re-scans a
+        Maildir on every SELECT for a while (~200 ms at 50,000 messages).
         """
-        trash_status = self.status().trash
-        inbox_status = self._select(self.inbox)
+        self._ensure(self.inbox)
         wanted = count + len(skip) + 8
         partial = self.imap.newest_uids(self.inbox, wanted)
         if partial is not None:
             found = _newest_first(self.imap.summaries(partial, known))
             if len(partial) < wanted or _enough(found, count, skip, wanted):
-                return window_of(found, count, skip), DesktopStatus(inbox_status, trash_status)
+                return window_of(found, count, skip)
         # No ESORT, or ties/skips at the edge of the partial answer: sort everything.
         order = self.imap.inbox_order(self.inbox)
         found = []
@@ -154,7 +169,7 @@ class DesktopSide:
             chunk = order[start : start + wanted]
             start += len(chunk)
             found = _newest_first(found + self.imap.summaries(chunk, known))
-        return window_of(found, count, skip), DesktopStatus(inbox_status, trash_status)
+        return window_of(found, count, skip)
 
     def fetch_raws(self, uids: list[int], max_size: int) -> dict[int, bytes | MessageError]:
         self._ensure(self.inbox)

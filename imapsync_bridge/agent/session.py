@@ -146,13 +146,13 @@ class SyncSession:
         snapshot = self.link.request({"type": "snapshot"}, "snapshot")
         window = snapshot["window"]
 
-        if self._nothing_changed(snapshot):
+        before_status = self.desktop.status()
+        if self._nothing_changed(snapshot, before_status):
             self.report.fast_path = True
             self.report.seconds = time.monotonic() - started
             self.state.set_many(_done_meta())
             return self.report
 
-        before_status = self.desktop.status()
         ledger = self._ledger_for(before_status)
         phone = phone_facts(snapshot)
         scope = keys_in_scope(ledger, phone) | set(snapshot["destroyed"])
@@ -166,10 +166,12 @@ class SyncSession:
         self._send([(phone_op(a), None) for a in phone_actions])
         self.report.phone_actions += len(phone_actions)
 
-        if self._window_unchanged(plan, before_status, window):
-            status = self.desktop.status()  # only flags changed: no message left or came
-        else:
-            ledger, status = self._normalize_and_pull(ledger, window, held)
+        # The status to remember: taken before anything this session reads, so a change
+        # landing meanwhile shows at the next session. Without desktop actions of ours
+        # the session's first one serves (and spares a second SELECT of the inbox).
+        status = self.desktop.status() if self.report.desktop_actions else before_status
+        if not self._window_unchanged(plan, before_status, window):
+            ledger = self._normalize_and_pull(ledger, window, held)
         # A held message's tombstone or restore must survive until its action succeeds.
         keep_actions = held & (set(snapshot["destroyed"]) | set(snapshot["restored"]))
         if snapshot["action_seq"] and not keep_actions:
@@ -234,7 +236,7 @@ class SyncSession:
             self.report.desktop_actions += 1
         return ledger, held
 
-    def _nothing_changed(self, snapshot: dict[str, Any]) -> bool:
+    def _nothing_changed(self, snapshot: dict[str, Any], status: DesktopStatus) -> bool:
         if snapshot["action_seq"] or snapshot["destroyed"]:
             return False
         if self.state.get_int("held"):
@@ -242,7 +244,7 @@ class SyncSession:
         if self.state.get("window") != str(snapshot["window"]):
             return False
         saved = self.state.get("desktop_status")
-        return saved is not None and saved == self.desktop.status().fingerprint()
+        return saved is not None and saved == status.fingerprint()
 
     def _window_unchanged(self, plan: MergePlan, before: DesktopStatus, window: int) -> bool:
         """True when the last session's window still holds: no message entered or left.
@@ -292,13 +294,13 @@ class SyncSession:
 
     def _normalize_and_pull(
         self, ledger: dict[str, LedgerEntry], window: int, held: set[str]
-    ) -> tuple[dict[str, LedgerEntry], DesktopStatus]:
+    ) -> dict[str, LedgerEntry]:
         """Evict and pull until the window is right; a message that cannot be pulled
         is quarantined and the next newest takes its slot."""
         skip = set(held)
         for _attempt in range(MAX_PULL_RETRIES):
             known = {e.uid: k for k, e in ledger.items() if e.desktop is Where.INBOX and e.uid}
-            newest, status = self.desktop.newest(window, skip, known)
+            newest = self.desktop.newest(window, skip, known)
             plan = normalize({k: e for k, e in ledger.items() if k not in held}, newest, window)
             puts = [a for a in plan.phone if isinstance(a, PutOnPhone)]
             limit = self.options.max_message_size
@@ -324,7 +326,7 @@ class SyncSession:
             self.report.pulled += len(puts)
             self.report.evicted += sum(isinstance(a, EvictFromPhone) for a in plan.phone)
             self.report.phone_actions += len(plan.phone)
-            return {**plan.ledger, **{k: ledger[k] for k in held if k in ledger}}, status
+            return {**plan.ledger, **{k: ledger[k] for k in held if k in ledger}}
         raise MessageError("too many messages could not be pulled; see `agent status`")
 
     def _send(self, ops: list[tuple[dict[str, Any], bytes | None]]) -> None:

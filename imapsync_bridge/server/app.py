@@ -92,6 +92,7 @@ async def serve(
         await stop.wait()
     finally:
         server.close()
+        await listener.close_sessions()
         await server.wait_closed()
         store.close()
         log.info("server stopped")

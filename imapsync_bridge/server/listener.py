@@ -24,6 +24,7 @@ from imapsync_bridge.server.store import PhoneStore
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = 300.0  # seconds a connection may stay silent between frames
+CLOSE_TIMEOUT = 5.0  # seconds to wait for a peer to acknowledge the end of a session
 UNAUTHENTICATED_FRAMES = {"ca", "pair"}
 Reply = dict[str, Any] | None
 # Called with (user, frame) before each frame is handled: logging, metrics, fault tests.
@@ -174,11 +175,23 @@ class SyncListener:
         self.context = tls.server_context(
             self.paths.ca_crt, self.paths.server_crt, self.paths.server_key
         )
+        self._sessions: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> asyncio.Server:
         return await asyncio.start_server(self._serve, host, port, ssl=self.context)
 
+    async def close_sessions(self) -> None:
+        """End every open session (on shutdown): each stops between two frames at the
+        latest, and every store change is a transaction of its own, so none is torn."""
+        for task in list(self._sessions):
+            task.cancel()
+        await asyncio.gather(*self._sessions, return_exceptions=True)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._sessions.add(task)
+            task.add_done_callback(self._sessions.discard)
         peer = "{}:{}".format(*writer.get_extra_info("peername")[:2])
         ssl_object: ssl.SSLObject | None = writer.get_extra_info("ssl_object")
         serial = tls.peer_certificate_serial(ssl_object) if ssl_object else None
@@ -209,10 +222,15 @@ class SyncListener:
             await _send(writer, _error_frame(exc))
         except (ConnectionError, ssl.SSLError) as exc:
             log.info("%s: connection ended: %s", peer, exc)
+        except asyncio.CancelledError:
+            # Shutdown: end quietly (a handler task that ends cancelled makes asyncio's
+            # stream callback log a spurious error).
+            log.info("%s: session closed by shutdown", peer)
         finally:
             writer.close()
-            with contextlib.suppress(ConnectionError, ssl.SSLError):
-                await writer.wait_closed()
+            # A peer that no longer answers must not hold up shutdown (TLS close_notify).
+            with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
 
 
 async def _send(writer: asyncio.StreamWriter, frame: dict[str, Any]) -> None:
