@@ -1,0 +1,93 @@
+"""The command-line contract of DESIGN.md, end to end: files, output and exit codes."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from bridge import REPO, Bridge, run_cli
+from dovecot import Dovecot
+
+from imapsync_bridge.protocol import pki
+
+
+def test_pairing_leaves_the_key_private_and_pins_the_servers_ca(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    bridge = Bridge(dovecot, tmp_path).start()
+    try:
+        # The code carries the CA's fingerprint: the agent can check the server with it.
+        _token, fingerprint = pki.parse_pairing_code(bridge.code)
+        ca = (bridge.server_dir / "ca.crt").read_bytes()
+        assert pki.ca_fingerprint(ca).startswith(fingerprint)
+        bridge.pair()
+        state = bridge.agent_ini.parent / "state"
+        assert stat.S_IMODE((state / "agent.key").stat().st_mode) == 0o600
+        assert (state / "server-ca.crt").read_bytes() == ca
+        assert pki.certificate_user((state / "agent.crt").read_bytes()) == bridge.phone_user
+        status = bridge.agent_status()
+        assert status["paired"] is True and status["last_sync"] is None
+        expected = {
+            "paired", "server", "user", "window", "last_sync", "last_result", "last_error",
+            "pending_actions", "mapped", "quarantined", "sync_phrase",
+        }  # fmt: skip
+        assert set(status) == expected
+        bridge.deliver(1)
+        bridge.sync_ok()
+        status = bridge.agent_status()
+        assert (status["user"], status["window"], status["last_result"]) == ("alice", 6, "ok")
+        listing = bridge.phone_list()
+        assert set(listing) == {"user", "window", "inbox", "trash", "sent", "outbox"}
+        message = listing["inbox"][0]
+        assert set(message) == {"id", "message_id", "subject", "from", "date", "seen", "flagged"}
+        assert message["date"].endswith(("Z", "+00:00"))
+        shown = subprocess.run(
+            [sys.executable, "-m", "imapsync_bridge.cli", "phone", "--config",
+             str(bridge.server_ini), "--user", "alice", "show", str(message["id"])],
+            capture_output=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin"},
+        )  # fmt: skip
+        assert shown.returncode == 0 and b"Subject: Message 1\r\n" in shown.stdout
+    finally:
+        bridge.stop()
+
+
+def test_exit_codes_follow_the_contract(dovecot: Dovecot, tmp_path: Path) -> None:
+    bridge = Bridge(dovecot, tmp_path).start()
+    try:
+        # usage error
+        rc, _out, err = run_cli("agent", "sync")
+        assert rc == 2 and "--config" in err
+        # configuration error
+        rc, _out, err = run_cli("agent", "sync", "--config", str(tmp_path / "missing.ini"))
+        assert rc == 2
+        # operational failure: an unknown phone message
+        rc, _out, err = run_cli(
+            "phone", "--config", str(bridge.server_ini), "--user", "alice", "read", "999"
+        )
+        assert rc == 1 and len(err.strip().splitlines()) == 1
+        # add-user prints the code alone on its last line, through the real entry point
+        done = subprocess.run(
+            [sys.executable, "-m", "imapsync_bridge.cli", "server", "add-user", "--config",
+             str(bridge.server_ini), "bob", "--address", "bob@phone.example",
+             "--desktop-address", "bob@corp.example"],
+            capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin"},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        code = done.stdout.strip().splitlines()[-1]
+        assert " " not in code and pki.parse_pairing_code(code)
+        # the same user twice is an operational failure with one line
+        rc, _out, err = run_cli(
+            "server", "add-user", "--config", str(bridge.server_ini), "bob",
+            "--address", "b@p", "--desktop-address", "b@c",
+        )  # fmt: skip
+        assert rc == 1 and len(err.strip().splitlines()) == 1
+        listing = json.loads(
+            run_cli("phone", "--config", str(bridge.server_ini), "--user", "bob", "list",
+                    "--json")[1]
+        )  # fmt: skip
+        assert listing["window"] == 50  # the server's default_window
+    finally:
+        bridge.stop()
