@@ -138,6 +138,7 @@ class SyncSession:
         self.link = link
         self.options = options
         self.report = SessionReport()
+        self._acked = 0  # highest op the server acknowledged; retired with the ledger
 
     def run(self) -> SessionReport:
         started = time.monotonic()
@@ -191,7 +192,7 @@ class SyncSession:
                 "held": len(held),
             }
         )
-        self.state.commit_session(ledger, meta, self.report.quarantined)
+        self.state.commit_session(ledger, meta, self.report.quarantined, self._acked)
         self.link.request({"type": "complete", "summary": self.report.summary()}, "ok")
         return self.report
 
@@ -330,8 +331,14 @@ class SyncSession:
         raise MessageError("too many messages could not be pulled; see `agent status`")
 
     def _send(self, ops: list[tuple[dict[str, Any], bytes | None]]) -> None:
+        """Journal the ops (durably), then send them. Their retirement waits for the
+        ledger commit: if the session dies first, the server's ``last_seq`` at the next
+        hello retires them instead."""
         if ops:
-            self.link.send_ops(self.state.journal(ops), self.state.acknowledged)
+            self.link.send_ops(self.state.journal(ops), self._note_acked)
+
+    def _note_acked(self, seq: int) -> None:
+        self._acked = max(self._acked, seq)
 
     def _fetch_from_phone(self, key: str) -> bytes:
         frame = self.link.request({"type": "fetch", "key": key}, "message")

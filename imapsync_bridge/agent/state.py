@@ -132,14 +132,17 @@ class AgentState:
         ledger: dict[str, LedgerEntry],
         meta: dict[str, str | int | None],
         quarantine: list[QuarantinedMessage],
+        acknowledged_up_to: int = 0,
     ) -> None:
-        """Replace the ledger and the quarantine, record the session's facts, atomically.
+        """Replace the ledger and the quarantine, record the session's facts, and retire
+        the acknowledged actions, atomically (one commit, one fsync).
 
         The quarantine lists what this session could not handle; each session tries
         those messages again, so one that became fine drops off by itself.
         """
         now = datetime.now().astimezone().isoformat(timespec="seconds")
         with self.transaction() as db:
+            db.execute("DELETE FROM outgoing WHERE seq <= ?", (acknowledged_up_to,))
             db.execute("DELETE FROM quarantine")
             db.executemany(
                 "INSERT INTO quarantine (key, uid, reason, since) VALUES (?, ?, ?, ?) "
