@@ -34,6 +34,7 @@ from imapsync_bridge.model import (
 )
 from imapsync_bridge.protocol import framing
 from imapsync_bridge.sync.breaker import check_mass_delete
+from imapsync_bridge.sync.ledger import prune
 from imapsync_bridge.sync.merge import MergePlan, keys_in_scope, merge
 from imapsync_bridge.sync.normalize import normalize
 from imapsync_bridge.sync.ops import (
@@ -51,6 +52,7 @@ from imapsync_bridge.sync.ops import (
 log = logging.getLogger(__name__)
 
 MAX_PULL_RETRIES = 20
+LEDGER_RECORD = 200  # evicted / long-trashed entries kept as a record (at least)
 # Actions after which the window must be computed again.
 STRUCTURAL = (MoveOnDesktop, AppendToDesktop, DestroyOnDesktop, MoveOnPhone, DestroyOnPhone)
 
@@ -192,6 +194,7 @@ class SyncSession:
                 "held": len(held),
             }
         )
+        ledger = prune(ledger, keep=max(4 * window, LEDGER_RECORD))
         self.state.commit_session(ledger, meta, self.report.quarantined, self._acked)
         self.link.request({"type": "complete", "summary": self.report.summary()}, "ok")
         return self.report
