@@ -152,8 +152,8 @@ def check_after_recovery(bridge: Bridge, ids: list[str]) -> None:
 
 FRAME_POINTS = [
     ("snapshot", 1),  # before anything was planned
-    ("op", 1),  # after the desktop actions, first phone action in flight
-    ("op", 3),  # among the phone actions and pulls
+    ("ops", 1),  # after the desktop actions, the update's phone actions in flight
+    ("ops", 2),  # the evictions and pulls of normalization in flight
     ("ack_actions", 1),  # phone actions applied, not yet acknowledged
     ("complete", 1),  # ledger committed, server not yet told
 ]
@@ -171,11 +171,13 @@ def test_sigkill_during_an_update_sync(
     check_after_recovery(bridge, ids)
 
 
-@pytest.mark.parametrize("nth", [1, 4, 6])
-def test_sigkill_during_the_first_sync(killer_bridge: tuple[Bridge, Killer], nth: int) -> None:
+@pytest.mark.parametrize(("frame_type", "nth"), [("snapshot", 1), ("ops", 1), ("complete", 1)])
+def test_sigkill_during_the_first_sync(
+    killer_bridge: tuple[Bridge, Killer], frame_type: str, nth: int
+) -> None:
     bridge, killer = killer_bridge
     ids = [bridge.deliver(n) for n in range(1, 21)]
-    crash_at_frame(bridge, killer, "op", nth)
+    crash_at_frame(bridge, killer, frame_type, nth)
     bridge.sync_ok()
     assert bridge.phone_inbox_ids() == list(reversed(ids))[:6]
     bridge.assert_in_sync()

@@ -33,6 +33,10 @@ VALID_TO_SERVER = {
     },
     "snapshot": {"type": "snapshot"},
     "op": {"type": "op", "seq": 1, "op": PUT},
+    "ops": {
+        "type": "ops",
+        "ops": [{"seq": 1, "op": PUT}, {"seq": 2, "op": {"kind": "evict", "key": "<2@x>"}}],
+    },
     "fetch": {"type": "fetch", "key": "<1@example.com>"},
     "ack_actions": {"type": "ack_actions", "up_to": 12},
     "complete": {"type": "complete", "summary": {"sent": 3, "errors": [], "ok": True}},
@@ -78,11 +82,21 @@ VALID_TO_AGENT = {
         "action_seq": 4,
     },
     "ack": {"type": "ack", "seq": 3},
+    "acked": {"type": "acked", "up_to": 3},
     "nack": {"type": "nack", "seq": 3, "error": "message too large"},
     "message": {"type": "message", "key": "<1@example.com>", "raw": RAW},
     "ok": {"type": "ok"},
     "error": {"type": "error", "code": "revoked", "message": "this agent was unpaired"},
 }
+
+
+def test_a_batch_of_ops_is_bounded_and_each_op_checked():
+    many = [{"seq": n, "op": {"kind": "evict", "key": "k"}} for n in range(schema.MAX_BATCH + 1)]
+    with pytest.raises(ProtocolError, match="at most"):
+        schema.validate({"type": "ops", "ops": many}, "to_server")
+    bad = [{"seq": 1, "op": {"kind": "evict", "key": "k"}}, {"seq": True, "op": PUT}]
+    with pytest.raises(ProtocolError, match=r"ops\[1\]"):
+        schema.validate({"type": "ops", "ops": bad}, "to_server")
 
 
 def test_examples_cover_every_frame_type():

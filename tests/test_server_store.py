@@ -650,3 +650,24 @@ def test_hostile_mail_is_stored(store, message):
     (msg,) = store.list_folder("alice", "inbox")
     assert "\x00" not in msg.subject + msg.from_addr and "\x1b" not in msg.subject
     assert store.raw_message("alice", "<h@x>") == message
+
+
+def test_a_batch_applies_whole_or_not_at_all(store):
+    store.apply_ops("alice", [(1, put("<a@x>")), (2, put("<b@x>", day=2))])
+    assert store.last_seq("alice") == 2
+    before = store.snapshot("alice")
+    bad = {"kind": "flags", "key": "<a@x>", "seen": "yes", "flagged": False}
+    with pytest.raises(StoreError, match="bad op"):
+        store.apply_ops("alice", [(3, {"kind": "evict", "key": "<b@x>"}), (4, bad)])
+    assert store.snapshot("alice") == before  # the evict of the same batch was undone
+    assert store.last_seq("alice") == 2
+
+
+def test_a_resent_batch_applies_only_what_is_new(store):
+    store.apply_ops("alice", [(1, put("<a@x>")), (2, put("<b@x>", day=2))])
+    store.trash("alice", store.snapshot("alice").messages[0].id)  # the phone user acts
+    resent = [(1, put("<a@x>")), (2, put("<b@x>", day=2)), (3, put("<c@x>", day=3))]
+    store.apply_ops("alice", resent)
+    folders = {m.key: m.folder for m in store.snapshot("alice").messages}
+    assert folders == {"<a@x>": "trash", "<b@x>": "inbox", "<c@x>": "inbox"}
+    assert store.last_seq("alice") == 3

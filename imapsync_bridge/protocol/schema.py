@@ -11,9 +11,11 @@ A session, agent → server (``to_server``) and server → agent (``to_agent``):
       hello {protocol: 1, agent}          → welcome {user, window, last_seq}
       snapshot                            → snapshot {window, messages, destroyed,
                                                       action_seq}
-      op {seq, op} ... (pipelined)        → ack {seq} | nack {seq, error}, one per op,
-                                            in order; the agent drops an op from its
-                                            action list only once it is acked
+      ops {ops: [{seq, op}, ...]} ...     → acked {up_to}, one per batch, in order: the
+        (pipelined batches)                 server applies a batch in one transaction
+                                            and acks it after the commit; the agent drops
+                                            an op from its action list only once acked
+      op {seq, op}                        → ack {seq} | nack {seq, error}: one op alone
       fetch {key}                         → message {key, raw} | error
       ack_actions {up_to}                 → ok   (the server drops its actions <= up_to)
       complete {summary}                  → ok   (both sides commit; the server closes)
@@ -269,6 +271,7 @@ SEQ = Int()
 USER = Str(200, min_len=1)
 PEM = Str(20000, min_len=1)
 WINDOW = Int(maximum=1_000_000)
+MAX_BATCH = 256  # ops in one "ops" frame
 
 OP_KINDS: dict[str, dict[str, Spec]] = {
     "put": {
@@ -292,6 +295,7 @@ TO_SERVER: dict[str, dict[str, Spec]] = {
     "pair": {"code": Str(200, min_len=1), "csr": Str(10000, min_len=1)},
     "snapshot": {},
     "op": {"seq": SEQ, "op": Tagged("kind", OP_KINDS)},
+    "ops": {"ops": ListOf(Obj({"seq": SEQ, "op": Tagged("kind", OP_KINDS)}), MAX_BATCH)},
     "fetch": {"key": KEY},
     "ack_actions": {"up_to": SEQ},
     "complete": {"summary": AnyObj()},
@@ -319,6 +323,7 @@ TO_AGENT: dict[str, dict[str, Spec]] = {
         "action_seq": SEQ,
     },
     "ack": {"seq": SEQ},
+    "acked": {"up_to": SEQ},
     "nack": {"seq": SEQ, "error": Str(2000)},
     "message": {"key": KEY, "raw": B64()},
     "ok": {},

@@ -122,12 +122,25 @@ class SyncSessionHandler:
         }
 
     def on_op(self, frame: dict[str, Any]) -> Reply:
-        assert self.user is not None
-        op = dict(frame["op"])
-        if "raw" in op:
-            op["raw"] = framing.b64decode_field(op["raw"], "raw")
-        self.store.apply_op(self.user, frame["seq"], op)
+        self._apply([frame])
         return {"type": "ack", "seq": frame["seq"]}
+
+    def on_ops(self, frame: dict[str, Any]) -> Reply:
+        """A batch: one transaction (one fsync) for all of it, acked once committed."""
+        if not frame["ops"]:
+            raise ProtocolError("frame 'ops': field 'ops' must not be empty")
+        self._apply(frame["ops"])
+        return {"type": "acked", "up_to": frame["ops"][-1]["seq"]}
+
+    def _apply(self, items: list[dict[str, Any]]) -> None:
+        assert self.user is not None
+        batch = []
+        for item in items:
+            op = dict(item["op"])
+            if "raw" in op:
+                op["raw"] = framing.b64decode_field(op["raw"], "raw")
+            batch.append((item["seq"], op))
+        self.store.apply_ops(self.user, batch)
 
     def on_fetch(self, frame: dict[str, Any]) -> Reply:
         assert self.user is not None

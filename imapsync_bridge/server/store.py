@@ -278,16 +278,29 @@ class PhoneStore:
 
     def apply_op(self, user: str, seq: int, op: dict[str, Any]) -> None:
         """Apply one desktop op once (see the class docstring)."""
-        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
-            raise StoreError(f"bad seq {seq!r}: want a positive integer")
+        self.apply_ops(user, [(seq, op)])
+
+    def apply_ops(self, user: str, batch: list[tuple[int, dict[str, Any]]]) -> None:
+        """Apply a batch of desktop ops in one transaction, each at most once.
+
+        Ops at or below ``last_seq`` are skipped (a resent batch); the rest must come in
+        increasing order. A bad op fails the whole batch and nothing of it is stored.
+        """
+        for seq, _op in batch:
+            if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+                raise StoreError(f"bad seq {seq!r}: want a positive integer")
         with self._tx() as conn:
-            if seq <= self._require_user(conn, user)[5]:
-                return
-            try:
-                _apply(conn, user, op, self._now())
-            except (KeyError, TypeError, ValueError) as exc:
-                raise StoreError(_one_line("bad op", exc)) from exc
-            conn.execute("UPDATE users SET last_seq = ? WHERE name = ?", (seq, user))
+            last = self._require_user(conn, user)[5]
+            now = self._now()
+            for seq, op in batch:
+                if seq <= last:
+                    continue
+                try:
+                    _apply(conn, user, op, now)
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise StoreError(_one_line("bad op", exc)) from exc
+                last = seq
+            conn.execute("UPDATE users SET last_seq = ? WHERE name = ?", (last, user))
 
     def snapshot(self, user: str) -> Snapshot:
         with self._tx(write=False) as conn:
