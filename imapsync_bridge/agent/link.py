@@ -66,10 +66,15 @@ class ServerLink:
         return self.receive(expected)
 
     # -- session steps -----------------------------------------------------------------
-    def hello(self, agent_instance: str) -> None:
+    def hello(self, agent_instance: str, with_snapshot: bool = False) -> dict[str, Any] | None:
+        """Start the session; ``with_snapshot`` asks for the snapshot in the same round
+        trip (when there is no journal to resend first) and returns it."""
         hello = {"type": "hello", "protocol": PROTOCOL_VERSION, "agent": agent_instance}
         try:
-            welcome = self.request(hello, "welcome")
+            self.send(hello)
+            if with_snapshot:
+                self.send({"type": "snapshot"})
+            welcome = self.receive("welcome")
         except PeerClosed:
             # Under TLS 1.3 the server checks our certificate after our side of the
             # handshake is done, and a refused client is dropped without an alert.
@@ -83,6 +88,7 @@ class ServerLink:
             welcome["window"],
             welcome["last_seq"],
         )
+        return self.receive("snapshot") if with_snapshot else None
 
     def send_ops(self, ops: Sequence[PendingOp], on_acked: Callable[[int], None]) -> None:
         """Send ops in batches, up to BATCHES_IN_FLIGHT of them unacknowledged.

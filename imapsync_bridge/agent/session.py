@@ -144,16 +144,19 @@ class SyncSession:
 
     def run(self) -> SessionReport:
         started = time.monotonic()
-        self.link.hello(self.state.agent_instance())
-        self._resend_journal()
-        snapshot = self.link.request({"type": "snapshot"}, "snapshot")
+        journal = self.state.pending()
+        snapshot = self.link.hello(self.state.agent_instance(), with_snapshot=not journal)
+        self.state.skip_sequence_past(self.link.last_seq)
+        if snapshot is None:
+            self._resend_journal()
+            snapshot = self.link.request({"type": "snapshot"}, "snapshot")
         window = snapshot["window"]
 
         before_status = self.desktop.status()
         if self._nothing_changed(snapshot, before_status):
             self.report.fast_path = True
             self.report.seconds = time.monotonic() - started
-            self.state.set_many(_done_meta())
+            self.state.set_many(_done_meta(), durable=False)
             return self.report
 
         ledger = self._ledger_for(before_status)
@@ -202,7 +205,6 @@ class SyncSession:
     # -- steps -----------------------------------------------------------------------
     def _resend_journal(self) -> None:
         self.state.acknowledged(self.link.last_seq)  # the server applied these already
-        self.state.skip_sequence_past(self.link.last_seq)
         pending = self.state.pending()
         if pending:
             log.info("resending %d unacknowledged action(s) from an earlier session", len(pending))

@@ -75,8 +75,12 @@ class AgentState:
         self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction. ``durable=False`` for facts only shown to the user (when the
+        last sync ran): no fsync of its own; the next durable commit carries it."""
         try:
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -86,6 +90,9 @@ class AgentState:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: agent state: {exc}") from None
+        finally:
+            if not durable:
+                self._db.execute("PRAGMA synchronous=FULL")
 
     # -- small facts -----------------------------------------------------------------
     def get(self, name: str, default: str | None = None) -> str | None:
@@ -96,8 +103,8 @@ class AgentState:
         value = self.get(name)
         return int(value) if value is not None else default
 
-    def set_many(self, values: dict[str, str | int | None]) -> None:
-        with self.transaction() as db:
+    def set_many(self, values: dict[str, str | int | None], durable: bool = True) -> None:
+        with self.transaction(durable) as db:
             self._set_many(db, values)
 
     @staticmethod

@@ -28,6 +28,8 @@ from imapsync_bridge.server.store_schema import (
     User,
 )
 
+SYNCHRONOUS = "FULL"  # durable commits: an op is acked only once it is on disk
+
 __all__ = [
     "PhoneAction",
     "PhoneMessage",
@@ -110,7 +112,7 @@ class PhoneStore:
             raise StoreError(_one_line(f"cannot open {self.path}", exc)) from exc
         try:
             self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            self._conn.execute("PRAGMA synchronous = FULL")
+            self._conn.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
             self._conn.execute("PRAGMA foreign_keys = ON")
             with self._tx() as conn:
                 schema.migrate(conn)
@@ -131,11 +133,17 @@ class PhoneStore:
     # --- transactions ---------------------------------------------------------------
 
     @contextmanager
-    def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """One transaction; any exception rolls it back; sqlite3 errors become StoreError."""
+    def _tx(self, write: bool = True, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction; any exception rolls it back; sqlite3 errors become StoreError.
+
+        ``durable=False``: no fsync of its own (information only, e.g. when the last sync
+        ran); the next durable commit carries it to disk.
+        """
         with self._lock:
             conn = self._conn
             try:
+                if not durable:
+                    conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 try:
                     yield conn
@@ -147,6 +155,9 @@ class PhoneStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise StoreError(_one_line("database error", exc)) from exc
+            finally:
+                if not durable:
+                    conn.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
 
     def _now(self) -> str:
         return schema.stamp(self._clock())
@@ -380,7 +391,7 @@ class PhoneStore:
             text = json.dumps(summary, sort_keys=True)
         except (TypeError, ValueError) as exc:
             raise StoreError(_one_line("bad sync summary", exc)) from exc
-        with self._tx() as conn:
+        with self._tx(durable=False) as conn:
             self._require_user(conn, user)
             conn.execute(
                 "UPDATE users SET last_sync = ?, last_summary = ? WHERE name = ?",
