@@ -184,6 +184,14 @@ class ImapMailbox:
 
     Counters for benchmarks: :attr:`round_trips` (commands sent, including login) and
     :attr:`bytes_read` (bytes received from the server, after TLS).
+
+    Where imapclient 4.1 has no public way, this class — and only this class — uses the
+    imaplib connection under it (``_uid_command``, the counters, clearing stale
+    untagged responses): ``UID SORT RETURN (PARTIAL ...)`` (ESORT), the untagged
+    ``COPYUID`` Dovecot sends for MOVE (imapclient's ``move()`` drops it), and
+    ``UID FETCH 1:*`` (imapclient's ``fetch()`` raises on it, see FACTS.md). Tests in
+    ``tests/test_imap_adapter.py`` pin each of these against a real Dovecot, so an
+    imapclient upgrade that changes them fails loudly.
     """
 
     def __init__(self, client: imapclient.IMAPClient, *, host: str, port: int) -> None:
