@@ -9,6 +9,7 @@ from __future__ import annotations
 import configparser
 import ipaddress
 import os
+import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,19 @@ KEYRING_SERVICE = "imapsync-bridge"
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+    """True when *host* is a loopback address, or a name that resolves only to them."""
+    name = host.strip("[]")
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(name).is_loopback
     except ValueError:
+        pass
+    if name.rstrip(".").lower() != "localhost":
         return False
+    try:
+        infos = socket.getaddrinfo(name, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
 def parse_host_port(value: str, where: str) -> tuple[str, int]:

@@ -9,23 +9,33 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
-import ipaddress
 import logging
 import re
-import socket
 import ssl
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any
 
 import imapclient
 from imapclient import exceptions as imap_exc
-from imapclient.response_parser import parse_fetch_response, parse_message_list
+from imapclient.response_parser import parse_message_list
 
 from imapsync_bridge import model
+from imapsync_bridge.agent.imap_data import (
+    PARTIAL,
+    by_uid,
+    chunks,
+    expand_set,
+    fetch_item,
+    flags_of,
+    msgset,
+    raw_or_error,
+    utc,
+)
+from imapsync_bridge.config import is_loopback
 from imapsync_bridge.errors import (
     AuthError,
     ConfigError,
@@ -41,8 +51,6 @@ SECURITY_MODES = ("tls", "starttls", "none")
 #: How many of a mailbox's newest messages :meth:`ImapMailbox.locate` scans for a
 #: ``sha256:`` key (a message without a Message-ID cannot be searched for).
 HASH_SCAN_LIMIT = 2000
-#: UIDs per command where a request is split (keeps command lines and replies bounded).
-_CHUNK = 5000
 
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]", re.I)
 _COPYUID = re.compile(rb"\[COPYUID (\d+) ([\d:,]+) ([\d:,]+)\]", re.I)
@@ -55,103 +63,6 @@ class MailboxStatus:
     uidnext: int
     messages: int
     highestmodseq: int | None  # None when the server does not offer CONDSTORE
-
-
-def _is_loopback(host: str) -> bool:
-    """True when *host* is a loopback address, or a name that resolves only to them."""
-    name = host.strip("[]")
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        pass
-    if name.rstrip(".").lower() != "localhost":
-        return False
-    try:
-        infos = socket.getaddrinfo(name, None)
-    except OSError:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
-
-
-def msgset(uids: Iterable[int]) -> str:
-    """IMAP sequence set for *uids*, consecutive runs compressed (``1:3,7``)."""
-    ordered = sorted(set(uids))
-    if not ordered:
-        raise ValueError("empty UID set")
-    parts: list[str] = []
-    start = prev = ordered[0]
-    for uid in ordered[1:]:
-        if uid == prev + 1:
-            prev = uid
-            continue
-        parts.append(f"{start}:{prev}" if prev > start else str(start))
-        start = prev = uid
-    parts.append(f"{start}:{prev}" if prev > start else str(start))
-    return ",".join(parts)
-
-
-def _expand_set(text: bytes) -> list[int]:
-    """The UIDs of a (numeric, ordered as written) IMAP sequence set like ``4:6,9``."""
-    out: list[int] = []
-    for part in text.split(b","):
-        if b":" in part:
-            a, b = (int(x) for x in part.split(b":"))
-            out.extend(range(a, b + 1) if a <= b else range(a, b - 1, -1))
-        else:
-            out.append(int(part))
-    return out
-
-
-_PARTIAL = re.compile(rb"PARTIAL \(\S+ (NIL|[0-9,:]+)\)")
-
-
-def _raw_or_error(
-    uid: int, d: dict[bytes, Any] | None, max_size: int, mailbox: str | None
-) -> bytes | MessageError:
-    if d is None or b"RFC822.SIZE" not in d:
-        return MessageError(f"UID {uid} in {mailbox} no longer exists")
-    size = int(d[b"RFC822.SIZE"])
-    if size > max_size:
-        return MessageError(f"UID {uid} is {size} bytes, larger than the limit {max_size}")
-    body = _body(d, b"BODY[]")
-    if body is None:
-        return MessageError(f"UID {uid}: server returned no body")
-    return body
-
-
-def _chunks(items: Sequence[int], size: int = _CHUNK) -> Iterator[Sequence[int]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def _flags(raw: Iterable[bytes]) -> model.Flags:
-    names = {f.lower() if isinstance(f, bytes) else f.encode().lower() for f in raw}
-    return model.Flags(seen=b"\\seen" in names, flagged=b"\\flagged" in names)
-
-
-def _body(data: dict[bytes, Any], prefix: bytes) -> bytes | None:
-    """The value of the first FETCH item whose name starts with *prefix*."""
-    for name, value in data.items():
-        if name.upper().startswith(prefix):
-            return value if isinstance(value, bytes) else (value or b"")
-    return None
-
-
-def _by_uid(data: list) -> dict[int, dict[bytes, Any]]:
-    """Parsed FETCH responses keyed by UID; responses without a UID (unsolicited
-    flag updates for other messages) are dropped."""
-    parsed = parse_fetch_response(data, False, False)
-    out: dict[int, dict[bytes, Any]] = {}
-    for d in parsed.values():
-        if b"UID" in d:
-            out.setdefault(int(d[b"UID"]), {}).update(d)
-    return out
-
-
-def _utc(value: datetime) -> datetime:
-    if value.tzinfo is None:  # never expected with normalise_times=False
-        raise ValueError("naive INTERNALDATE")
-    return value.astimezone(UTC)
 
 
 class ImapMailbox:
@@ -225,7 +136,7 @@ class ImapMailbox:
         *username* is empty). ``none`` is allowed only to a loopback host."""
         if security not in SECURITY_MODES:
             raise ConfigError(f"IMAP security must be one of {SECURITY_MODES}, not {security!r}")
-        if security == "none" and not _is_loopback(host):
+        if security == "none" and not is_loopback(host):
             raise ConfigError(
                 f"IMAP security 'none' (plain text) is only allowed to a loopback host, "
                 f"not {host!r}: use tls or starttls"
@@ -384,10 +295,10 @@ class ImapMailbox:
         data = untagged.pop("FETCH", [])
         if not data:
             return {}
-        return _by_uid(data)
+        return by_uid(data)
 
     def _store(self, uids: Sequence[int], op: str, flags: str) -> None:
-        for chunk in _chunks(sorted(set(uids))):
+        for chunk in chunks(sorted(set(uids))):
             self._uid_command("STORE", msgset(chunk), op, f"({flags})")
 
     def _require_selected(self) -> None:
@@ -441,7 +352,7 @@ class ImapMailbox:
         """
         with self._guard(f"LIST for {use}"):
             folders = self._client.list_folders()
-        names = {name for _flags, _sep, name in folders}
+        names = {name for flags_of, _sep, name in folders}
         target = configured or None
         if target is None:
             wanted = use.encode().lower()
@@ -479,7 +390,7 @@ class ImapMailbox:
                 uids = parse_message_list(untagged.pop("SORT", []))
                 return list(reversed(uids))
             data = self._fetch("1:*", "UID INTERNALDATE")
-        dated = [(_utc(d[b"INTERNALDATE"]), uid) for uid, d in data.items()]
+        dated = [(utc(d[b"INTERNALDATE"]), uid) for uid, d in data.items()]
         dated.sort(reverse=True)
         return [uid for _date, uid in dated]
 
@@ -499,9 +410,9 @@ class ImapMailbox:
                 "SORT", "RETURN", f"(PARTIAL 1:{count})", "(REVERSE ARRIVAL)", "US-ASCII", "ALL"
             )
         for line in untagged.pop("ESEARCH", []):
-            found = _PARTIAL.search(line if isinstance(line, bytes) else bytes(line))
+            found = PARTIAL.search(line if isinstance(line, bytes) else bytes(line))
             if found:
-                return [] if found.group(1) == b"NIL" else _expand_set(found.group(1))
+                return [] if found.group(1) == b"NIL" else expand_set(found.group(1))
         return []
 
     def unselect(self) -> None:
@@ -526,11 +437,11 @@ class ImapMailbox:
         """
         self._require_selected()
         out: dict[int, bytes | MessageError] = {}
-        for chunk in _chunks(list(uids), 50):
+        for chunk in chunks(list(uids), 50):
             with self._guard("FETCH messages"):
                 data = self._fetch(msgset(chunk), f"UID RFC822.SIZE BODY.PEEK[]<0.{max_size + 1}>")
             for uid in chunk:
-                out[uid] = _raw_or_error(uid, data.get(uid), max_size, self._selected)
+                out[uid] = raw_or_error(uid, data.get(uid), max_size, self._selected)
         return out
 
     def summaries(
@@ -555,14 +466,14 @@ class ImapMailbox:
                 (basic, sorted(known)),
                 (f"{basic} BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]", sorted(wanted - known.keys())),
             ):
-                for chunk in _chunks(group):
+                for chunk in chunks(group):
                     found.update(self._fetch(msgset(chunk), items))
         keys: dict[int, str] = {uid: key for uid, key in known.items() if uid in found}
         need_header: list[int] = []
         for uid, data in found.items():
             if uid not in wanted or uid in known:
                 continue
-            fields = _body(data, b"BODY[HEADER.FIELDS") or b""
+            fields = fetch_item(data, b"BODY[HEADER.FIELDS") or b""
             raw = BytesHeaderParser(policy=compat32).parsebytes(fields).get("Message-ID")
             mid = model.normalize_message_id(
                 raw.encode("utf-8", "surrogateescape") if raw else None
@@ -576,7 +487,7 @@ class ImapMailbox:
                 headers = self._fetch(msgset(need_header), "UID RFC822.SIZE BODY.PEEK[HEADER]")
             for uid in need_header:
                 hdata = headers.get(uid)
-                header = _body(hdata, b"BODY[HEADER") if hdata else None
+                header = fetch_item(hdata, b"BODY[HEADER") if hdata else None
                 if hdata is None or header is None:
                     continue  # expunged between the two commands
                 keys[uid] = model.message_key(header, int(hdata[b"RFC822.SIZE"]))[0]
@@ -592,9 +503,9 @@ class ImapMailbox:
                     model.DesktopMessage(
                         uid=uid,
                         key=keys[uid],
-                        internaldate=_utc(data[b"INTERNALDATE"]),
+                        internaldate=utc(data[b"INTERNALDATE"]),
                         size=int(data[b"RFC822.SIZE"]),
-                        flags=_flags(data.get(b"FLAGS", ())),
+                        flags=flags_of(data.get(b"FLAGS", ())),
                     )
                 )
             except (KeyError, TypeError, ValueError) as exc:
@@ -607,10 +518,10 @@ class ImapMailbox:
         wanted = set(uids)
         out: dict[int, model.Flags] = {}
         with self._guard("FETCH FLAGS"):
-            for chunk in _chunks(sorted(wanted)):
+            for chunk in chunks(sorted(wanted)):
                 for uid, data in self._fetch(msgset(chunk), "UID FLAGS").items():
                     if uid in wanted and b"FLAGS" in data:
-                        out[uid] = _flags(data[b"FLAGS"])
+                        out[uid] = flags_of(data[b"FLAGS"])
         return out
 
     def changed_since(self, modseq: int) -> dict[int, model.Flags]:
@@ -622,7 +533,7 @@ class ImapMailbox:
             raise ImapError("server does not offer CONDSTORE")
         with self._guard("FETCH CHANGEDSINCE"):
             data = self._fetch("1:*", "UID FLAGS", f"CHANGEDSINCE {int(modseq)}")
-        return {uid: _flags(d[b"FLAGS"]) for uid, d in data.items() if b"FLAGS" in d}
+        return {uid: flags_of(d[b"FLAGS"]) for uid, d in data.items() if b"FLAGS" in d}
 
     def existing(self, uids: Iterable[int]) -> set[int]:
         """Which of *uids* still exist in the selected mailbox (``UID SEARCH UID set``)."""
@@ -630,7 +541,7 @@ class ImapMailbox:
         wanted = sorted(set(uids))
         out: set[int] = set()
         with self._guard("SEARCH UID"):
-            for chunk in _chunks(wanted):
+            for chunk in chunks(wanted):
                 _text, untagged = self._uid_command("SEARCH", "UID", msgset(chunk))
                 out.update(parse_message_list(untagged.pop("SEARCH", [])))
         return out & set(wanted)
@@ -663,7 +574,7 @@ class ImapMailbox:
                 data = self._fetch(msgset(hits), "UID BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]")
             out = []
             for uid in sorted(data):
-                fields = _body(data[uid], b"BODY[HEADER.FIELDS") or b""
+                fields = fetch_item(data[uid], b"BODY[HEADER.FIELDS") or b""
                 raw = BytesHeaderParser(policy=compat32).parsebytes(fields).get("Message-ID")
                 if raw and model.normalize_message_id(raw.encode("utf-8", "surrogateescape")) == (
                     key
@@ -673,10 +584,10 @@ class ImapMailbox:
         newest = self.inbox_order(mailbox)[:HASH_SCAN_LIMIT]
         out = []
         with self._guard(f"scan headers in {mailbox}"):
-            for chunk in _chunks(newest, 500):
+            for chunk in chunks(newest, 500):
                 data = self._fetch(msgset(chunk), "UID RFC822.SIZE BODY.PEEK[HEADER]")
                 for uid, d in data.items():
-                    header = _body(d, b"BODY[HEADER")
+                    header = fetch_item(d, b"BODY[HEADER")
                     if header is None or b"RFC822.SIZE" not in d:
                         continue
                     if model.message_key(header, int(d[b"RFC822.SIZE"]))[0] == key:
@@ -709,7 +620,7 @@ class ImapMailbox:
                     )
                     fetched = untagged.get("FETCH", [])
                     if fetched:
-                        reported.update(_by_uid(fetched))
+                        reported.update(by_uid(fetched))
         # UID STORE on a missing UID is a silent no-op: look whether it still exists.
         if uid not in reported and not self.existing([uid]):
             raise MessageError(f"UID {uid} in {self._selected} no longer exists")
@@ -726,7 +637,7 @@ class ImapMailbox:
             raise ImapError("server offers neither MOVE nor UIDPLUS: cannot move safely")
         mapping: dict[int, int] = {}
         with self._guard(f"MOVE to {dest}"):
-            for chunk in _chunks(uids):
+            for chunk in chunks(uids):
                 uid_set = msgset(chunk)
                 if self.has("MOVE"):
                     text, untagged = self._uid_command("MOVE", uid_set, self._folder(dest))
@@ -751,7 +662,7 @@ class ImapMailbox:
             if not m:
                 return {}
             src, dst = m.group(2), m.group(3)
-        old, new = _expand_set(src), _expand_set(dst)
+        old, new = expand_set(src), expand_set(dst)
         if len(old) != len(new):
             return {}
         return dict(zip(old, new, strict=True))
@@ -766,7 +677,7 @@ class ImapMailbox:
         if not self.has("UIDPLUS"):
             raise ImapError("server lacks UIDPLUS: cannot expunge single messages safely")
         with self._guard("UID EXPUNGE"):
-            for chunk in _chunks(uids):
+            for chunk in chunks(uids):
                 self._store(chunk, "+FLAGS.SILENT", "\\Deleted")
                 self._uid_command("EXPUNGE", msgset(chunk))
 
