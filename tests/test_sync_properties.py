@@ -24,7 +24,7 @@ import copy
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sync_sim import (
     CRASH_POINTS,
@@ -269,7 +269,7 @@ rounds = st.lists(
 )
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     dates=st.lists(st.integers(0, 100_000), min_size=1, max_size=20, unique=True),
     window=st.integers(1, 8),
@@ -320,7 +320,7 @@ def test_invariants_hold_after_every_sync(dates, window, rounds) -> None:
         check_idle(w)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     dates=st.lists(st.integers(0, 100_000), min_size=1, max_size=20, unique=True),
     window=st.integers(1, 8),
