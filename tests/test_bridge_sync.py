@@ -6,6 +6,7 @@ Each test is one of the user stories of the core sync (issue 2, tests 1-5, 8, 9)
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -346,4 +347,28 @@ def test_a_failed_desktop_action_is_held_and_retried(bridge: Bridge) -> None:
     bridge.sync_ok()
     assert ids[7] in bridge.desktop_ids("Trash")
     assert bridge.agent_status()["quarantined"] == []
+    bridge.assert_in_sync()
+
+
+def test_new_mail_of_any_arrival_time_takes_its_place_in_the_window(
+    bridge: Bridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="imapsync_bridge")
+    ids = {n: bridge.deliver(n, minutes=10 * n) for n in range(1, 11)}
+    bridge.sync_ok()
+    ids[11] = bridge.deliver(11, minutes=5)  # arrived long ago (an old mail re-filed)
+    ids[12] = bridge.deliver(12, minutes=75)  # between messages 7 and 8
+    ids[13] = bridge.deliver(13, minutes=200)  # the newest
+    caplog.clear()
+    bridge.sync_ok()
+    assert "added since UID" in caplog.text  # only additions: no sort of the inbox
+    assert bridge.phone_inbox_ids() == [ids[n] for n in (13, 10, 9, 8, 12, 7)]
+    bridge.assert_in_sync()
+    # Then a delete on the desktop: a message left the inbox, the full scan takes over.
+    with bridge.imap() as client:
+        client.move([bridge.desktop_uid(ids[13])], "Trash")
+    caplog.clear()
+    bridge.sync_ok()
+    assert "added since UID" not in caplog.text
+    assert bridge.phone_inbox_ids() == [ids[n] for n in (10, 9, 8, 12, 7, 6)]
     bridge.assert_in_sync()

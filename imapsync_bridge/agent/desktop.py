@@ -171,6 +171,16 @@ class DesktopSide:
             found = _newest_first(found + self.imap.summaries(chunk, known))
         return window_of(found, count, skip)
 
+    def newest_after_additions(
+        self, last_window: list[DesktopMessage], since_uid: int, count: int
+    ) -> list[DesktopMessage]:
+        """The window when messages were only added since the last one was computed:
+        the newest ``count`` of the last window and the UIDs from ``since_uid`` on."""
+        self._ensure(self.inbox)
+        added = self.imap.summaries(self.imap.uids_from(since_uid))
+        log.info("window: %d message(s) added since UID %d, no full sort", len(added), since_uid)
+        return window_of(_newest_first(last_window + added), count)
+
     def fetch_raws(self, uids: list[int], max_size: int) -> dict[int, bytes | MessageError]:
         self._ensure(self.inbox)
         return self.imap.fetch_raws(uids, max_size)

@@ -26,6 +26,7 @@ from imapsync_bridge.agent.state import AgentState
 from imapsync_bridge.errors import ImapError, MessageError
 from imapsync_bridge.model import (
     DesktopFact,
+    DesktopMessage,
     Flags,
     LedgerEntry,
     PhoneFact,
@@ -177,7 +178,8 @@ class SyncSession:
         # the session's first one serves (and spares a second SELECT of the inbox).
         status = self.desktop.status() if self.report.desktop_actions else before_status
         if not self._window_unchanged(plan, before_status, window):
-            ledger = self._normalize_and_pull(ledger, window, held)
+            added_since = self._only_added_since(plan, held, before_status, window)
+            ledger = self._normalize_and_pull(ledger, window, held, added_since)
         # A held message's tombstone or restore must survive until its action succeeds.
         keep_actions = held & (set(snapshot["destroyed"]) | set(snapshot["restored"]))
         if snapshot["action_seq"] and not keep_actions:
@@ -298,15 +300,52 @@ class SyncSession:
                         ledger[key] = replace(entry, uid=None)
         return ledger
 
+    def _only_added_since(
+        self, plan: MergePlan, held: set[str], before: DesktopStatus, window: int
+    ) -> int | None:
+        """The inbox's UIDNEXT of the last session when since then messages were only
+        added to the inbox (none left it, none was skipped): the new window is then the
+        newest of the last window and the new UIDs, no sort of the whole inbox needed."""
+        shape = self.state.get("inbox_shape", "")
+        saved = shape.split(":") if shape else []
+        unchanged = (
+            len(saved) == 3
+            and saved[0] == str(before.inbox.uidvalidity)
+            and not self.report.desktop_actions
+            and not held
+            and not self.report.quarantined
+            and not self.state.quarantined()
+            and not self.state.get_int("held")
+            and self.state.get("window") == str(window)
+            and not any(isinstance(a, STRUCTURAL) for a in plan.desktop)
+            and all(
+                e.uid is not None and e.internaldate is not None
+                for e in plan.ledger.values()
+                if e.desktop is Where.INBOX and e.phone is Where.INBOX
+            )
+        )
+        if not unchanged:
+            return None
+        uidnext, messages = int(saved[1]), int(saved[2])
+        added = before.inbox.uidnext - uidnext
+        return uidnext if before.inbox.messages == messages + added else None
+
     def _normalize_and_pull(
-        self, ledger: dict[str, LedgerEntry], window: int, held: set[str]
+        self,
+        ledger: dict[str, LedgerEntry],
+        window: int,
+        held: set[str],
+        added_since: int | None = None,
     ) -> dict[str, LedgerEntry]:
         """Evict and pull until the window is right; a message that cannot be pulled
         is quarantined and the next newest takes its slot."""
         skip = set(held)
         for _attempt in range(MAX_PULL_RETRIES):
             known = {e.uid: k for k, e in ledger.items() if e.desktop is Where.INBOX and e.uid}
-            newest = self.desktop.newest(window, skip, known)
+            if added_since is not None and not skip - held:
+                newest = self.desktop.newest_after_additions(_mapped(ledger), added_since, window)
+            else:
+                newest = self.desktop.newest(window, skip, known)
             plan = normalize({k: e for k, e in ledger.items() if k not in held}, newest, window)
             puts = [a for a in plan.phone if isinstance(a, PutOnPhone)]
             limit = self.options.max_message_size
@@ -352,6 +391,18 @@ class SyncSession:
     def _quarantine(self, key: str, uid: int | None, reason: str) -> None:
         log.warning("quarantined %s (uid %s): %s", key, uid, reason)
         self.report.quarantined.append(QuarantinedMessage(key, uid, reason))
+
+
+def _mapped(ledger: dict[str, LedgerEntry]) -> list[DesktopMessage]:
+    """The last window, as the ledger remembers it."""
+    return [
+        DesktopMessage(e.uid, e.key, e.internaldate, 0, e.flags)
+        for e in ledger.values()
+        if e.desktop is Where.INBOX
+        and e.phone is Where.INBOX
+        and e.uid is not None
+        and e.internaldate is not None
+    ]
 
 
 def _shape(status: DesktopStatus) -> str:
