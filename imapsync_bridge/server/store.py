@@ -18,6 +18,7 @@ from typing import Any
 
 from imapsync_bridge.errors import StoreError
 from imapsync_bridge.model import INBOX, TRASH
+from imapsync_bridge.server import mailbox
 from imapsync_bridge.server import store_schema as schema
 from imapsync_bridge.server.store_schema import (
     PhoneAction,
@@ -40,14 +41,9 @@ __all__ = [
     "User",
 ]
 
-FOLDERS = (INBOX, TRASH)
-MIN_TRASH_CAPACITY = 10
 BUSY_TIMEOUT_SECONDS = 10.0
 _USER_NAME = re.compile(r"[a-z0-9._-]{1,64}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-_MESSAGE_COLUMNS = (
-    "id, msg_key, message_id, folder, seen, flagged, internaldate, subject, from_addr, size, dirty"
-)
 
 
 class PhoneStore:
@@ -109,7 +105,7 @@ class PhoneStore:
                 self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
-            raise StoreError(_one_line(f"cannot open {self.path}", exc)) from exc
+            raise StoreError(mailbox.one_line(f"cannot open {self.path}", exc)) from exc
         try:
             self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
             self._conn.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
@@ -118,7 +114,7 @@ class PhoneStore:
                 schema.migrate(conn)
         except (sqlite3.Error, ValueError, StoreError) as exc:
             self._conn.close()
-            raise StoreError(_one_line(f"cannot open {self.path}", exc)) from exc
+            raise StoreError(mailbox.one_line(f"cannot open {self.path}", exc)) from exc
 
     def close(self) -> None:
         with self._lock:
@@ -154,7 +150,7 @@ class PhoneStore:
             except sqlite3.Error as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                raise StoreError(_one_line("database error", exc)) from exc
+                raise StoreError(mailbox.one_line("database error", exc)) from exc
             finally:
                 if not durable:
                     conn.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
@@ -254,10 +250,10 @@ class PhoneStore:
                 datetime.fromisoformat(not_after) if isinstance(not_after, str) else not_after
             )
         except (TypeError, ValueError, AttributeError) as exc:
-            raise StoreError(_one_line("bad not_after", exc)) from exc
+            raise StoreError(mailbox.one_line("bad not_after", exc)) from exc
         with self._tx() as conn:
             self._require_user(conn, user)
-            hex_serial = _hex(serial)
+            hex_serial = mailbox.serial_hex(serial)
             if conn.execute(
                 "SELECT 1 FROM certificates WHERE serial = ?", (hex_serial,)
             ).fetchone():
@@ -277,7 +273,7 @@ class PhoneStore:
         with self._tx(write=False) as conn:
             row = conn.execute(
                 "SELECT user_name FROM certificates WHERE serial = ? AND revoked = 0",
-                (_hex(serial),),
+                (mailbox.serial_hex(serial),),
             ).fetchone()
         return row[0] if row else None
 
@@ -307,9 +303,9 @@ class PhoneStore:
                 if seq <= last:
                     continue
                 try:
-                    _apply(conn, user, op, now)
+                    mailbox.apply_op(conn, user, op, now)
                 except (KeyError, TypeError, ValueError) as exc:
-                    raise StoreError(_one_line("bad op", exc)) from exc
+                    raise StoreError(mailbox.one_line("bad op", exc)) from exc
                 last = seq
             conn.execute("UPDATE users SET last_seq = ? WHERE name = ?", (last, user))
 
@@ -378,19 +374,19 @@ class PhoneStore:
                 "  WHERE a.user_name = messages.user_name AND a.msg_key = messages.msg_key)",
                 (user,),
             )
-            return _collect_garbage(conn, user)
+            return mailbox.collect_garbage(conn, user)
 
     def collect_garbage(self, user: str) -> int:
         """Run the trash garbage collector alone; returns how many entries it dropped."""
         with self._tx() as conn:
             self._require_user(conn, user)
-            return _collect_garbage(conn, user)
+            return mailbox.collect_garbage(conn, user)
 
     def record_sync(self, user: str, summary: dict[str, Any]) -> None:
         try:
             text = json.dumps(summary, sort_keys=True)
         except (TypeError, ValueError) as exc:
-            raise StoreError(_one_line("bad sync summary", exc)) from exc
+            raise StoreError(mailbox.one_line("bad sync summary", exc)) from exc
         with self._tx(durable=False) as conn:
             self._require_user(conn, user)
             conn.execute(
@@ -416,26 +412,27 @@ class PhoneStore:
         Equal internaldates keep the order the agent put them in (it pulls newest first,
         as the desktop lists them: higher UID first), so ties list as on the desktop.
         """
-        _check_folder(folder)
+        mailbox.check_folder(folder)
         with self._tx(write=False) as conn:
             self._require_user(conn, user)
             rows = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE user_name = ? AND folder = ?"
+                f"SELECT {mailbox.MESSAGE_COLUMNS} FROM messages WHERE user_name = ? AND folder = ?"
                 " ORDER BY internaldate DESC, id ASC",
                 (user, folder),
             ).fetchall()
-        return [_phone_message(row) for row in rows]
+        return [mailbox.phone_message(row) for row in rows]
 
     def get(self, user: str, id: int) -> PhoneMessage:
         with self._tx(write=False) as conn:
             self._require_user(conn, user)
             row = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS}, raw FROM messages WHERE user_name = ? AND id = ?",
-                (user, _message_id_arg(id)),
+                f"SELECT {mailbox.MESSAGE_COLUMNS}, raw FROM messages"
+                " WHERE user_name = ? AND id = ?",
+                (user, mailbox.message_id_arg(id)),
             ).fetchone()
         if row is None:
             raise StoreError(f"no message {id}")
-        return _phone_message(row[:-1], bytes(row[-1]))
+        return mailbox.phone_message(row[:-1], bytes(row[-1]))
 
     def trash(self, user: str, id: int) -> bool:
         return self._phone_change(user, id, "trash")
@@ -474,175 +471,4 @@ class PhoneStore:
         """One phone-user change + its action, in one transaction; False if a no-op."""
         with self._tx() as conn:
             self._require_user(conn, user)
-            row = conn.execute(
-                "SELECT msg_key, folder, seen, flagged FROM messages"
-                " WHERE user_name = ? AND id = ?",
-                (user, _message_id_arg(id)),
-            ).fetchone()
-            if row is None:
-                raise StoreError(f"no message {id}")
-            key, folder, seen, flagged = row
-            now = self._now()
-            if kind == "destroy":
-                conn.execute("DELETE FROM messages WHERE id = ?", (id,))
-            else:
-                change = _PHONE_CHANGES[kind]
-                current = {"folder": folder, "seen": seen, "flagged": flagged}
-                column, value = change
-                if current[column] == value:
-                    return False
-                trashed_at = now if kind == "trash" else None
-                conn.execute(
-                    f"UPDATE messages SET {column} = ?, dirty = 1"
-                    + (", trashed_at = ?" if column == "folder" else "")
-                    + " WHERE id = ?",
-                    (value, trashed_at, id) if column == "folder" else (value, id),
-                )
-            conn.execute(
-                "INSERT INTO phone_actions (user_name, kind, msg_key, created) VALUES (?, ?, ?, ?)",
-                (user, kind, key, now),
-            )
-        return True
-
-
-_PHONE_CHANGES: dict[str, tuple[str, object]] = {
-    "trash": ("folder", TRASH),
-    "restore": ("folder", INBOX),
-    "seen": ("seen", 1),
-    "unseen": ("seen", 0),
-    "flag": ("flagged", 1),
-    "unflag": ("flagged", 0),
-}
-
-
-def _apply(conn: sqlite3.Connection, user: str, op: dict[str, Any], now: str) -> None:
-    """One desktop op inside the caller's transaction (no action, no dirty mark)."""
-    kind, key = op["kind"], op["key"]
-    if not isinstance(key, str) or not key:
-        raise ValueError("key must be a non-empty string")
-    row = conn.execute(
-        "SELECT id, folder FROM messages WHERE user_name = ? AND msg_key = ?", (user, key)
-    ).fetchone()
-    if kind == "put":
-        folder = _check_folder(op.get("folder", INBOX))
-        seen, flagged = _flag(op["seen"]), _flag(op["flagged"])
-        if row is not None:
-            _set_folder(conn, row, folder, now)
-            conn.execute(
-                "UPDATE messages SET seen = ?, flagged = ? WHERE id = ?", (seen, flagged, row[0])
-            )
-            return
-        if conn.execute(
-            "SELECT 1 FROM phone_actions WHERE user_name = ? AND msg_key = ? AND kind = 'destroy'",
-            (user, key),
-        ).fetchone():
-            return  # the phone user destroyed it; that wins over a late put
-        raw = op["raw"]
-        if not isinstance(raw, bytes | bytearray | memoryview):
-            raise TypeError("raw must be bytes")
-        raw = bytes(raw)
-        subject, from_addr = schema.parse_summary(raw)
-        conn.execute(
-            "INSERT INTO messages (user_name, msg_key, message_id, folder, seen, flagged,"
-            " internaldate, subject, from_addr, size, raw, trashed_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                user,
-                key,
-                op.get("message_id"),
-                folder,
-                seen,
-                flagged,
-                schema.date_text(op["internaldate"]),
-                subject,
-                from_addr,
-                len(raw),
-                raw,
-                now if folder == TRASH else None,
-            ),
-        )
-    elif kind == "flags":
-        seen, flagged = _flag(op["seen"]), _flag(op["flagged"])
-        if row is not None:
-            conn.execute(
-                "UPDATE messages SET seen = ?, flagged = ? WHERE id = ?", (seen, flagged, row[0])
-            )
-    elif kind == "move":
-        folder = _check_folder(op["folder"])
-        if row is not None:
-            _set_folder(conn, row, folder, now)
-    elif kind in ("evict", "destroy"):
-        if row is not None:
-            conn.execute("DELETE FROM messages WHERE id = ?", (row[0],))
-    else:
-        raise ValueError(f"unknown op kind {kind!r}")
-
-
-def _set_folder(conn: sqlite3.Connection, row: tuple, folder: str, now: str) -> None:
-    if row[1] != folder:
-        conn.execute(
-            "UPDATE messages SET folder = ?, trashed_at = ? WHERE id = ?",
-            (folder, now if folder == TRASH else None, row[0]),
-        )
-
-
-def _collect_garbage(conn: sqlite3.Connection, user: str) -> int:
-    window = conn.execute("SELECT window_size FROM users WHERE name = ?", (user,)).fetchone()[0]
-    capacity = max(window, MIN_TRASH_CAPACITY)
-    total = conn.execute(
-        "SELECT COUNT(*) FROM messages WHERE user_name = ? AND folder = 'trash'", (user,)
-    ).fetchone()[0]
-    if total <= capacity:
-        return 0
-    victims = conn.execute(
-        "SELECT id FROM messages WHERE user_name = ? AND folder = 'trash' AND dirty = 0"
-        " ORDER BY trashed_at, id LIMIT ?",
-        (user, total - capacity),
-    ).fetchall()
-    conn.executemany("DELETE FROM messages WHERE id = ?", victims)
-    return len(victims)
-
-
-def _phone_message(row: tuple, raw: bytes | None = None) -> PhoneMessage:
-    (id_, key, message_id, folder, seen, flagged, date, subject, from_addr, size, dirty) = row
-    return PhoneMessage(
-        id_,
-        key,
-        message_id,
-        folder,
-        bool(seen),
-        bool(flagged),
-        date,
-        subject,
-        from_addr,
-        size,
-        bool(dirty),
-        raw,
-    )
-
-
-def _check_folder(folder: object) -> str:
-    if folder not in FOLDERS:
-        raise StoreError(f"bad folder {folder!r}: want inbox or trash")
-    return str(folder)
-
-
-def _flag(value: object) -> int:
-    if not isinstance(value, bool | int) or value not in (0, 1):
-        raise TypeError(f"flag must be a boolean, not {value!r}")
-    return int(value)
-
-
-def _message_id_arg(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise StoreError(f"no message {value}")
-    return value
-
-
-def _hex(serial: int) -> str:
-    return format(serial, "x")
-
-
-def _one_line(context: str, exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return f"{context}: {text}"
+            return mailbox.phone_change(conn, user, mailbox.message_id_arg(id), kind, self._now())

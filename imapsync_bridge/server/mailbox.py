@@ -1,0 +1,192 @@
+"""The phone mailbox's rows: what each desktop op and phone-user change does to them.
+
+Functions over a connection inside the caller's transaction (:class:`.store.PhoneStore`
+owns transactions, users and the public contract); no commit happens here.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from imapsync_bridge.errors import StoreError
+from imapsync_bridge.model import INBOX, TRASH
+from imapsync_bridge.server import store_schema as schema
+from imapsync_bridge.server.store_schema import PhoneMessage
+
+FOLDERS = (INBOX, TRASH)
+MIN_TRASH_CAPACITY = 10
+MESSAGE_COLUMNS = (
+    "id, msg_key, message_id, folder, seen, flagged, internaldate, subject, from_addr, size, dirty"
+)
+
+PHONE_CHANGES: dict[str, tuple[str, object]] = {
+    "trash": ("folder", TRASH),
+    "restore": ("folder", INBOX),
+    "seen": ("seen", 1),
+    "unseen": ("seen", 0),
+    "flag": ("flagged", 1),
+    "unflag": ("flagged", 0),
+}
+
+
+def phone_change(conn: sqlite3.Connection, user: str, id: int, kind: str, now: str) -> bool:
+    """One phone-user change and its phone action; False when it changes nothing."""
+    row = conn.execute(
+        "SELECT msg_key, folder, seen, flagged FROM messages WHERE user_name = ? AND id = ?",
+        (user, id),
+    ).fetchone()
+    if row is None:
+        raise StoreError(f"no message {id}")
+    key, folder, seen, flagged = row
+    if kind == "destroy":
+        conn.execute("DELETE FROM messages WHERE id = ?", (id,))
+    else:
+        column, value = PHONE_CHANGES[kind]
+        if {"folder": folder, "seen": seen, "flagged": flagged}[column] == value:
+            return False
+        if column == "folder":
+            conn.execute(
+                "UPDATE messages SET folder = ?, dirty = 1, trashed_at = ? WHERE id = ?",
+                (value, now if kind == "trash" else None, id),
+            )
+        else:
+            conn.execute(f"UPDATE messages SET {column} = ?, dirty = 1 WHERE id = ?", (value, id))
+    conn.execute(
+        "INSERT INTO phone_actions (user_name, kind, msg_key, created) VALUES (?, ?, ?, ?)",
+        (user, kind, key, now),
+    )
+    return True
+
+
+def apply_op(conn: sqlite3.Connection, user: str, op: dict[str, Any], now: str) -> None:
+    """One desktop op inside the caller's transaction (no action, no dirty mark)."""
+    kind, key = op["kind"], op["key"]
+    if not isinstance(key, str) or not key:
+        raise ValueError("key must be a non-empty string")
+    row = conn.execute(
+        "SELECT id, folder FROM messages WHERE user_name = ? AND msg_key = ?", (user, key)
+    ).fetchone()
+    if kind == "put":
+        folder = check_folder(op.get("folder", INBOX))
+        seen, flagged = flag_value(op["seen"]), flag_value(op["flagged"])
+        if row is not None:
+            set_folder(conn, row, folder, now)
+            conn.execute(
+                "UPDATE messages SET seen = ?, flagged = ? WHERE id = ?", (seen, flagged, row[0])
+            )
+            return
+        if conn.execute(
+            "SELECT 1 FROM phone_actions WHERE user_name = ? AND msg_key = ? AND kind = 'destroy'",
+            (user, key),
+        ).fetchone():
+            return  # the phone user destroyed it; that wins over a late put
+        raw = op["raw"]
+        if not isinstance(raw, bytes | bytearray | memoryview):
+            raise TypeError("raw must be bytes")
+        raw = bytes(raw)
+        subject, from_addr = schema.parse_summary(raw)
+        conn.execute(
+            "INSERT INTO messages (user_name, msg_key, message_id, folder, seen, flagged,"
+            " internaldate, subject, from_addr, size, raw, trashed_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                user,
+                key,
+                op.get("message_id"),
+                folder,
+                seen,
+                flagged,
+                schema.date_text(op["internaldate"]),
+                subject,
+                from_addr,
+                len(raw),
+                raw,
+                now if folder == TRASH else None,
+            ),
+        )
+    elif kind == "flags":
+        seen, flagged = flag_value(op["seen"]), flag_value(op["flagged"])
+        if row is not None:
+            conn.execute(
+                "UPDATE messages SET seen = ?, flagged = ? WHERE id = ?", (seen, flagged, row[0])
+            )
+    elif kind == "move":
+        folder = check_folder(op["folder"])
+        if row is not None:
+            set_folder(conn, row, folder, now)
+    elif kind in ("evict", "destroy"):
+        if row is not None:
+            conn.execute("DELETE FROM messages WHERE id = ?", (row[0],))
+    else:
+        raise ValueError(f"unknown op kind {kind!r}")
+
+
+def set_folder(conn: sqlite3.Connection, row: tuple, folder: str, now: str) -> None:
+    if row[1] != folder:
+        conn.execute(
+            "UPDATE messages SET folder = ?, trashed_at = ? WHERE id = ?",
+            (folder, now if folder == TRASH else None, row[0]),
+        )
+
+
+def collect_garbage(conn: sqlite3.Connection, user: str) -> int:
+    window = conn.execute("SELECT window_size FROM users WHERE name = ?", (user,)).fetchone()[0]
+    capacity = max(window, MIN_TRASH_CAPACITY)
+    total = conn.execute(
+        "SELECT COUNT(*) FROM messages WHERE user_name = ? AND folder = 'trash'", (user,)
+    ).fetchone()[0]
+    if total <= capacity:
+        return 0
+    victims = conn.execute(
+        "SELECT id FROM messages WHERE user_name = ? AND folder = 'trash' AND dirty = 0"
+        " ORDER BY trashed_at, id LIMIT ?",
+        (user, total - capacity),
+    ).fetchall()
+    conn.executemany("DELETE FROM messages WHERE id = ?", victims)
+    return len(victims)
+
+
+def phone_message(row: tuple, raw: bytes | None = None) -> PhoneMessage:
+    (id_, key, message_id, folder, seen, flagged, date, subject, from_addr, size, dirty) = row
+    return PhoneMessage(
+        id_,
+        key,
+        message_id,
+        folder,
+        bool(seen),
+        bool(flagged),
+        date,
+        subject,
+        from_addr,
+        size,
+        bool(dirty),
+        raw,
+    )
+
+
+def check_folder(folder: object) -> str:
+    if folder not in FOLDERS:
+        raise StoreError(f"bad folder {folder!r}: want inbox or trash")
+    return str(folder)
+
+
+def flag_value(value: object) -> int:
+    if not isinstance(value, bool | int) or value not in (0, 1):
+        raise TypeError(f"flag must be a boolean, not {value!r}")
+    return int(value)
+
+
+def message_id_arg(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise StoreError(f"no message {value}")
+    return value
+
+
+def serial_hex(serial: int) -> str:
+    return format(serial, "x")
+
+
+def one_line(context: str, exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{context}: {text}"
