@@ -10,7 +10,8 @@ import pytest
 from dovecot import Dovecot
 
 from imapsync_bridge import model
-from imapsync_bridge.agent.imap import ImapMailbox, MailboxStatus
+from imapsync_bridge.agent.imap import ImapMailbox
+from imapsync_bridge.agent.imap_session import MailboxStatus
 from imapsync_bridge.errors import (
     AuthError,
     ConfigError,

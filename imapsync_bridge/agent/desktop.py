@@ -11,7 +11,8 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from imapsync_bridge.agent.imap import ImapMailbox, MailboxStatus
+from imapsync_bridge.agent.imap import ImapMailbox
+from imapsync_bridge.agent.imap_session import MailboxStatus
 from imapsync_bridge.errors import MessageError
 from imapsync_bridge.model import DesktopFact, DesktopMessage, LedgerEntry, Where
 from imapsync_bridge.sync.normalize import window_of

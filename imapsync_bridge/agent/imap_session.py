@@ -1,0 +1,285 @@
+"""One logged-in IMAP connection: connecting, error translation, raw UID commands,
+the selected mailbox and the benchmark counters.
+
+The plumbing under :class:`imapsync_bridge.agent.imap.ImapMailbox`, which adds the
+mailbox operations and documents the error contract. Where imapclient 4.1 has no
+public way, this module reaches into the imaplib connection under it (see there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import imaplib
+import logging
+import ssl
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Self
+
+import imapclient
+from imapclient import exceptions as imap_exc
+
+from imapsync_bridge.agent.imap_data import by_uid, chunks, msgset
+from imapsync_bridge.config import is_loopback
+from imapsync_bridge.errors import (
+    AuthError,
+    ConfigError,
+    ConnectionLost,
+    ImapError,
+    MessageError,
+)
+
+log = logging.getLogger(__name__)
+
+SECURITY_MODES = ("tls", "starttls", "none")
+
+
+@dataclass(frozen=True)
+class MailboxStatus:
+    uidvalidity: int
+    uidnext: int
+    messages: int
+    highestmodseq: int | None  # None when the server does not offer CONDSTORE
+
+
+class ImapSession:
+    """A logged-in connection; errors are translated by :meth:`_guard`."""
+
+    def __init__(self, client: imapclient.IMAPClient, *, host: str, port: int) -> None:
+        self._client: Any = client  # None once closed
+        self._host = host
+        self._port = port
+        self._broken: str | None = None
+        self._selected: str | None = None
+        self._capabilities: frozenset[str] = frozenset()
+        self._condstore = False
+        self.round_trips = 0
+        self.bytes_read = 0
+        client.normalise_times = False  # aware datetimes, converted to UTC here
+        self._instrument(client._imap)
+
+    # -- connecting ------------------------------------------------------------------
+
+    @classmethod
+    def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        security: str,
+        username: str,
+        password: str,
+        ssl_context: ssl.SSLContext | None = None,
+        timeout: float = 30.0,
+    ) -> Self:
+        """Connect, secure (``tls`` | ``starttls`` | ``none``) and log in (unless
+        *username* is empty). ``none`` is allowed only to a loopback host."""
+        if security not in SECURITY_MODES:
+            raise ConfigError(f"IMAP security must be one of {SECURITY_MODES}, not {security!r}")
+        if security == "none" and not is_loopback(host):
+            raise ConfigError(
+                f"IMAP security 'none' (plain text) is only allowed to a loopback host, "
+                f"not {host!r}: use tls or starttls"
+            )
+        if security != "none" and ssl_context is None:
+            ssl_context = ssl.create_default_context()
+            ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
+        where = f"{host}:{port}"
+        try:
+            client = imapclient.IMAPClient(
+                host,
+                port,
+                ssl=security == "tls",
+                ssl_context=ssl_context if security == "tls" else None,
+                timeout=timeout,
+            )
+        except ssl.SSLCertVerificationError as exc:
+            raise AuthError(f"IMAP server {where}: TLS certificate not trusted: {exc}") from exc
+        except (OSError, imaplib.IMAP4.error) as exc:
+            raise ConnectionLost(f"cannot connect to IMAP server {where}: {exc}") from exc
+        self = cls(client, host=host, port=port)
+        self.round_trips += 1  # the greeting + CAPABILITY at connect time
+        try:
+            with self._guard("connect"):
+                if security == "starttls":
+                    if b"STARTTLS" not in client.capabilities():
+                        raise AuthError(
+                            f"IMAP server {where} does not offer STARTTLS; "
+                            "refusing to continue in plain text"
+                        )
+                    client.starttls(ssl_context)
+                if username:
+                    try:
+                        client.login(username, password)
+                    except imap_exc.LoginError as exc:
+                        raise AuthError(
+                            f"IMAP login as {username!r} at {where} refused ({exc})"
+                        ) from exc
+                caps = client.capabilities()
+            self._capabilities = frozenset(c.decode("ascii", "replace").upper() for c in caps)
+            if "CONDSTORE" in self._capabilities and "ENABLE" in self._capabilities:
+                # Dovecot tracks per-message MODSEQs only once a client enabled CONDSTORE.
+                with self._guard("ENABLE CONDSTORE"):
+                    self._client.enable("CONDSTORE")
+                self._condstore = True
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _instrument(self, imap: Any) -> None:
+        new_tag, read, readline = imap._new_tag, imap.read, imap.readline
+
+        def counted_tag() -> bytes:
+            self.round_trips += 1
+            return new_tag()
+
+        def counted_read(size: int) -> bytes:
+            data = read(size)
+            self.bytes_read += len(data)
+            return data
+
+        def counted_readline() -> bytes:
+            data = readline()
+            self.bytes_read += len(data)
+            return data
+
+        imap._new_tag = counted_tag
+        imap.read = counted_read
+        imap.readline = counted_readline
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """Upper-case capability names offered after login (e.g. ``"MOVE"``)."""
+        return self._capabilities
+
+    def has(self, capability: str) -> bool:
+        return capability.upper() in self._capabilities
+
+    @property
+    def selected(self) -> str | None:
+        return self._selected
+
+    def close(self) -> None:
+        """Log out (best effort) and close the connection. Safe to call twice."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        self._broken = self._broken or "closed"
+        try:
+            client.logout()
+        except Exception:
+            with contextlib.suppress(Exception):
+                client.shutdown()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- error translation -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        if self._broken:
+            raise ConnectionLost(f"IMAP connection to {self._host} unusable: {self._broken}")
+        try:
+            yield
+        except (AuthError, ConfigError, ImapError, MessageError, ConnectionLost):
+            raise
+        except imap_exc.LoginError as exc:
+            raise AuthError(f"{what}: login refused: {exc}") from exc
+        except imaplib.IMAP4.readonly as exc:  # before .abort: it is a subclass
+            raise ImapError(f"{what}: mailbox became read-only: {exc}") from exc
+        except imaplib.IMAP4.abort as exc:
+            self._broken = str(exc)
+            raise ConnectionLost(f"{what}: IMAP connection to {self._host} lost: {exc}") from exc
+        except ssl.SSLCertVerificationError as exc:
+            self._broken = str(exc)
+            raise AuthError(f"{what}: TLS certificate not trusted: {exc}") from exc
+        except (OSError, EOFError) as exc:  # socket errors, timeouts, ssl.SSLError
+            self._broken = str(exc) or type(exc).__name__
+            raise ConnectionLost(
+                f"{what}: IMAP connection to {self._host} lost: {exc or type(exc).__name__}"
+            ) from exc
+        except imaplib.IMAP4.error as exc:  # NO / BAD, imapclient's own errors
+            raise ImapError(f"{what}: {exc}") from exc
+
+    # -- low-level commands ----------------------------------------------------------------
+
+    def _uid_command(self, command: str, *args: str | bytes) -> tuple[bytes, dict[str, list]]:
+        """``UID <command> args``; returns (tagged OK text, untagged responses)."""
+        imap = self._client._imap
+        imap.untagged_responses.clear()
+        tag = imap._command("UID", command, *args)
+        typ, data = imap._command_complete(command, tag)
+        text = data[0] if data and data[0] else b""
+        if typ != "OK":
+            raise ImapError(f"UID {command} failed: {text.decode('utf-8', 'replace')}")
+        return text, imap.untagged_responses
+
+    def _fetch(
+        self, uid_set: str, items: str, modifiers: str | None = None
+    ) -> dict[int, dict[bytes, Any]]:
+        """``UID FETCH uid_set (items) [(modifiers)]`` keyed by UID.
+
+        Not imapclient's ``fetch()``: in 4.1.0 it cannot take ``1:*`` (it runs
+        ``int()`` over the set to drop unsolicited responses). Unsolicited FETCH
+        responses without a UID are dropped here instead.
+        """
+        args = [uid_set, f"({items})"]
+        if modifiers:
+            args.append(f"({modifiers})")
+        _text, untagged = self._uid_command("FETCH", *args)
+        data = untagged.pop("FETCH", [])
+        if not data:
+            return {}
+        return by_uid(data)
+
+    def _store(self, uids: Sequence[int], op: str, flags: str) -> None:
+        for chunk in chunks(sorted(set(uids))):
+            self._uid_command("STORE", msgset(chunk), op, f"({flags})")
+
+    def _require_selected(self) -> None:
+        if self._selected is None:
+            raise ImapError("no mailbox selected (call select() first)")
+
+    def _folder(self, name: str) -> bytes:
+        return self._client._normalise_folder(name)
+
+    # -- mailboxes ---------------------------------------------------------------------------
+
+    def status(self, mailbox: str) -> MailboxStatus:
+        """One STATUS command (with HIGHESTMODSEQ when CONDSTORE is offered)."""
+        what = ["MESSAGES", "UIDNEXT", "UIDVALIDITY"]
+        if self.has("CONDSTORE"):
+            what.append("HIGHESTMODSEQ")
+        with self._guard(f"STATUS {mailbox}"):
+            self._client._imap.untagged_responses.clear()
+            st = self._client.folder_status(mailbox, what)
+        return MailboxStatus(
+            uidvalidity=int(st[b"UIDVALIDITY"]),
+            uidnext=int(st[b"UIDNEXT"]),
+            messages=int(st[b"MESSAGES"]),
+            highestmodseq=int(st[b"HIGHESTMODSEQ"]) if b"HIGHESTMODSEQ" in st else None,
+        )
+
+    def select(self, mailbox: str) -> MailboxStatus:
+        """SELECT *mailbox* read-write (CONDSTORE was ENABLEd at login when offered)."""
+        with self._guard(f"SELECT {mailbox}"):
+            self._selected = None
+            self._client._imap.untagged_responses.clear()
+            st = self._client.select_folder(mailbox)
+            self._selected = mailbox
+        modseq = st.get(b"HIGHESTMODSEQ") if self._condstore else None
+        return MailboxStatus(
+            uidvalidity=int(st[b"UIDVALIDITY"]),
+            uidnext=int(st.get(b"UIDNEXT", 0)),
+            messages=int(st[b"EXISTS"]),
+            highestmodseq=int(modseq) if modseq is not None else None,
+        )
+
+    def _ensure_selected(self, mailbox: str) -> None:
+        if self._selected != mailbox:
+            self.select(mailbox)
