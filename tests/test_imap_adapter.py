@@ -281,20 +281,6 @@ def test_flags_and_existing(dovecot, imap_user, mbox):
     assert mbox.existing([a, b]) == {b}
 
 
-def test_changed_since_sees_exactly_one_flag_change(dovecot, imap_user, mbox):
-    uids = [dovecot.append(imap_user, dovecot.make_message(n), T0) for n in range(5)]
-    start = mbox.select("INBOX")
-    assert mbox.changed_since(start.highestmodseq) == {}
-    mbox.store_flags(uids[2], model.Flags(seen=True))
-    assert mbox.changed_since(start.highestmodseq) == {uids[2]: model.Flags(seen=True)}
-    # a change made by another client (the user's desktop mail program) is seen too
-    after = mbox.status("INBOX").highestmodseq
-    with dovecot.client(imap_user) as other:
-        other.select_folder("INBOX")
-        other.add_flags([uids[4]], [b"\\Flagged"])
-    assert mbox.changed_since(after) == {uids[4]: model.Flags(flagged=True)}
-
-
 def test_locate_by_message_id_in_trash_confirms_the_header(dovecot, imap_user, mbox):
     target = b"Message-ID: <Case@Example.COM>\r\nSubject: target\r\n\r\nbody\r\n"
     decoy = b"Message-ID: <case@example.com>\r\nSubject: decoy\r\n\r\nbody\r\n"
@@ -425,7 +411,6 @@ def test_locate_message_id_with_quote_and_backslash(dovecot, imap_user, mbox):
 def test_empty_mailbox_queries(mbox):
     st = mbox.select("INBOX")
     assert st.messages == 0
-    assert mbox.changed_since(st.highestmodseq) == {}
     assert mbox.summaries([1, 2]) == []
     assert mbox.flags([1]) == {} and mbox.existing([1]) == set()
     assert mbox.move([], "Trash") == {}

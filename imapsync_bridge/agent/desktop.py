@@ -48,16 +48,6 @@ class DesktopSide:
         self.imap = imap
         self.inbox = inbox
         self.trash = trash
-        self._selected: str | None = None
-
-    def _select(self, mailbox: str) -> MailboxStatus:
-        status = self.imap.select(mailbox)
-        self._selected = mailbox
-        return status
-
-    def _ensure(self, mailbox: str) -> None:
-        if self._selected != mailbox:
-            self._select(mailbox)
 
     def status(self) -> DesktopStatus:
         """Two STATUS commands; cheap enough to run before deciding to do anything.
@@ -66,7 +56,6 @@ class DesktopSide:
         session's own view, which misses what other clients did since.
         """
         self.imap.unselect()
-        self._selected = None
         return DesktopStatus(self.imap.status(self.inbox), self.imap.status(self.trash))
 
     # -- facts -----------------------------------------------------------------------
@@ -110,7 +99,7 @@ class DesktopSide:
     ) -> None:
         """Add to ``facts`` those of ``keys`` found in one mailbox."""
         mailbox = self.inbox if where is Where.INBOX else self.trash
-        self._ensure(mailbox)
+        self.imap.ensure_selected(mailbox)
         by_uid = {
             entry.uid: key
             for key in keys
@@ -155,7 +144,7 @@ class DesktopSide:
         them). Reuses the inbox if it is selected: after a change Dovecot re-scans a
         Maildir on every SELECT for a while (~200 ms at 50,000 messages).
         """
-        self._ensure(self.inbox)
+        self.imap.ensure_selected(self.inbox)
         wanted = count + len(skip) + 8
         partial = self.imap.newest_uids(self.inbox, wanted)
         if partial is not None:
@@ -177,13 +166,13 @@ class DesktopSide:
     ) -> list[DesktopMessage]:
         """The window when messages were only added since the last one was computed:
         the newest ``count`` of the last window and the UIDs from ``since_uid`` on."""
-        self._ensure(self.inbox)
+        self.imap.ensure_selected(self.inbox)
         added = self.imap.summaries(self.imap.uids_from(since_uid))
         log.info("window: %d message(s) added since UID %d, no full sort", len(added), since_uid)
         return window_of(_newest_first(last_window + added), count)
 
     def fetch_raws(self, uids: list[int], max_size: int) -> dict[int, bytes | MessageError]:
-        self._ensure(self.inbox)
+        self.imap.ensure_selected(self.inbox)
         return self.imap.fetch_raws(uids, max_size)
 
     # -- actions ---------------------------------------------------------------------
@@ -200,13 +189,13 @@ class DesktopSide:
             dest = self.inbox if action.to is Where.INBOX else self.trash
             if fact.where is action.to or fact.uid is None:
                 return entry
-            self._ensure(source)
+            self.imap.ensure_selected(source)
             moved = self.imap.move([fact.uid], dest)
             log.info("moved %s to %s", action.key, dest)
             return replace(entry, uid=moved.get(fact.uid)) if entry else entry
         if isinstance(action, DestroyOnDesktop):
             for mailbox in (self.inbox, self.trash):
-                self._ensure(mailbox)
+                self.imap.ensure_selected(mailbox)
                 uids = self.imap.locate(mailbox, action.key)
                 if uids:
                     self.imap.expunge_uids(uids)
@@ -215,7 +204,7 @@ class DesktopSide:
         if isinstance(action, SetDesktopFlags):
             mailbox = self.inbox if (entry and entry.desktop is Where.INBOX) else self.trash
             uid = entry.uid if entry else None
-            self._ensure(mailbox)
+            self.imap.ensure_selected(mailbox)
             if uid is None:
                 located = self.imap.locate(mailbox, action.key)
                 uid = located[0] if located else None
@@ -224,7 +213,7 @@ class DesktopSide:
             return replace(entry, uid=uid) if entry else entry
         if isinstance(action, AppendToDesktop):
             mailbox = self.inbox if action.to is Where.INBOX else self.trash
-            self._ensure(mailbox)
+            self.imap.ensure_selected(mailbox)
             if self.imap.locate(mailbox, action.key):
                 return entry  # already there: an earlier run appended it
             if entry is None or entry.internaldate is None:
@@ -232,7 +221,6 @@ class DesktopSide:
             raw = fetch_from_phone(action.key)
             uid = self.imap.append(mailbox, raw, entry.internaldate, action.flags)
             log.info("appended %s from the phone into %s", action.key, mailbox)
-            self._selected = None
             return replace(entry, uid=uid)
         raise TypeError(f"unknown desktop action {action!r}")
 

@@ -128,7 +128,7 @@ class ImapMailbox(ImapSession):
         number ascending, also under REVERSE, so reversing the ascending result gives
         the wanted tie order). Without: one ``UID FETCH 1:* (INTERNALDATE)``.
         """
-        self._ensure_selected(mailbox)
+        self.ensure_selected(mailbox)
         with self._guard(f"order of {mailbox}"):
             if self.has("SORT"):
                 _text, untagged = self._uid_command("SORT", "(ARRIVAL)", "US-ASCII", "ALL")
@@ -149,7 +149,7 @@ class ImapMailbox(ImapSession):
         """
         if count <= 0 or not (self.has("ESORT") and self.has("CONTEXT=SEARCH")):
             return None
-        self._ensure_selected(mailbox)
+        self.ensure_selected(mailbox)
         with self._guard(f"newest of {mailbox}"):
             _text, untagged = self._uid_command(
                 "SORT", "RETURN", f"(PARTIAL 1:{count})", "(REVERSE ARRIVAL)", "US-ASCII", "ALL"
@@ -269,17 +269,6 @@ class ImapMailbox(ImapSession):
                         out[uid] = flags_of(data[b"FLAGS"])
         return out
 
-    def changed_since(self, modseq: int) -> dict[int, model.Flags]:
-        """Flags of the messages of the selected mailbox whose MODSEQ is above *modseq*
-        (``UID FETCH 1:* (FLAGS) (CHANGEDSINCE m)``). Expunges are not reported: find
-        them with :meth:`existing`. ImapError without CONDSTORE."""
-        self._require_selected()
-        if not self._condstore:
-            raise ImapError("server does not offer CONDSTORE")
-        with self._guard("FETCH CHANGEDSINCE"):
-            data = self._fetch("1:*", "UID FLAGS", f"CHANGEDSINCE {int(modseq)}")
-        return {uid: flags_of(d[b"FLAGS"]) for uid, d in data.items() if b"FLAGS" in d}
-
     def existing(self, uids: Iterable[int]) -> set[int]:
         """Which of *uids* still exist in the selected mailbox (``UID SEARCH UID set``)."""
         self._require_selected()
@@ -310,7 +299,7 @@ class ImapMailbox(ImapSession):
         that are not ASCII): the headers of the newest :data:`HASH_SCAN_LIMIT`
         messages are hashed; an older copy is not found.
         """
-        self._ensure_selected(mailbox)
+        self.ensure_selected(mailbox)
         if not key.startswith("sha256:") and key.isascii():
             with self._guard(f"SEARCH Message-ID in {mailbox}"):
                 hits = self._client.search(["HEADER", "Message-ID", key])

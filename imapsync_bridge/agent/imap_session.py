@@ -280,6 +280,8 @@ class ImapSession:
             highestmodseq=int(modseq) if modseq is not None else None,
         )
 
-    def _ensure_selected(self, mailbox: str) -> None:
+    def ensure_selected(self, mailbox: str) -> None:
+        """SELECT *mailbox* unless it is the selected one (a SELECT right after a change
+        makes Dovecot re-scan a Maildir: ~200 ms at 50,000 messages)."""
         if self._selected != mailbox:
             self.select(mailbox)
