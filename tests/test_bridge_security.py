@@ -452,6 +452,11 @@ def _mark_read(key: str) -> dict[str, Any]:
 
 
 # (name, greet first, what to send (bytes = a raw body) given (key, next seq), message)
+def _batch(seq: Any, op: dict[str, Any]) -> dict[str, Any]:
+    """An ``ops`` frame carrying one action."""
+    return {"type": "ops", "ops": [{"seq": seq, "op": op}]}
+
+
 HOSTILE_FRAMES = [
     ("not JSON", True, lambda k, s: b"{not json", "frame is not valid JSON"),
     ("a JSON array", True, lambda k, s: b'[{"type": "snapshot"}]', "frame is a JSON array"),
@@ -459,26 +464,26 @@ HOSTILE_FRAMES = [
     (
         "bool seq",
         True,
-        lambda k, s: {"type": "op", "seq": True, "op": _mark_read(k)},
-        "field 'seq' must be an integer",
+        lambda k, s: _batch(True, _mark_read(k)),
+        "field 'ops[0].seq' must be an integer",
     ),
     (
         "op before hello",
         False,
-        lambda k, s: {"type": "op", "seq": 10**6, "op": _mark_read(k)},
+        lambda k, s: _batch(10**6, _mark_read(k)),
         "must start with 'hello'",
     ),
     (
         "put with invalid base64",
         True,
-        lambda k, s: {"type": "op", "seq": s, "op": _put("<new@x>", raw="@@@@not base64")},
-        "field 'op.raw' must be valid base64",
+        lambda k, s: _batch(s, _put("<new@x>", raw="@@@@not base64")),
+        "field 'ops[0].op.raw' must be valid base64",
     ),
     (
         "put with a 2000-character key",
         True,
-        lambda k, s: {"type": "op", "seq": s, "op": _put("<" + "k" * 1998 + ">")},
-        "field 'op.key' must be at most 1000 characters",
+        lambda k, s: _batch(s, _put("<" + "k" * 1998 + ">")),
+        "field 'ops[0].op.key' must be at most 1000 characters",
     ),
 ]
 
@@ -561,10 +566,7 @@ def test_a_certificate_never_touches_another_users_mailbox(
                 {"kind": "destroy", "key": key},
             ):
                 seq += 1
-                assert alice.request({"type": "op", "seq": seq, "op": op}) == {
-                    "type": "ack",
-                    "seq": seq,
-                }
+                assert alice.request(_batch(seq, op)) == {"type": "acked", "up_to": seq}
         reply = alice.request({"type": "fetch", "key": bob_keys[0]})
         assert reply is not None and reply["type"] == "error"
         assert reply["message"] == f"no phone message {bob_keys[0]}"

@@ -32,7 +32,6 @@ VALID_TO_SERVER = {
         "csr": "-----BEGIN CERTIFICATE REQUEST-----\nMII...\n-----END CERTIFICATE REQUEST-----\n",
     },
     "snapshot": {"type": "snapshot"},
-    "op": {"type": "op", "seq": 1, "op": PUT},
     "ops": {
         "type": "ops",
         "ops": [{"seq": 1, "op": PUT}, {"seq": 2, "op": {"kind": "evict", "key": "<2@x>"}}],
@@ -81,9 +80,7 @@ VALID_TO_AGENT = {
         "restored": [],
         "action_seq": 4,
     },
-    "ack": {"type": "ack", "seq": 3},
     "acked": {"type": "acked", "up_to": 3},
-    "nack": {"type": "nack", "seq": 3, "error": "message too large"},
     "message": {"type": "message", "key": "<1@example.com>", "raw": RAW},
     "ok": {"type": "ok"},
     "error": {"type": "error", "code": "revoked", "message": "this agent was unpaired"},
@@ -119,7 +116,7 @@ def test_valid_to_agent(name):
 
 @pytest.mark.parametrize("op", OTHER_OPS, ids=lambda op: op["kind"])
 def test_valid_ops(op):
-    schema.validate({"type": "op", "seq": 9, "op": op}, "to_server")
+    schema.validate({"type": "ops", "ops": [{"seq": 9, "op": op}]}, "to_server")
 
 
 def test_valid_frames_survive_the_wire():
@@ -135,7 +132,7 @@ def _op(**changes):
             del op[key]
         else:
             op[key] = value
-    return {"type": "op", "seq": 1, "op": op}
+    return _single({"seq": 1, "op": op})
 
 
 def _snap(**changes):
@@ -146,19 +143,29 @@ def _snap(**changes):
 
 _DROP = object()
 
+
+def _single(item):
+    """A batch of one action: field paths inside it read ``ops[0].<field>``."""
+    return {"type": "ops", "ops": [item]}
+
+
 INVALID = [
     # (direction, frame, text the one-line error must contain)
     (
         "to_server",
-        {"type": "op", "seq": True, "op": PUT},
-        "frame 'op': field 'seq' must be an integer",
+        _single({"seq": True, "op": PUT}),
+        "frame 'ops': field 'ops[0].seq' must be an integer",
     ),
-    ("to_server", {"type": "op", "seq": -1, "op": PUT}, "field 'seq'"),
-    ("to_server", {"type": "op", "seq": 2**64, "op": PUT}, "field 'seq'"),
-    ("to_server", {"type": "op", "seq": 1.5, "op": PUT}, "field 'seq' must be an integer"),
-    ("to_server", {"type": "op", "seq": "1", "op": PUT}, "field 'seq' must be an integer"),
-    ("to_server", {"type": "op", "op": PUT}, "field 'seq' is missing"),
-    ("to_server", {"type": "op", "seq": 1, "op": PUT, "extra": 1}, "field 'extra' is not allowed"),
+    ("to_server", _single({"seq": -1, "op": PUT}), "field 'ops[0].seq'"),
+    ("to_server", _single({"seq": 2**64, "op": PUT}), "field 'ops[0].seq'"),
+    ("to_server", _single({"seq": 1.5, "op": PUT}), "field 'ops[0].seq' must be an integer"),
+    ("to_server", _single({"seq": "1", "op": PUT}), "field 'ops[0].seq' must be an integer"),
+    ("to_server", _single({"op": PUT}), "field 'ops[0].seq' is missing"),
+    (
+        "to_server",
+        _single({"seq": 1, "op": PUT, "extra": 1}),
+        "field 'ops[0].extra' is not allowed",
+    ),
     ("to_server", {"type": "ack_actions", "up_to": False}, "field 'up_to' must be an integer"),
     ("to_server", {"type": "hello", "protocol": 2, "agent": "a"}, "field 'protocol' must be 1"),
     ("to_server", {"type": "hello", "protocol": True, "agent": "a"}, "field 'protocol'"),
@@ -182,27 +189,27 @@ INVALID = [
     ("to_server", {"type": "fetch", "key": "\ud800"}, "field 'key' must be valid Unicode"),
     ("to_server", {"type": "complete", "summary": []}, "field 'summary' must be an object"),
     ("to_server", {"type": "complete", "summary": {"x": "y" * 70_000}}, "field 'summary'"),
-    ("to_server", _op(folder="sent"), 'field \'op.folder\' must be "inbox" or "trash"'),
-    ("to_server", _op(kind="delete"), "field 'op.kind' must be"),
-    ("to_server", _op(kind=_DROP), "field 'op.kind' is missing"),
-    ("to_server", _op(seen=1), "field 'op.seen' must be true or false"),
-    ("to_server", _op(flagged=None), "field 'op.flagged'"),
-    ("to_server", _op(raw="not base64!"), "field 'op.raw' must be valid base64"),
-    ("to_server", _op(raw="abc"), "field 'op.raw' must be valid base64"),
-    ("to_server", _op(raw=None), "field 'op.raw' must be a base64 string"),
-    ("to_server", _op(message_id=3), "field 'op.message_id' must be a string or null"),
-    ("to_server", _op(message_id="m" * 1001), "field 'op.message_id'"),
-    ("to_server", _op(internaldate="yesterday"), "field 'op.internaldate'"),
-    ("to_server", _op(internaldate="2024-05-01T09:30:00"), "field 'op.internaldate'"),
-    ("to_server", _op(internaldate="2024-13-01T09:30:00Z"), "field 'op.internaldate'"),
-    ("to_server", _op(key=_DROP), "field 'op.key' is missing"),
-    ("to_server", _op(uid=5), "field 'op.uid' is not allowed"),
+    ("to_server", _op(folder="sent"), 'field \'ops[0].op.folder\' must be "inbox" or "trash"'),
+    ("to_server", _op(kind="delete"), "field 'ops[0].op.kind' must be"),
+    ("to_server", _op(kind=_DROP), "field 'ops[0].op.kind' is missing"),
+    ("to_server", _op(seen=1), "field 'ops[0].op.seen' must be true or false"),
+    ("to_server", _op(flagged=None), "field 'ops[0].op.flagged'"),
+    ("to_server", _op(raw="not base64!"), "field 'ops[0].op.raw' must be valid base64"),
+    ("to_server", _op(raw="abc"), "field 'ops[0].op.raw' must be valid base64"),
+    ("to_server", _op(raw=None), "field 'ops[0].op.raw' must be a base64 string"),
+    ("to_server", _op(message_id=3), "field 'ops[0].op.message_id' must be a string or null"),
+    ("to_server", _op(message_id="m" * 1001), "field 'ops[0].op.message_id'"),
+    ("to_server", _op(internaldate="yesterday"), "field 'ops[0].op.internaldate'"),
+    ("to_server", _op(internaldate="2024-05-01T09:30:00"), "field 'ops[0].op.internaldate'"),
+    ("to_server", _op(internaldate="2024-13-01T09:30:00Z"), "field 'ops[0].op.internaldate'"),
+    ("to_server", _op(key=_DROP), "field 'ops[0].op.key' is missing"),
+    ("to_server", _op(uid=5), "field 'ops[0].op.uid' is not allowed"),
     (
         "to_server",
-        {"type": "op", "seq": 1, "op": {"kind": "evict", "key": "k", "folder": "inbox"}},
-        "field 'op.folder' is not allowed",
+        _single({"seq": 1, "op": {"kind": "evict", "key": "k", "folder": "inbox"}}),
+        "field 'ops[0].op.folder' is not allowed",
     ),
-    ("to_server", {"type": "op", "seq": 1, "op": "put"}, "field 'op' must be an object"),
+    ("to_server", _single({"seq": 1, "op": "put"}), "field 'ops[0].op' must be an object"),
     (
         "to_server",
         {"type": "welcome", "user": "a", "window": 1, "last_seq": 0},
@@ -214,8 +221,9 @@ INVALID = [
     ("to_server", ["type", "ok"], "must be a JSON object"),
     ("to_agent", {"type": "hello", "protocol": 1, "agent": "a"}, "unknown frame type 'hello'"),
     ("to_agent", {"type": "welcome", "user": "a", "window": "6", "last_seq": 0}, "field 'window'"),
-    ("to_agent", {"type": "ack", "seq": False}, "field 'seq' must be an integer"),
-    ("to_agent", {"type": "nack", "seq": 1}, "field 'error' is missing"),
+    ("to_agent", {"type": "acked", "up_to": False}, "field 'up_to' must be an integer"),
+    ("to_agent", {"type": "acked"}, "field 'up_to' is missing"),
+    ("to_server", {"type": "ops", "ops": []}, "field 'ops' must have at least 1 item"),
     ("to_agent", {"type": "ok", "detail": "x"}, "field 'detail' is not allowed"),
     ("to_agent", {"type": "error", "code": "x", "message": "m" * 5000}, "field 'message'"),
     ("to_agent", {"type": "message", "key": "k", "raw": "%%%%"}, "field 'raw'"),

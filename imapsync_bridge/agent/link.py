@@ -18,7 +18,8 @@ from imapsync_bridge.agent.state import PendingOp
 from imapsync_bridge.errors import AuthError, PeerClosed, ProtocolError
 from imapsync_bridge.protocol import framing, schema, tls
 
-PROTOCOL_VERSION = 1
+# What `agent pair` leaves in the state directory.
+AGENT_KEY, AGENT_CRT, SERVER_CA = "agent.key", "agent.crt", "server-ca.crt"
 OPS_PER_BATCH = 64  # ops per "ops" frame (the schema allows up to 256)
 BATCH_BYTES = 8 * 1024 * 1024  # message bytes per batch, before base64
 BATCHES_IN_FLIGHT = 4
@@ -29,13 +30,12 @@ class ServerLink:
         self._sock = sock
         self._max_frame = max_frame
         self.user = ""
-        self.window = 0
         self.last_seq = 0
 
     @classmethod
     def open(cls, host: str, port: int, state_dir: Path, timeout: float = 60.0) -> ServerLink:
         context = tls.agent_context(
-            state_dir / "server-ca.crt", state_dir / "agent.crt", state_dir / "agent.key"
+            state_dir / SERVER_CA, state_dir / AGENT_CRT, state_dir / AGENT_KEY
         )
         return cls(tls.connect(host, port, context, timeout))
 
@@ -69,7 +69,7 @@ class ServerLink:
     def hello(self, agent_instance: str, with_snapshot: bool = False) -> dict[str, Any] | None:
         """Start the session; ``with_snapshot`` asks for the snapshot in the same round
         trip (when there is no journal to resend first) and returns it."""
-        hello = {"type": "hello", "protocol": PROTOCOL_VERSION, "agent": agent_instance}
+        hello = {"type": "hello", "protocol": schema.PROTOCOL_VERSION, "agent": agent_instance}
         try:
             self.send(hello)
             if with_snapshot:
@@ -83,11 +83,7 @@ class ServerLink:
                 "refused this agent's certificate (issued by another server, expired or "
                 "revoked); pair the agent again"
             ) from None
-        self.user, self.window, self.last_seq = (
-            welcome["user"],
-            welcome["window"],
-            welcome["last_seq"],
-        )
+        self.user, self.last_seq = welcome["user"], welcome["last_seq"]
         return self.receive("snapshot") if with_snapshot else None
 
     def send_ops(self, ops: Sequence[PendingOp], on_acked: Callable[[int], None]) -> None:
@@ -134,6 +130,6 @@ def _batches(ops: Sequence[PendingOp]) -> list[list[PendingOp]]:
 
 def _server_error(frame: dict[str, Any]) -> Exception:
     message = f"server: {frame['message']} ({frame['code']})"
-    if frame["code"] in ("unauthenticated", "revoked", "pairing"):
+    if frame["code"] == "unauthenticated":
         return AuthError(message)
     return ProtocolError(message)

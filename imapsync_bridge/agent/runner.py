@@ -9,7 +9,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ex
 
 from imapsync_bridge.agent.desktop import DesktopSide
 from imapsync_bridge.agent.imap import ImapMailbox
-from imapsync_bridge.agent.link import ServerLink
+from imapsync_bridge.agent.link import AGENT_CRT, ServerLink
 from imapsync_bridge.agent.session import SessionOptions, SessionReport, SyncSession
 from imapsync_bridge.agent.state import AgentState
 from imapsync_bridge.config import AgentConfig
@@ -42,7 +42,7 @@ def open_desktop(config: AgentConfig, imap: ImapMailbox) -> DesktopSide:
 
 
 def open_link(config: AgentConfig) -> ServerLink:
-    if not (config.state_dir / "agent.crt").exists():
+    if not (config.state_dir / AGENT_CRT).exists():
         raise ConfigError(f"{config.path}: this agent is not paired; run `agent pair` first")
     host, port = config.server
     return ServerLink.open(host, port, config.state_dir, config.server_timeout)
@@ -88,7 +88,7 @@ def status(config: AgentConfig) -> dict[str, Any]:
         ledger = state.ledger()
         window = state.get("window")
         return {
-            "paired": (config.state_dir / "agent.crt").exists(),
+            "paired": (config.state_dir / AGENT_CRT).exists(),
             "server": "{}:{}".format(*config.server),
             "user": state.get("user"),
             "window": int(window) if window else None,

@@ -149,7 +149,7 @@ def load_ca(
     return key, cert
 
 
-def _host_name(hostname: str) -> x509.GeneralName:
+def host_name(hostname: str) -> x509.DNSName | x509.IPAddress:
     """SubjectAlternativeName entry for a DNS name or an IP address."""
     host = hostname.strip().strip("[]")  # accept "[::1]"
     try:
@@ -179,7 +179,7 @@ def init_ca(directory: str | os.PathLike[str], hostname: str) -> CaFiles:
     base.mkdir(parents=True, exist_ok=True)
     if (base / CA_KEY).exists():
         raise ConfigError(f"{base / CA_KEY} already exists; not replacing the server's CA")
-    san = _host_name(hostname)
+    san = host_name(hostname)
     now = _now()
 
     ca_key = _new_key()

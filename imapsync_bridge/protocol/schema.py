@@ -15,7 +15,6 @@ A session, agent → server (``to_server``) and server → agent (``to_agent``):
         (pipelined batches)                 server applies a batch in one transaction
                                             and acks it after the commit; the agent drops
                                             an op from its action list only once acked
-      op {seq, op}                        → ack {seq} | nack {seq, error}: one op alone
       fetch {key}                         → message {key, raw} | error
       ack_actions {up_to}                 → ok   (the server drops its actions <= up_to)
       complete {summary}                  → ok   (both sides commit; the server closes)
@@ -220,10 +219,13 @@ class Tagged(Spec):
 class ListOf(Spec):
     item: Spec
     max_items: int | None = None  # None = bounded by the frame size
+    min_items: int = 0
 
     def check(self, value: Any, path: str) -> None:
         if not isinstance(value, list):
             raise _Invalid(path, "must be a list")
+        if len(value) < self.min_items:
+            raise _Invalid(path, f"must have at least {self.min_items} item(s)")
         if self.max_items is not None and len(value) > self.max_items:
             raise _Invalid(path, f"must have at most {self.max_items} items")
         for index, item in enumerate(value):
@@ -289,13 +291,16 @@ OP_KINDS: dict[str, dict[str, Spec]] = {
     "destroy": {"key": KEY},
 }
 
+OP = Tagged("kind", OP_KINDS)
+
 TO_SERVER: dict[str, dict[str, Spec]] = {
     "hello": {"protocol": OneOf((PROTOCOL_VERSION,)), "agent": Str(64, min_len=1)},
     "ca": {},
     "pair": {"code": Str(200, min_len=1), "csr": Str(10000, min_len=1)},
     "snapshot": {},
-    "op": {"seq": SEQ, "op": Tagged("kind", OP_KINDS)},
-    "ops": {"ops": ListOf(Obj({"seq": SEQ, "op": Tagged("kind", OP_KINDS)}), MAX_BATCH)},
+    "ops": {
+        "ops": ListOf(Obj({"seq": SEQ, "op": Tagged("kind", OP_KINDS)}), MAX_BATCH, min_items=1)
+    },
     "fetch": {"key": KEY},
     "ack_actions": {"up_to": SEQ},
     "complete": {"summary": AnyObj()},
@@ -322,9 +327,7 @@ TO_AGENT: dict[str, dict[str, Spec]] = {
         "restored": ListOf(KEY),
         "action_seq": SEQ,
     },
-    "ack": {"seq": SEQ},
     "acked": {"up_to": SEQ},
-    "nack": {"seq": SEQ, "error": Str(2000)},
     "message": {"key": KEY, "raw": B64()},
     "ok": {},
     "error": {"code": Str(64, min_len=1), "message": Str(2000)},

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import ipaddress
 import os
 import socket
 import ssl
@@ -30,7 +29,7 @@ from cryptography import x509
 from cryptography.x509 import verification
 
 from imapsync_bridge.errors import AuthError, ConfigError, ConnectionLost
-from imapsync_bridge.protocol.pki import PemLike, load_certificate
+from imapsync_bridge.protocol.pki import PemLike, certificate_user, host_name, load_certificate
 
 PathLike = str | os.PathLike[str]
 
@@ -111,14 +110,6 @@ def pairing_probe_context() -> ssl.SSLContext:
     return ctx
 
 
-def _subject_for(hostname: str) -> x509.DNSName | x509.IPAddress:
-    host = hostname.strip().strip("[]")
-    try:
-        return x509.IPAddress(ipaddress.ip_address(host))
-    except ValueError:
-        return x509.DNSName(host.encode("idna").decode("ascii").lower().rstrip("."))
-
-
 def verify_leaf_issued_by(leaf_der: bytes | None, ca_pem: PemLike, hostname: str) -> None:
     """AuthError unless ``leaf_der`` is a valid server certificate for ``hostname``
     issued by the CA ``ca_pem`` (signature, validity dates, serverAuth, name)."""
@@ -127,8 +118,8 @@ def verify_leaf_issued_by(leaf_der: bytes | None, ca_pem: PemLike, hostname: str
     try:
         ca = load_certificate(ca_pem)
         leaf = x509.load_der_x509_certificate(leaf_der)
-        subject = _subject_for(hostname)
-    except (ValueError, UnicodeError) as exc:
+        subject = host_name(hostname)
+    except (ValueError, ConfigError) as exc:
         raise AuthError(f"cannot check the server certificate: {exc}") from None
     store = verification.Store([ca])
     verifier = verification.PolicyBuilder().store(store).build_server_verifier(subject)
@@ -166,12 +157,7 @@ def peer_certificate_serial(ssl_object: ssl.SSLSocket | ssl.SSLObject | None) ->
 def peer_certificate_user(ssl_object: ssl.SSLSocket | ssl.SSLObject | None) -> str | None:
     """CN of the peer's certificate (the user it was issued to), or None."""
     der = _peer_der(ssl_object)
-    if not der:
-        return None
-    names = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(
-        x509.NameOID.COMMON_NAME
-    )
-    return str(names[0].value) if names else None
+    return certificate_user(der) if der else None
 
 
 def connect(

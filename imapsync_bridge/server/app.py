@@ -55,7 +55,7 @@ def init_server(data_dir: Path, hostname: str, sync_port: int = 4465) -> Path:
 def new_pairing_code(config: ServerConfig, store: PhoneStore, user: str) -> str:
     """A fresh one-time code for ``user``; it names our CA so the agent can check us."""
     store.get_user(user)
-    fingerprint = pki.ca_fingerprint((config.data_dir / "ca.crt").read_bytes())
+    fingerprint = pki.ca_fingerprint((config.data_dir / pki.CA_CRT).read_bytes())
     code, token_hash = pki.make_pairing_code(fingerprint)
     store.set_pairing_code(user, token_hash)
     return code

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import ssl
 from collections.abc import Callable
@@ -31,22 +30,12 @@ Reply = dict[str, Any] | None
 FrameObserver = Callable[[str | None, dict[str, Any]], None]
 
 
-class ServerPaths:
-    """Files that ``server init`` writes into the data directory."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.ca_crt = data_dir / "ca.crt"
-        self.ca_key = data_dir / "ca.key"
-        self.server_crt = data_dir / "server.crt"
-        self.server_key = data_dir / "server.key"
-
-
 class SyncSessionHandler:
     """Per-connection state; one ``on_<type>`` method per frame type."""
 
-    def __init__(self, store: PhoneStore, paths: ServerPaths, user: str | None, peer: str):
+    def __init__(self, store: PhoneStore, data_dir: Path, user: str | None, peer: str):
         self.store = store
-        self.paths = paths
+        self.data_dir = data_dir
         self.user = user
         self.peer = peer
         self.greeted = False
@@ -62,32 +51,28 @@ class SyncSessionHandler:
         return handler(frame)
 
     def on_ca(self, frame: dict[str, Any]) -> Reply:
-        return {"type": "ca_cert", "pem": self.paths.ca_crt.read_text()}
+        return {"type": "ca_cert", "pem": (self.data_dir / pki.CA_CRT).read_text()}
 
     def on_pair(self, frame: dict[str, Any]) -> Reply:
         token, _fingerprint = pki.parse_pairing_code(frame["code"])
-        user = self.store.consume_pairing_code(hashlib.sha256(token.encode()).hexdigest())
+        user = self.store.consume_pairing_code(pki.token_hash(token))
         if user is None:
             raise AuthError("pairing code is wrong, used or expired")
+        ca_key, ca_cert = pki.load_ca(self.data_dir)
         cert_pem, serial, not_after = pki.issue_client_cert(
-            self.paths.ca_key.read_bytes(),
-            self.paths.ca_crt.read_bytes(),
-            frame["csr"].encode(),
-            user,
+            ca_key, ca_cert, frame["csr"].encode(), user
         )
         self.store.register_certificate(user, serial, not_after)
         log.info("paired a new agent for %s (certificate %x); older ones revoked", user, serial)
         return {
             "type": "paired",
             "user": user,
-            "certificate": cert_pem.decode() if isinstance(cert_pem, bytes) else cert_pem,
+            "certificate": cert_pem,
             "window": self.store.get_user(user).window,
         }
 
     def on_hello(self, frame: dict[str, Any]) -> Reply:
         assert self.user is not None
-        if frame["protocol"] != 1:
-            raise ProtocolError(f"unsupported protocol version {frame['protocol']}")
         self.greeted = True
         user = self.store.get_user(self.user)
         log.info("%s: session for %s from %s", self.user, frame["agent"], self.peer)
@@ -121,26 +106,17 @@ class SyncSessionHandler:
             "action_seq": snap.action_seq,
         }
 
-    def on_op(self, frame: dict[str, Any]) -> Reply:
-        self._apply([frame])
-        return {"type": "ack", "seq": frame["seq"]}
-
     def on_ops(self, frame: dict[str, Any]) -> Reply:
         """A batch: one transaction (one fsync) for all of it, acked once committed."""
-        if not frame["ops"]:
-            raise ProtocolError("frame 'ops': field 'ops' must not be empty")
-        self._apply(frame["ops"])
-        return {"type": "acked", "up_to": frame["ops"][-1]["seq"]}
-
-    def _apply(self, items: list[dict[str, Any]]) -> None:
         assert self.user is not None
         batch = []
-        for item in items:
+        for item in frame["ops"]:
             op = dict(item["op"])
             if "raw" in op:
                 op["raw"] = framing.b64decode_field(op["raw"], "raw")
             batch.append((item["seq"], op))
         self.store.apply_ops(self.user, batch)
+        return {"type": "acked", "up_to": batch[-1][0]}
 
     def on_fetch(self, frame: dict[str, Any]) -> Reply:
         assert self.user is not None
@@ -183,10 +159,10 @@ class SyncListener:
     ) -> None:
         self.store = store
         self.observer = observer
-        self.paths = ServerPaths(data_dir)
+        self.data_dir = data_dir
         self.max_frame = max_frame
         self.context = tls.server_context(
-            self.paths.ca_crt, self.paths.server_crt, self.paths.server_key
+            data_dir / pki.CA_CRT, data_dir / pki.SERVER_CRT, data_dir / pki.SERVER_KEY
         )
         self._sessions: set[asyncio.Task[None]] = set()
 
@@ -211,14 +187,12 @@ class SyncListener:
         user = self.store.user_for_certificate(serial) if serial is not None else None
         if serial is not None and user is None:
             log.warning("%s: refused certificate %x (unknown or revoked)", peer, serial)
-        handler = SyncSessionHandler(self.store, self.paths, user, peer)
+        handler = SyncSessionHandler(self.store, self.data_dir, user, peer)
         try:
             while True:
                 try:
-                    frame = await asyncio.wait_for(
-                        framing.read_frame_async(reader, self.max_frame), IDLE_TIMEOUT
-                    )
-                except (ConnectionLost, asyncio.IncompleteReadError, TimeoutError):
+                    frame = await framing.read_frame_async(reader, self.max_frame, IDLE_TIMEOUT)
+                except ConnectionLost:  # the peer left, or stayed silent too long
                     return
                 if self.observer is not None:
                     self.observer(user, frame)
