@@ -165,7 +165,7 @@ class Phone:
 def plan_merge(desktop: Desktop, phone: Phone, ledger: Ledger) -> tuple[MergePlan, set[str]]:
     """Facts exactly as the agent gathers them, then merge. Returns (plan, scope)."""
     phone_now = phone.facts()
-    scope = keys_in_scope(ledger, phone_now) | phone.destroyed
+    scope = keys_in_scope(ledger, phone_now, phone.destroyed)
     facts = {key: desktop.fact(key) for key in scope}
     return merge(ledger, facts, phone_now, sorted(phone.destroyed)), scope
 

@@ -7,6 +7,8 @@ again after a crash finds the work already done and changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -35,12 +37,16 @@ class DesktopStatus:
     inbox: MailboxStatus
     trash: MailboxStatus
 
-    def fingerprint(self) -> str:
-        """Changes whenever either mailbox changed (used by the no-change fast path)."""
-        parts = []
-        for status in (self.inbox, self.trash):
-            parts += [status.uidvalidity, status.uidnext, status.messages, status.highestmodseq]
-        return ":".join(str(part) for part in parts)
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> DesktopStatus:
+        data = json.loads(text)
+        return cls(MailboxStatus(**data["inbox"]), MailboxStatus(**data["trash"]))
+
+    def of(self, where: Where) -> MailboxStatus:
+        return self.inbox if where is Where.INBOX else self.trash
 
 
 class DesktopSide:

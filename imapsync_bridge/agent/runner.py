@@ -95,7 +95,7 @@ def status(config: AgentConfig) -> dict[str, Any]:
             "last_sync": state.get("last_sync"),
             "last_result": state.get("last_result"),
             "last_error": state.get("last_error"),
-            "pending_actions": len(state.pending()),
+            "pending_actions": state.pending_count(),
             "mapped": sum(
                 e.desktop is Where.INBOX and e.phone is Where.INBOX for e in ledger.values()
             ),

@@ -22,7 +22,7 @@ from typing import Any
 
 from imapsync_bridge.agent.desktop import DesktopSide, DesktopStatus, ordered_for_apply
 from imapsync_bridge.agent.link import ServerLink
-from imapsync_bridge.agent.state import AgentState
+from imapsync_bridge.agent.state import AgentState, PendingOp
 from imapsync_bridge.errors import ImapError, MessageError
 from imapsync_bridge.model import (
     DesktopFact,
@@ -77,6 +77,33 @@ class SessionReport:
             "evicted": self.evicted,
             "quarantined": len(self.quarantined),
         }
+
+
+@dataclass(frozen=True)
+class LastSession:
+    """What the last completed session left in the state, read once per session."""
+
+    status: DesktopStatus | None  # both mailboxes' STATUS as the session recorded it
+    window: int | None
+    held: int  # messages whose desktop action failed
+    quarantined: bool
+
+    @classmethod
+    def load(cls, state: AgentState) -> LastSession:
+        meta = state.meta()
+        saved = meta.get("desktop_status")
+        window = meta.get("window")
+        return cls(
+            status=DesktopStatus.from_json(saved) if saved else None,
+            window=int(window) if window else None,
+            held=int(meta.get("held", "0")),
+            quarantined=bool(state.quarantined()),
+        )
+
+    def same_uidvalidity(self, where: Where, now: DesktopStatus) -> bool:
+        return self.status is not None and (
+            self.status.of(where).uidvalidity == now.of(where).uidvalidity
+        )
 
 
 @dataclass(frozen=True)
@@ -145,25 +172,26 @@ class SyncSession:
 
     def run(self) -> SessionReport:
         started = time.monotonic()
+        last = LastSession.load(self.state)
         journal = self.state.pending()
         snapshot = self.link.hello(self.state.agent_instance(), with_snapshot=not journal)
         self.state.skip_sequence_past(self.link.last_seq)
         if snapshot is None:
-            self._resend_journal()
+            self._resend(journal)
             snapshot = self.link.request({"type": "snapshot"}, "snapshot")
         window = snapshot["window"]
 
         before_status = self.desktop.status()
-        if self._nothing_changed(snapshot, before_status):
+        if self._nothing_changed(last, snapshot, before_status):
             self.report.fast_path = True
             self.report.seconds = time.monotonic() - started
             self.state.set_many(_done_meta(), durable=False)
             return self.report
 
-        ledger = self._ledger_for(before_status)
+        ledger = self._ledger_for(last, before_status)
         phone = phone_facts(snapshot)
-        scope = keys_in_scope(ledger, phone) | set(snapshot["destroyed"])
-        facts = self.desktop.facts(scope, ledger, self._uidnext_since(before_status))
+        scope = keys_in_scope(ledger, phone, snapshot["destroyed"])
+        facts = self.desktop.facts(scope, ledger, _uidnext_since(last, before_status))
         plan = merge(ledger, facts, phone, snapshot["destroyed"])
         if not self.options.allow_mass_delete:
             check_mass_delete(plan.desktop_deletions, window, self.options.mass_delete_share)
@@ -177,8 +205,12 @@ class SyncSession:
         # landing meanwhile shows at the next session. Without desktop actions of ours
         # the session's first one serves (and spares a second SELECT of the inbox).
         status = self.desktop.status() if self.report.desktop_actions else before_status
-        if not self._window_unchanged(plan, before_status, window):
-            added_since = self._only_added_since(plan, held, before_status, window)
+        moved = any(isinstance(a, STRUCTURAL) for a in [*plan.desktop, *plan.phone])
+        same_window = last.window == window and not moved and not self.report.quarantined
+        if not (same_window and _same_inbox(last, before_status)):
+            added_since = None
+            if same_window and not held and not last.held and not last.quarantined:
+                added_since = _only_added_since(last, before_status, plan.ledger)
             ledger = self._normalize_and_pull(ledger, window, held, added_since)
         # A held message's tombstone or restore must survive until its action succeeds.
         keep_actions = held & (set(snapshot["destroyed"]) | set(snapshot["restored"]))
@@ -188,12 +220,7 @@ class SyncSession:
         meta = _done_meta()
         meta.update(
             {
-                "desktop_status": status.fingerprint(),
-                "inbox_shape": _shape(status),
-                "inbox_uidvalidity": status.inbox.uidvalidity,
-                "trash_uidvalidity": status.trash.uidvalidity,
-                "inbox_uidnext": status.inbox.uidnext,
-                "trash_uidnext": status.trash.uidnext,
+                "desktop_status": status.to_json(),
                 "window": window,
                 "user": self.link.user,
                 "held": len(held),
@@ -205,12 +232,13 @@ class SyncSession:
         return self.report
 
     # -- steps -----------------------------------------------------------------------
-    def _resend_journal(self) -> None:
-        self.state.acknowledged(self.link.last_seq)  # the server applied these already
-        pending = self.state.pending()
+    def _resend(self, journal: list[PendingOp]) -> None:
+        """Send what an earlier session journaled and the server did not apply."""
+        self._note_acked(self.link.last_seq)  # the server applied these already
+        pending = [op for op in journal if op.seq > self.link.last_seq]
         if pending:
             log.info("resending %d unacknowledged action(s) from an earlier session", len(pending))
-            self.link.send_ops(pending, self.state.acknowledged)
+            self.link.send_ops(pending, self._note_acked)
 
     def _apply_desktop(
         self, plan: MergePlan, facts: dict[str, DesktopFact], saved: dict[str, LedgerEntry]
@@ -244,91 +272,33 @@ class SyncSession:
             self.report.desktop_actions += 1
         return ledger, held
 
-    def _nothing_changed(self, snapshot: dict[str, Any], status: DesktopStatus) -> bool:
-        if snapshot["action_seq"] or snapshot["destroyed"]:
-            return False
-        if self.state.get_int("held"):
-            return False  # an action failed last time: try it again
-        if self.state.get("window") != str(snapshot["window"]):
-            return False
-        saved = self.state.get("desktop_status")
-        return saved is not None and saved == status.fingerprint()
-
-    def _window_unchanged(self, plan: MergePlan, before: DesktopStatus, window: int) -> bool:
-        """True when the last session's window still holds: no message entered or left.
-
-        The same UIDVALIDITY, UIDNEXT and message count mean the same set of UIDs (a
-        new message takes a new UID), and no action of this session moved one.
-        """
-        moved = any(isinstance(a, STRUCTURAL) for a in [*plan.desktop, *plan.phone])
+    def _nothing_changed(
+        self, last: LastSession, snapshot: dict[str, Any], status: DesktopStatus
+    ) -> bool:
         return (
-            not moved
-            and not self.report.quarantined
-            and self.state.get("window") == str(window)
-            and self.state.get("inbox_shape") == _shape(before)
+            not snapshot["action_seq"]
+            and not snapshot["destroyed"]
+            and not last.held  # an action failed last time: try it again
+            and last.window == snapshot["window"]
+            and last.status == status
         )
 
-    def _uidnext_since(self, status: DesktopStatus) -> dict[Where, int | None]:
-        """Each mailbox's UIDNEXT of the last session, where its UIDVALIDITY held."""
-        since: dict[Where, int | None] = {}
-        for where, mailbox, name in (
-            (Where.INBOX, status.inbox, "inbox"),
-            (Where.TRASH, status.trash, "trash"),
-        ):
-            same = self.state.get(f"{name}_uidvalidity") == str(mailbox.uidvalidity)
-            saved = self.state.get(f"{name}_uidnext")
-            since[where] = int(saved) if same and saved is not None else None
-        return since
-
-    def _ledger_for(self, status: DesktopStatus) -> dict[str, LedgerEntry]:
+    def _ledger_for(self, last: LastSession, status: DesktopStatus) -> dict[str, LedgerEntry]:
         """The saved ledger, with UIDs forgotten where UIDVALIDITY changed."""
         ledger = self.state.ledger()
-        for where, mailbox, saved_name in (
-            (Where.INBOX, status.inbox, "inbox_uidvalidity"),
-            (Where.TRASH, status.trash, "trash_uidvalidity"),
-        ):
-            saved = self.state.get(saved_name)
-            if saved is not None and int(saved) != mailbox.uidvalidity:
-                log.warning(
-                    "UIDVALIDITY of the %s changed (%s -> %s): re-mapping by Message-ID",
-                    where.value,
-                    saved,
-                    mailbox.uidvalidity,
-                )
-                for key, entry in ledger.items():
-                    if entry.desktop is where:
-                        ledger[key] = replace(entry, uid=None)
-        return ledger
-
-    def _only_added_since(
-        self, plan: MergePlan, held: set[str], before: DesktopStatus, window: int
-    ) -> int | None:
-        """The inbox's UIDNEXT of the last session when since then messages were only
-        added to the inbox (none left it, none was skipped): the new window is then the
-        newest of the last window and the new UIDs, no sort of the whole inbox needed."""
-        shape = self.state.get("inbox_shape", "")
-        saved = shape.split(":") if shape else []
-        unchanged = (
-            len(saved) == 3
-            and saved[0] == str(before.inbox.uidvalidity)
-            and not self.report.desktop_actions
-            and not held
-            and not self.report.quarantined
-            and not self.state.quarantined()
-            and not self.state.get_int("held")
-            and self.state.get("window") == str(window)
-            and not any(isinstance(a, STRUCTURAL) for a in plan.desktop)
-            and all(
-                e.uid is not None and e.internaldate is not None
-                for e in plan.ledger.values()
-                if e.desktop is Where.INBOX and e.phone is Where.INBOX
+        for where in (Where.INBOX, Where.TRASH):
+            if last.status is None or last.same_uidvalidity(where, status):
+                continue
+            log.warning(
+                "UIDVALIDITY of the %s changed (%s -> %s): re-mapping by Message-ID",
+                where.value,
+                last.status.of(where).uidvalidity,
+                status.of(where).uidvalidity,
             )
-        )
-        if not unchanged:
-            return None
-        uidnext, messages = int(saved[1]), int(saved[2])
-        added = before.inbox.uidnext - uidnext
-        return uidnext if before.inbox.messages == messages + added else None
+            for key, entry in ledger.items():
+                if entry.desktop is where:
+                    ledger[key] = replace(entry, uid=None)
+        return ledger
 
     def _normalize_and_pull(
         self,
@@ -405,9 +375,46 @@ def _mapped(ledger: dict[str, LedgerEntry]) -> list[DesktopMessage]:
     ]
 
 
-def _shape(status: DesktopStatus) -> str:
-    inbox = status.inbox
-    return f"{inbox.uidvalidity}:{inbox.uidnext}:{inbox.messages}"
+def _uidnext_since(last: LastSession, now: DesktopStatus) -> dict[Where, int | None]:
+    """Each mailbox's UIDNEXT of the last session, where its UIDVALIDITY held."""
+    return {
+        where: last.status.of(where).uidnext
+        if last.status is not None and last.same_uidvalidity(where, now)
+        else None
+        for where in (Where.INBOX, Where.TRASH)
+    }
+
+
+def _same_inbox(last: LastSession, now: DesktopStatus) -> bool:
+    """The same UIDVALIDITY, UIDNEXT and count: the same set of UIDs (a new message
+    takes a new UID), so the last window still holds."""
+    if last.status is None:
+        return False
+    then, inbox = last.status.inbox, now.inbox
+    return (then.uidvalidity, then.uidnext, then.messages) == (
+        inbox.uidvalidity,
+        inbox.uidnext,
+        inbox.messages,
+    )
+
+
+def _only_added_since(
+    last: LastSession, now: DesktopStatus, ledger: dict[str, LedgerEntry]
+) -> int | None:
+    """The inbox's UIDNEXT of the last session when since then messages were only added
+    (its count grew by exactly the number of new UIDs) and the last window is fully
+    known: the new window is then the newest of the last one and the new UIDs."""
+    if last.status is None or not last.same_uidvalidity(Where.INBOX, now):
+        return None
+    if any(
+        e.uid is None or e.internaldate is None
+        for e in ledger.values()
+        if e.desktop is Where.INBOX and e.phone is Where.INBOX
+    ):
+        return None
+    then = last.status.inbox
+    added = now.inbox.uidnext - then.uidnext
+    return then.uidnext if now.inbox.messages == then.messages + added else None
 
 
 def _done_meta() -> dict[str, str | int | None]:

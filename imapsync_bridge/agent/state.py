@@ -99,6 +99,10 @@ class AgentState:
         row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return row[0] if row else default
 
+    def meta(self) -> dict[str, str]:
+        """All small facts at once (one read per session instead of one per fact)."""
+        return dict(self._db.execute("SELECT name, value FROM meta").fetchall())
+
     def get_int(self, name: str, default: int = 0) -> int:
         value = self.get(name)
         return int(value) if value is not None else default
@@ -191,13 +195,12 @@ class AgentState:
             self._set_many(db, {"next_seq": seq})
         return pending
 
+    def pending_count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM outgoing").fetchone()[0])
+
     def pending(self) -> list[PendingOp]:
         rows = self._db.execute("SELECT seq, op, raw FROM outgoing ORDER BY seq")
         return [PendingOp(seq, json.loads(op), raw) for seq, op, raw in rows]
-
-    def acknowledged(self, up_to_seq: int) -> None:
-        with self.transaction() as db:
-            db.execute("DELETE FROM outgoing WHERE seq <= ?", (up_to_seq,))
 
     def skip_sequence_past(self, server_last_seq: int) -> None:
         """A restored backup must not reuse numbers the server already applied."""

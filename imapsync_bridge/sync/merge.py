@@ -46,14 +46,20 @@ class MergePlan:
     desktop_deletions: int = 0  # mapped messages the desktop deleted or destroyed
 
 
-def keys_in_scope(ledger: Mapping[str, LedgerEntry], phone: Mapping[str, PhoneFact]) -> set[str]:
+def keys_in_scope(
+    ledger: Mapping[str, LedgerEntry],
+    phone: Mapping[str, PhoneFact],
+    destroyed_on_phone: Iterable[str] = (),
+) -> set[str]:
     """Keys whose desktop location the agent must find before :func:`merge`.
 
     Messages the phone does not hold (evicted, or trashed long ago) are out of scope:
-    whatever the desktop does with them cannot change the phone.
+    whatever the desktop does with them cannot change the phone; what the phone user
+    destroyed is in it (the desktop copy goes too).
     """
     keys = {key for key, entry in ledger.items() if entry.phone is not Where.GONE}
     keys.update(phone)
+    keys.update(destroyed_on_phone)
     return keys
 
 
@@ -168,7 +174,7 @@ def merge(
     phone_now = dict(phone)
     for key in destroyed_on_phone:
         phone_now.setdefault(key, PhoneFact(Where.DESTROYED))
-    scope = keys_in_scope(ledger, phone_now)
+    scope = keys_in_scope(ledger, phone_now)  # the tombstones are in phone_now
     missing = scope - desktop.keys()
     if missing:
         raise ValueError(f"no desktop fact for {len(missing)} message(s) in scope")
