@@ -372,3 +372,18 @@ def test_new_mail_of_any_arrival_time_takes_its_place_in_the_window(
     assert "added since UID" not in caplog.text
     assert bridge.phone_inbox_ids() == [ids[n] for n in (10, 9, 8, 12, 7, 6)]
     bridge.assert_in_sync()
+
+
+def test_deletes_on_the_phone_reach_the_desktop_in_one_move(
+    bridge: Bridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="imapsync_bridge")
+    ids = [bridge.deliver(n) for n in range(1, 11)]
+    bridge.sync_ok()
+    for message_id in ids[7:]:
+        bridge.phone("delete", str(bridge.phone_id(message_id)))
+    caplog.clear()
+    bridge.sync_ok()
+    assert caplog.text.count("moved 3 message(s) to Trash") == 1
+    assert set(ids[7:]) <= set(bridge.desktop_ids("Trash"))
+    bridge.assert_in_sync()

@@ -314,16 +314,16 @@ def test_fetch_raw_exact_bytes_limit_and_gone(dovecot, imap_user, mbox):
 def test_store_flags_sets_exactly_seen_and_flagged_leaving_others(dovecot, imap_user, mbox):
     uid = dovecot.append(imap_user, dovecot.make_message(1), T0, [b"\\Answered", b"$Work"])
     mbox.select("INBOX")
-    mbox.store_flags(uid, model.Flags(seen=True, flagged=True))
+    mbox.store_flags([uid], model.Flags(seen=True, flagged=True))
     assert mbox.flags([uid])[uid] == model.Flags(seen=True, flagged=True)
-    mbox.store_flags(uid, model.Flags(seen=False, flagged=True))
+    mbox.store_flags([uid], model.Flags(seen=False, flagged=True))
     assert mbox.flags([uid])[uid] == model.Flags(seen=False, flagged=True)
-    mbox.store_flags(uid, model.Flags(seen=False, flagged=True))  # no change: fine
+    mbox.store_flags([uid], model.Flags(seen=False, flagged=True))  # no change: fine
     with dovecot.client(imap_user) as c:
         c.select_folder("INBOX", readonly=True)
         assert set(c.get_flags([uid])[uid]) == {b"\\Answered", b"$Work", b"\\Flagged"}
     with pytest.raises(MessageError):
-        mbox.store_flags(uid + 5, model.Flags(seen=True))
+        mbox.store_flags([uid + 5], model.Flags(seen=True))
 
 
 def test_move_to_trash_returns_new_uids_and_keeps_internaldate(dovecot, imap_user, mbox):

@@ -10,13 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, TypeVar
 
 from imapsync_bridge.agent.imap import ImapMailbox
 from imapsync_bridge.agent.imap_session import MailboxStatus
-from imapsync_bridge.errors import MessageError
-from imapsync_bridge.model import DesktopFact, DesktopMessage, LedgerEntry, Where
+from imapsync_bridge.errors import ImapError, MessageError
+from imapsync_bridge.model import DesktopFact, DesktopMessage, Flags, LedgerEntry, Where
 from imapsync_bridge.sync.normalize import window_of
 from imapsync_bridge.sync.ops import (
     AppendToDesktop,
@@ -29,6 +31,7 @@ from imapsync_bridge.sync.ops import (
 log = logging.getLogger(__name__)
 
 FetchFromPhone = Callable[[str], bytes]
+A = TypeVar("A", bound=DesktopAction)
 SCAN_LIMIT = 500  # newest (or new) messages looked at before searching key by key
 
 
@@ -182,53 +185,147 @@ class DesktopSide:
         return self.imap.fetch_raws(uids, max_size)
 
     # -- actions ---------------------------------------------------------------------
-    def apply(
+    def apply_all(
         self,
-        action: DesktopAction,
-        fact: DesktopFact,
-        entry: LedgerEntry | None,
+        actions: Sequence[DesktopAction],
+        facts: Mapping[str, DesktopFact],
+        ledger: Mapping[str, LedgerEntry],
         fetch_from_phone: FetchFromPhone,
-    ) -> LedgerEntry | None:
-        """Carry out one action; returns the ledger entry with its new UID, if any."""
-        if isinstance(action, MoveOnDesktop):
-            source = self.inbox if fact.where is Where.INBOX else self.trash
-            dest = self.inbox if action.to is Where.INBOX else self.trash
-            if fact.where is action.to or fact.uid is None:
-                return entry
-            self.imap.ensure_selected(source)
-            moved = self.imap.move([fact.uid], dest)
-            log.info("moved %s to %s", action.key, dest)
-            return replace(entry, uid=moved.get(fact.uid)) if entry else entry
-        if isinstance(action, DestroyOnDesktop):
-            for mailbox in (self.inbox, self.trash):
-                self.imap.ensure_selected(mailbox)
-                uids = self.imap.locate(mailbox, action.key)
-                if uids:
-                    self.imap.expunge_uids(uids)
-                    log.info("destroyed %s in %s", action.key, mailbox)
-            return entry
-        if isinstance(action, SetDesktopFlags):
-            mailbox = self.inbox if (entry and entry.desktop is Where.INBOX) else self.trash
+    ) -> tuple[dict[str, LedgerEntry], dict[str, str]]:
+        """Carry out the desktop actions; returns the ledger with new UIDs and, per
+        message whose action failed, why.
+
+        One IMAP command per kind and mailbox where IMAP allows it: moves grouped by
+        source and destination, destroys of known UIDs, flag changes grouped by the
+        flags to set. A group the server refuses is tried again one message at a time,
+        so only the messages that really fail are reported. Moves come first, so flags
+        land on a message's new home. Every action finds its message by what the facts
+        and the ledger say now, so applying it again after a crash changes nothing.
+        """
+        entries = dict(ledger)
+        failed: dict[str, str] = {}
+        moves = [a for a in actions if isinstance(a, MoveOnDesktop)]
+        for (source, dest), move_group in _grouped(moves, lambda a: (facts[a.key].where, a.to)):
+            if source is not dest:
+                known = [a for a in move_group if facts[a.key].uid is not None]
+                run = partial(self._move, facts=facts, entries=entries, source=source, dest=dest)
+                self._each_or_all(known, run, failed)
+        destroys = [a for a in actions if isinstance(a, DestroyOnDesktop)]
+        for where, destroy_group in _grouped(destroys, lambda a: facts[a.key].where):
+            self._each_or_all(
+                destroy_group, partial(self._destroy, facts=facts, where=where), failed
+            )
+        appends = [a for a in actions if isinstance(a, AppendToDesktop)]
+        for append in appends:
+            run_append = partial(self._append, entries=entries, fetch_from_phone=fetch_from_phone)
+            self._each_or_all([append], run_append, failed)
+        flag_sets = [a for a in actions if isinstance(a, SetDesktopFlags) and a.key not in failed]
+        for (home, flags), flag_group in _grouped(
+            flag_sets, lambda a: (_home(entries.get(a.key)), a.flags)
+        ):
+            run_flags = partial(self._set_flags, entries=entries, where=home, flags=flags)
+            self._each_or_all(flag_group, run_flags, failed)
+        return entries, failed
+
+    @staticmethod
+    def _each_or_all(
+        group: Sequence[A], run: Callable[[list[A]], None], failed: dict[str, str]
+    ) -> None:
+        if not group:
+            return
+        try:
+            run(list(group))
+        except (MessageError, ImapError) as exc:
+            if len(group) == 1:
+                failed[group[0].key] = f"{type(group[0]).__name__}: {exc}"
+                return
+            for action in group:
+                DesktopSide._each_or_all([action], run, failed)
+
+    def _mailbox(self, where: Where) -> str:
+        return self.inbox if where is Where.INBOX else self.trash
+
+    def _move(
+        self,
+        batch: list[MoveOnDesktop],
+        facts: Mapping[str, DesktopFact],
+        entries: dict[str, LedgerEntry],
+        source: Where,
+        dest: Where,
+    ) -> None:
+        self.imap.ensure_selected(self._mailbox(source))
+        old = {facts[a.key].uid: a.key for a in batch}
+        moved = self.imap.move([uid for uid in old if uid is not None], self._mailbox(dest))
+        for uid, key in old.items():
+            if key in entries:
+                entries[key] = replace(entries[key], uid=moved.get(uid) if uid else None)
+        log.info("moved %d message(s) to %s", len(batch), self._mailbox(dest))
+
+    def _destroy(
+        self, batch: list[DestroyOnDesktop], facts: Mapping[str, DesktopFact], where: Where
+    ) -> None:
+        self.imap.ensure_selected(self._mailbox(where))
+        uids: list[int] = []
+        for action in batch:
+            uid = facts[action.key].uid
+            # A message never seen under a UID here is looked for by its key.
+            uids += [uid] if uid is not None else self.imap.locate(self._mailbox(where), action.key)
+        self.imap.expunge_uids(uids)
+        log.info("destroyed %d message(s) in %s", len(batch), self._mailbox(where))
+
+    def _append(
+        self,
+        batch: list[AppendToDesktop],
+        entries: dict[str, LedgerEntry],
+        fetch_from_phone: FetchFromPhone,
+    ) -> None:
+        (action,) = batch
+        mailbox = self._mailbox(action.to)
+        self.imap.ensure_selected(mailbox)
+        if self.imap.locate(mailbox, action.key):
+            return  # already there: an earlier run appended it
+        entry = entries.get(action.key)
+        if entry is None or entry.internaldate is None:
+            raise MessageError(f"{action.key}: the phone gave no arrival time to append it")
+        raw = fetch_from_phone(action.key)
+        uid = self.imap.append(mailbox, raw, entry.internaldate, action.flags)
+        entries[action.key] = replace(entry, uid=uid)
+        log.info("appended %s from the phone into %s", action.key, mailbox)
+
+    def _set_flags(
+        self,
+        batch: list[SetDesktopFlags],
+        entries: dict[str, LedgerEntry],
+        where: Where,
+        flags: Flags,
+    ) -> None:
+        mailbox = self._mailbox(where)
+        self.imap.ensure_selected(mailbox)
+        uids = []
+        for action in batch:
+            entry = entries.get(action.key)
             uid = entry.uid if entry else None
-            self.imap.ensure_selected(mailbox)
             if uid is None:
                 located = self.imap.locate(mailbox, action.key)
                 uid = located[0] if located else None
+                if entry is not None and uid is not None:
+                    entries[action.key] = replace(entry, uid=uid)
             if uid is not None:
-                self.imap.store_flags(uid, action.flags)
-            return replace(entry, uid=uid) if entry else entry
-        if isinstance(action, AppendToDesktop):
-            mailbox = self.inbox if action.to is Where.INBOX else self.trash
-            self.imap.ensure_selected(mailbox)
-            if self.imap.locate(mailbox, action.key):
-                return entry  # already there: an earlier run appended it
-            if entry is None or entry.internaldate is None:
-                raise MessageError(f"{action.key}: the phone gave no arrival time to append it")
-            raw = fetch_from_phone(action.key)
-            uid = self.imap.append(mailbox, raw, entry.internaldate, action.flags)
-            log.info("appended %s from the phone into %s", action.key, mailbox)
-            return replace(entry, uid=uid)
-        raise TypeError(f"unknown desktop action {action!r}")
+                uids.append(uid)
+        self.imap.store_flags(uids, flags)
+
+
+def _home(entry: LedgerEntry | None) -> Where:
+    """Where a message is on the desktop once the moves are done."""
+    return Where.INBOX if entry is not None and entry.desktop is Where.INBOX else Where.TRASH
+
+
+def _grouped(actions: Iterable[A], key: Callable[[A], Hashable]) -> list[tuple[Any, list[A]]]:
+    """Actions grouped by ``key``, in the order each group first appears."""
+    groups: dict[Hashable, list[A]] = {}
+    for action in actions:
+        groups.setdefault(key(action), []).append(action)
+    return list(groups.items())
 
 
 def _newest_first(messages: list[DesktopMessage]) -> list[DesktopMessage]:
@@ -250,12 +347,3 @@ def _enough(found: list[DesktopMessage], count: int, skip: set[str], fetched: in
 
 def _fact(where: Where, message: DesktopMessage) -> DesktopFact:
     return DesktopFact(where, message.flags, message.uid, message.internaldate)
-
-
-def ordered_for_apply(actions: Iterable[DesktopAction]) -> list[DesktopAction]:
-    """Moves and appends before flag changes, so flags land on the message's new home."""
-    first = (MoveOnDesktop, AppendToDesktop, DestroyOnDesktop)
-    actions = list(actions)
-    return [a for a in actions if isinstance(a, first)] + [
-        a for a in actions if not isinstance(a, first)
-    ]

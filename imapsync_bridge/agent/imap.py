@@ -339,25 +339,29 @@ class ImapMailbox(ImapSession):
 
     # -- changing ------------------------------------------------------------------------------
 
-    def store_flags(self, uid: int, flags: model.Flags) -> None:
-        """Set \\Seen and \\Flagged of *uid* exactly as given; other flags untouched.
-        MessageError when the message is gone."""
+    def store_flags(self, uids: Sequence[int], flags: model.Flags) -> None:
+        """Set \\Seen and \\Flagged of *uids* exactly as given (one STORE per direction);
+        other flags untouched. MessageError naming the UIDs that no longer exist."""
         self._require_selected()
+        uids = sorted(set(uids))
+        if not uids:
+            return
         add = [n for n, on in (("\\Seen", flags.seen), ("\\Flagged", flags.flagged)) if on]
         remove = [n for n, on in (("\\Seen", flags.seen), ("\\Flagged", flags.flagged)) if not on]
-        with self._guard(f"STORE UID {uid}"):
-            reported: set[int] = set()
-            for op, names in (("+FLAGS", add), ("-FLAGS", remove)):
-                if names:
-                    _t, untagged = self._uid_command(
-                        "STORE", str(int(uid)), op, f"({' '.join(names)})"
-                    )
-                    fetched = untagged.get("FETCH", [])
-                    if fetched:
-                        reported.update(by_uid(fetched))
-        # UID STORE on a missing UID is a silent no-op: look whether it still exists.
-        if uid not in reported and not self.existing([uid]):
-            raise MessageError(f"UID {uid} in {self._selected} no longer exists")
+        reported: set[int] = set()
+        with self._guard(f"STORE {len(uids)} message(s)"):
+            for chunk in chunks(uids):
+                for op, names in (("+FLAGS", add), ("-FLAGS", remove)):
+                    if names:
+                        _t, untagged = self._uid_command(
+                            "STORE", msgset(chunk), op, f"({' '.join(names)})"
+                        )
+                        reported.update(by_uid(untagged.get("FETCH", [])))
+        # UID STORE on a missing UID is a silent no-op: look whether they still exist.
+        unsure = set(uids) - reported
+        gone = sorted(unsure - self.existing(unsure)) if unsure else []
+        if gone:
+            raise MessageError(f"UID(s) {msgset(gone)} in {self._selected} no longer exist")
 
     def move(self, uids: Sequence[int], dest: str) -> dict[int, int]:
         """Move *uids* of the selected mailbox to *dest*; returns old UID → new UID

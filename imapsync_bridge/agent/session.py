@@ -20,10 +20,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from imapsync_bridge.agent.desktop import DesktopSide, DesktopStatus, ordered_for_apply
+from imapsync_bridge.agent.desktop import DesktopSide, DesktopStatus
 from imapsync_bridge.agent.link import ServerLink
 from imapsync_bridge.agent.state import AgentState, PendingOp
-from imapsync_bridge.errors import ImapError, MessageError
+from imapsync_bridge.errors import MessageError
 from imapsync_bridge.model import (
     DesktopFact,
     DesktopMessage,
@@ -249,28 +249,17 @@ class SyncSession:
         this session's phone actions and normalization, so the next session plans it
         again from the same starting point (and the phone keeps what its user did).
         """
-        ledger = dict(plan.ledger)
-        held: set[str] = set()
-        for action in ordered_for_apply(plan.desktop):
-            if action.key in held:
-                continue
-            fact = facts[action.key]
-            try:
-                updated = self.desktop.apply(
-                    action, fact, ledger.get(action.key), self._fetch_from_phone
-                )
-            except (MessageError, ImapError) as exc:
-                self._quarantine(action.key, fact.uid, f"{type(action).__name__}: {exc}")
-                held.add(action.key)
-                if action.key in saved:
-                    ledger[action.key] = saved[action.key]
-                else:
-                    ledger.pop(action.key, None)
-                continue
-            if updated is not None:
-                ledger[action.key] = updated
-            self.report.desktop_actions += 1
-        return ledger, held
+        ledger, failed = self.desktop.apply_all(
+            plan.desktop, facts, plan.ledger, self._fetch_from_phone
+        )
+        for key, reason in failed.items():
+            self._quarantine(key, facts[key].uid, reason)
+            if key in saved:
+                ledger[key] = saved[key]
+            else:
+                ledger.pop(key, None)
+        self.report.desktop_actions += sum(a.key not in failed for a in plan.desktop)
+        return ledger, set(failed)
 
     def _nothing_changed(
         self, last: LastSession, snapshot: dict[str, Any], status: DesktopStatus
