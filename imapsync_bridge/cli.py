@@ -20,7 +20,7 @@ from imapsync_bridge.config import (
     load_agent_config,
     load_server_config,
 )
-from imapsync_bridge.errors import BridgeError, ConfigError, StoreError
+from imapsync_bridge.errors import BridgeError, ConfigError
 
 log = logging.getLogger("imapsync_bridge")
 
@@ -277,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"imapsync-bridge: {exc}", file=sys.stderr)
         return 2
-    except (BridgeError, StoreError) as exc:
+    except BridgeError as exc:
         print(f"imapsync-bridge: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -50,6 +50,14 @@ def normalize_message_id(raw: bytes | str | None) -> str | None:
     return found.group(0).decode("ascii", "replace")
 
 
+HASH_KEY_PREFIX = "sha256:"
+
+
+def message_id_of(key: str) -> str | None:
+    """The Message-ID a key stands for, or None for a header-hash key."""
+    return None if key.startswith(HASH_KEY_PREFIX) else key
+
+
 def header_hash_key(header_bytes: bytes, size: int) -> str:
     """Key for a message without a Message-ID: hash of its header block and its size.
 
@@ -59,7 +67,7 @@ def header_hash_key(header_bytes: bytes, size: int) -> str:
     digest = hashlib.sha256()
     digest.update(header_bytes.replace(b"\r\n", b"\n"))
     digest.update(str(size).encode())
-    return "sha256:" + digest.hexdigest()[:40]
+    return HASH_KEY_PREFIX + digest.hexdigest()[:40]
 
 
 def message_key(header_bytes: bytes, size: int) -> tuple[str, str | None]:

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -30,9 +30,9 @@ from dovecot import Dovecot
 from imapsync_bridge import cli
 from imapsync_bridge.config import load_server_config
 from imapsync_bridge.server.app import init_server, serve
+from imapsync_bridge.server.listener import FrameObserver
 
 REPO = Path(__file__).resolve().parent.parent
-Observer = Callable[[str | None, dict[str, Any]], None]
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -61,7 +61,7 @@ class Mail:
 class ServerThread:
     """`server run`'s listener in a thread, stoppable, with a frame observer for fault tests."""
 
-    def __init__(self, ini: Path, observer: Observer | None = None) -> None:
+    def __init__(self, ini: Path, observer: FrameObserver | None = None) -> None:
         self.config = load_server_config(ini)
         self.observer = observer
         self.port = 0
@@ -79,7 +79,7 @@ class ServerThread:
                 self.config,
                 stop=self._stop,
                 on_listening=self._listening,
-                observer=self._observe,
+                observer=self.observer,
             )
 
         try:
@@ -89,10 +89,6 @@ class ServerThread:
         except BaseException as exc:  # surfaced by start()
             self._error = exc
             self._ready.set()
-
-    def _observe(self, user: str | None, frame: dict[str, Any]) -> None:
-        if self.observer is not None:
-            self.observer(user, frame)
 
     def _listening(self, port: int) -> None:
         self.port = port
@@ -125,7 +121,7 @@ class Bridge:
         self.code = ""
 
     # -- set-up ----------------------------------------------------------------------
-    def start(self, observer: Observer | None = None) -> Bridge:
+    def start(self, observer: FrameObserver | None = None) -> Bridge:
         init_server(self.server_dir, "127.0.0.1", sync_port=0)
         code, out, err = run_cli(
             "server", "add-user", "--config", str(self.server_ini), self.phone_user,

@@ -58,10 +58,11 @@ class Msg:
 
 
 @dataclass
-class Desktop:
+class Folders:
+    """An inbox and a trash of messages by key: what both sides have in common."""
+
     inbox: dict[str, Msg] = field(default_factory=dict)
     trash: dict[str, Msg] = field(default_factory=dict)
-    next_uid: int = 1
 
     def folder(self, where: Where) -> dict[str, Msg]:
         return self.inbox if where is Where.INBOX else self.trash
@@ -72,6 +73,15 @@ class Desktop:
         if key in self.trash:
             return Where.TRASH, self.trash[key]
         return Where.GONE, None
+
+    def drop(self, key: str) -> None:
+        self.inbox.pop(key, None)
+        self.trash.pop(key, None)
+
+
+@dataclass
+class Desktop(Folders):
+    next_uid: int = 1
 
     def _new_uid(self) -> int:
         self.next_uid += 1
@@ -94,8 +104,7 @@ class Desktop:
         self.folder(to)[key] = Msg(key, msg.internaldate, msg.flags, self._new_uid())
 
     def destroy(self, key: str) -> None:
-        self.inbox.pop(key, None)
-        self.trash.pop(key, None)
+        self.drop(key)
 
     def set_flags(self, key: str, flags: Flags) -> None:
         _, msg = self.locate(key)
@@ -115,21 +124,9 @@ class Desktop:
 
 
 @dataclass
-class Phone:
-    inbox: dict[str, Msg] = field(default_factory=dict)
-    trash: dict[str, Msg] = field(default_factory=dict)
+class Phone(Folders):
     destroyed: set[str] = field(default_factory=set)  # tombstones, until acknowledged
     restored: set[str] = field(default_factory=set)  # user restores, until acknowledged
-
-    def folder(self, where: Where) -> dict[str, Msg]:
-        return self.inbox if where is Where.INBOX else self.trash
-
-    def locate(self, key: str) -> tuple[Where, Msg | None]:
-        if key in self.inbox:
-            return Where.INBOX, self.inbox[key]
-        if key in self.trash:
-            return Where.TRASH, self.trash[key]
-        return Where.GONE, None
 
     def inbox_newest_first(self) -> list[str]:
         return [m.key for m in sorted(self.inbox.values(), key=lambda m: m.internaldate)][::-1]
@@ -145,8 +142,7 @@ class Phone:
 
     def user_destroy(self, key: str) -> None:
         assert self.locate(key)[1] is not None
-        self.inbox.pop(key, None)
-        self.trash.pop(key, None)
+        self.drop(key)
         self.destroyed.add(key)
 
     def facts(self) -> dict[str, PhoneFact]:
@@ -200,8 +196,7 @@ def apply_phone(phone: Phone, actions: list[PhoneAction]) -> None:
                     del phone.folder(where)[key]
                     phone.folder(to)[key] = msg
             case DestroyOnPhone(key):
-                phone.inbox.pop(key, None)
-                phone.trash.pop(key, None)
+                phone.drop(key)
             case EvictFromPhone(key):
                 phone.inbox.pop(key, None)
             case PutOnPhone(key, _uid, flags, internaldate):

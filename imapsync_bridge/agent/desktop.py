@@ -107,7 +107,7 @@ class DesktopSide:
         facts: dict[str, DesktopFact],
     ) -> None:
         """Add to ``facts`` those of ``keys`` found in one mailbox."""
-        mailbox = self.inbox if where is Where.INBOX else self.trash
+        mailbox = self._mailbox(where)
         self.imap.ensure_selected(mailbox)
         by_uid = {
             entry.uid: key
@@ -158,7 +158,7 @@ class DesktopSide:
         partial = self.imap.newest_uids(self.inbox, wanted)
         if partial is not None:
             found = _newest_first(self.imap.summaries(partial, known))
-            if len(partial) < wanted or _enough(found, count, skip, wanted):
+            if len(partial) < wanted or _enough(found, count, skip):
                 return window_of(found, count, skip)
         # No ESORT, or ties/skips at the edge of the partial answer: sort everything.
         order = self.imap.inbox_order(self.inbox)
@@ -332,7 +332,7 @@ def _newest_first(messages: list[DesktopMessage]) -> list[DesktopMessage]:
     return sorted(messages, key=lambda m: (m.internaldate, m.uid), reverse=True)
 
 
-def _enough(found: list[DesktopMessage], count: int, skip: set[str], fetched: int) -> bool:
+def _enough(found: list[DesktopMessage], count: int, skip: set[str]) -> bool:
     """Whether a partial answer certainly holds the window.
 
     It does when the window fills before the oldest message fetched, and that oldest

@@ -300,7 +300,8 @@ class ImapMailbox(ImapSession):
         messages are hashed; an older copy is not found.
         """
         self.ensure_selected(mailbox)
-        if not key.startswith("sha256:") and key.isascii():
+        message_id = model.message_id_of(key)
+        if message_id is not None and message_id.isascii():
             with self._guard(f"SEARCH Message-ID in {mailbox}"):
                 hits = self._client.search(["HEADER", "Message-ID", key])
                 if not hits:

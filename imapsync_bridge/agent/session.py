@@ -32,6 +32,7 @@ from imapsync_bridge.model import (
     PhoneFact,
     QuarantinedMessage,
     Where,
+    message_id_of,
 )
 from imapsync_bridge.protocol import framing
 from imapsync_bridge.sync.breaker import check_mass_delete
@@ -119,7 +120,7 @@ def phone_op(action: PhoneAction) -> dict[str, Any]:
         return {
             "kind": "put",
             "key": action.key,
-            "message_id": None if action.key.startswith("sha256:") else action.key,
+            "message_id": message_id_of(action.key),
             "internaldate": action.internaldate.astimezone(UTC).isoformat(),
             "seen": action.flags.seen,
             "flagged": action.flags.flagged,
