@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
 from collections.abc import Callable
@@ -86,25 +87,8 @@ class SyncSessionHandler:
     def on_snapshot(self, frame: dict[str, Any]) -> Reply:
         assert self.user is not None
         snap = self.store.snapshot(self.user)
-        return {
-            "type": "snapshot",
-            "window": snap.window,
-            "messages": [
-                {
-                    "id": m.id,
-                    "key": m.key,
-                    "message_id": m.message_id,
-                    "folder": m.folder,
-                    "seen": m.seen,
-                    "flagged": m.flagged,
-                    "internaldate": m.internaldate,
-                }
-                for m in snap.messages
-            ],
-            "destroyed": list(snap.destroyed),
-            "restored": list(snap.restored),
-            "action_seq": snap.action_seq,
-        }
+        # SnapshotMessage has exactly the fields of the protocol's snapshot message.
+        return {"type": "snapshot", **dataclasses.asdict(snap)}
 
     def on_ops(self, frame: dict[str, Any]) -> Reply:
         """A batch: one transaction (one fsync) for all of it, acked once committed."""
