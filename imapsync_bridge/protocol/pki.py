@@ -352,14 +352,6 @@ def parse_pairing_code(code: str) -> tuple[str, str]:
     return match.group(1), match.group(2).lower()
 
 
-def check_pairing_token(token: str, stored_hash: str) -> bool:
-    """Constant-time comparison of a presented token with the stored hash."""
-    return hmac.compare_digest(token_hash(token), stored_hash.lower())
-
-
-# --------------------------------------------------------------------------- agent certs
-
-
 def make_key_and_csr(user: str) -> tuple[str, str]:
     """(key_pem, csr_pem) for the agent of ``user`` (the server sets the final name)."""
     key = _new_key()
