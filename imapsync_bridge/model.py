@@ -39,6 +39,35 @@ class Flags:
     flagged: bool = False
 
 
+@dataclass(frozen=True)
+class FlagChange:
+    """The flags a sync sets (True) or clears (False); None leaves a flag alone.
+
+    A flag action carries only what the plan changes, never the whole flag state: a
+    user who reads a message while a sync is flagging it keeps the read (the lost-update
+    race of two-way sync).
+    """
+
+    seen: bool | None = None
+    flagged: bool | None = None
+
+    @classmethod
+    def between(cls, old: Flags, new: Flags) -> FlagChange:
+        return cls(
+            seen=new.seen if new.seen != old.seen else None,
+            flagged=new.flagged if new.flagged != old.flagged else None,
+        )
+
+    def applied_to(self, flags: Flags) -> Flags:
+        return Flags(
+            seen=flags.seen if self.seen is None else self.seen,
+            flagged=flags.flagged if self.flagged is None else self.flagged,
+        )
+
+    def __bool__(self) -> bool:
+        return self.seen is not None or self.flagged is not None
+
+
 def normalize_message_id(raw: bytes | str | None) -> str | None:
     """The ``<...>`` part of a Message-ID header, or None when there is no usable one."""
     if raw is None:
@@ -89,6 +118,7 @@ class DesktopMessage:
     internaldate: datetime  # timezone-aware, UTC
     size: int
     flags: Flags
+    modseq: int | None = None  # with CONDSTORE: the MODSEQ these flags were read at
 
 
 @dataclass(frozen=True)
@@ -99,6 +129,7 @@ class DesktopFact:
     flags: Flags = Flags()
     uid: int | None = None  # its UID in the inbox (or in Trash), when known
     internaldate: datetime | None = None
+    modseq: int | None = None  # with CONDSTORE: the MODSEQ the flags were read at
 
 
 @dataclass(frozen=True)

@@ -10,18 +10,23 @@ tombstones -> return the new ledger.
 The apply functions are deliberately literal (an APPEND always adds a copy, a PUT always
 adds to the phone inbox), so a wrong plan shows up as a broken invariant instead of being
 papered over here. ``crash_after`` stops a session at a step without committing the ledger,
-for the crash-and-rerun tests.
+for the crash-and-rerun tests; ``during`` lets users act *inside* a session, between its
+steps, as the real session allows: desktop flag writes are conditional on the MODSEQ the
+facts were read at (a message changed since is held for the next session), and the phone
+keeps a flag its user changed after the snapshot the plan came from.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from imapsync_bridge.model import (
     DesktopFact,
     DesktopMessage,
+    FlagChange,
     Flags,
     LedgerEntry,
     PhoneFact,
@@ -47,6 +52,8 @@ from imapsync_bridge.sync.ops import (
 Ledger = dict[str, LedgerEntry]
 NO_FLAGS = Flags()
 CRASH_POINTS = ("desktop_applied", "merge_applied", "normalize_applied", "acknowledged")
+#: Where :func:`sync` lets users act inside a session (``during``).
+SESSION_STEPS = ("facts_read", "desktop_applied", "merge_applied", "normalize_applied")
 
 
 @dataclass
@@ -55,6 +62,7 @@ class Msg:
     internaldate: datetime
     flags: Flags = Flags()
     uid: int = 0  # desktop only
+    modseq: int = 0  # desktop only: bumped by every flag change (CONDSTORE)
 
 
 @dataclass
@@ -82,6 +90,7 @@ class Folders:
 @dataclass
 class Desktop(Folders):
     next_uid: int = 1
+    highest_modseq: int = 0
 
     def _new_uid(self) -> int:
         self.next_uid += 1
@@ -108,8 +117,16 @@ class Desktop(Folders):
 
     def set_flags(self, key: str, flags: Flags) -> None:
         _, msg = self.locate(key)
-        if msg is not None:
+        if msg is not None and msg.flags != flags:
             msg.flags = flags
+            self.highest_modseq += 1
+            msg.modseq = self.highest_modseq
+
+    def user_toggle(self, key: str, which: str) -> None:
+        """A desktop mail client flips \\Seen or \\Flagged (its own STORE)."""
+        _, msg = self.locate(key)
+        assert msg is not None
+        self.set_flags(key, replace(msg.flags, **{which: not getattr(msg.flags, which)}))
 
     def newest_first(self) -> list[DesktopMessage]:
         """The inbox newest first by INTERNALDATE, ties: higher UID first."""
@@ -120,13 +137,15 @@ class Desktop(Folders):
         where, msg = self.locate(key)
         if msg is None:
             return DesktopFact(Where.GONE)
-        return DesktopFact(where, msg.flags, msg.uid, msg.internaldate)
+        return DesktopFact(where, msg.flags, msg.uid, msg.internaldate, msg.modseq)
 
 
 @dataclass
 class Phone(Folders):
     destroyed: set[str] = field(default_factory=set)  # tombstones, until acknowledged
     restored: set[str] = field(default_factory=set)  # user restores, until acknowledged
+    action_seq: int = 0  # the phone's action counter (the snapshot's action_seq)
+    flag_changed_at: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def inbox_newest_first(self) -> list[str]:
         return [m.key for m in sorted(self.inbox.values(), key=lambda m: m.internaldate)][::-1]
@@ -139,6 +158,29 @@ class Phone(Folders):
         self.folder(to)[key] = msg
         if to is Where.INBOX:
             self.restored.add(key)
+        self.action_seq += 1
+        self.flag_changed_at[(key, "folder")] = self.action_seq
+
+    def user_toggle(self, key: str, which: str) -> None:
+        """The phone user flips seen or flagged: a phone action with a new seq."""
+        _, msg = self.locate(key)
+        assert msg is not None
+        msg.flags = replace(msg.flags, **{which: not getattr(msg.flags, which)})
+        self.action_seq += 1
+        self.flag_changed_at[(key, which)] = self.action_seq
+
+    def changed_since(self, key: str, since: int) -> bool:
+        return any(seq > since for (k, _), seq in self.flag_changed_at.items() if k == key)
+
+    def set_flags_unless_changed(self, key: str, change: FlagChange, since: int) -> None:
+        """The server's compare-and-set: a flag changed after ``since`` is kept."""
+        _, msg = self.locate(key)
+        if msg is None:
+            return
+        for which in ("seen", "flagged"):
+            value = getattr(change, which)
+            if value is not None and self.flag_changed_at.get((key, which), 0) <= since:
+                msg.flags = replace(msg.flags, **{which: value})
 
     def user_destroy(self, key: str) -> None:
         assert self.locate(key)[1] is not None
@@ -160,17 +202,38 @@ class Phone(Folders):
 
 def plan_merge(desktop: Desktop, phone: Phone, ledger: Ledger) -> tuple[MergePlan, set[str]]:
     """Facts exactly as the agent gathers them, then merge. Returns (plan, scope)."""
+    plan, facts = plan_with_facts(desktop, phone, ledger)
+    return plan, set(facts)
+
+
+def plan_with_facts(
+    desktop: Desktop, phone: Phone, ledger: Ledger
+) -> tuple[MergePlan, dict[str, DesktopFact]]:
     phone_now = phone.facts()
     scope = keys_in_scope(ledger, phone_now, phone.destroyed)
     facts = {key: desktop.fact(key) for key in scope}
-    return merge(ledger, facts, phone_now, sorted(phone.destroyed)), scope
+    return merge(ledger, facts, phone_now, sorted(phone.destroyed)), facts
 
 
-def apply_desktop(desktop: Desktop, phone: Phone, actions: list[DesktopAction]) -> None:
+def apply_desktop(
+    desktop: Desktop,
+    phone: Phone,
+    actions: list[DesktopAction],
+    facts: dict[str, DesktopFact] | None = None,
+) -> set[str]:
+    """Apply the desktop actions; returns the keys whose conditional flag write was
+    refused because a user changed the message after ``facts`` were read."""
+    changed: set[str] = set()
     for action in actions:
         match action:
-            case SetDesktopFlags(key, flags):
-                desktop.set_flags(key, flags)
+            case SetDesktopFlags(key, change):
+                _, msg = desktop.locate(key)
+                fact = facts.get(key) if facts else None
+                unmoved = fact is not None and msg is not None and msg.uid == fact.uid
+                if unmoved and fact is not None and msg is not None and msg.modseq != fact.modseq:
+                    changed.add(key)  # UNCHANGEDSINCE failed: [MODIFIED uid]
+                elif msg is not None:
+                    desktop.set_flags(key, change.applied_to(msg.flags))
             case MoveOnDesktop(key, to):
                 desktop.move(key, to)
             case DestroyOnDesktop(key):
@@ -181,15 +244,16 @@ def apply_desktop(desktop: Desktop, phone: Phone, actions: list[DesktopAction]) 
                 desktop.add(to, key, copy_on_phone.internaldate, flags)
             case _:
                 raise AssertionError(f"unknown desktop action {action!r}")
+    return changed
 
 
-def apply_phone(phone: Phone, actions: list[PhoneAction]) -> None:
+def apply_phone(phone: Phone, actions: list[PhoneAction], since: int | None = None) -> None:
     for action in actions:
         match action:
-            case SetPhoneFlags(key, flags):
-                _, msg = phone.locate(key)
-                if msg is not None:
-                    msg.flags = flags
+            case SetPhoneFlags(key, change):
+                phone.set_flags_unless_changed(
+                    key, change, phone.action_seq if since is None else since
+                )
             case MoveOnPhone(key, to):
                 where, msg = phone.locate(key)
                 if msg is not None and where is not to:
@@ -198,7 +262,8 @@ def apply_phone(phone: Phone, actions: list[PhoneAction]) -> None:
             case DestroyOnPhone(key):
                 phone.drop(key)
             case EvictFromPhone(key):
-                phone.inbox.pop(key, None)
+                if not phone.changed_since(key, phone.action_seq if since is None else since):
+                    phone.inbox.pop(key, None)
             case PutOnPhone(key, _uid, flags, internaldate):
                 assert key not in phone.inbox, f"sim: put of {key} already in the phone inbox"
                 phone.inbox[key] = Msg(key, internaldate, flags)
@@ -218,31 +283,47 @@ def sync(
     *,
     crash_after: str | None = None,
     mass_delete_share: float | None = None,
+    during: Callable[[str], None] | None = None,
 ) -> Ledger:
     """One session; mutates ``desktop`` and ``phone``, returns the committed ledger.
 
     With ``crash_after`` (one of CRASH_POINTS) the session stops after that step and
     returns the *old* ledger, as a crash before the ledger commit would leave it.
+    ``during(step)`` is called after each of SESSION_STEPS: users acting mid-session.
     """
     assert crash_after in (None, *CRASH_POINTS)
-    plan, _ = plan_merge(desktop, phone, ledger)
+
+    def step(name: str) -> None:
+        if during is not None:
+            during(name)
+
+    planned_at = phone.action_seq
+    plan, facts = plan_with_facts(desktop, phone, ledger)
     if mass_delete_share is not None:
         check_mass_delete(plan.desktop_deletions, window, mass_delete_share)
-    apply_desktop(desktop, phone, plan.desktop)
+    step("facts_read")
+    held = apply_desktop(desktop, phone, plan.desktop, facts)
     if crash_after == "desktop_applied":
         return ledger
-    apply_phone(phone, plan.phone)
+    step("desktop_applied")
+    # A held message keeps its old ledger entry and sits out the rest of the session.
+    kept = {k: ledger[k] for k in held if k in ledger}
+    apply_phone(phone, [a for a in plan.phone if a.key not in held], planned_at)
     if crash_after == "merge_applied":
         return ledger
-    norm = plan_normalize(desktop, plan.ledger, window)
-    apply_phone(phone, norm.phone)
+    step("merge_applied")
+    rest = {k: e for k, e in plan.ledger.items() if k not in held}
+    newest = [m for m in desktop.newest_first() if m.key not in held]
+    norm = normalize(rest, newest, window)
+    apply_phone(phone, norm.phone, planned_at)
     if crash_after == "normalize_applied":
         return ledger
+    step("normalize_applied")
     phone.destroyed.clear()  # the agent acknowledged the phone's actions
     phone.restored.clear()
     if crash_after == "acknowledged":
         return ledger
-    return norm.ledger
+    return {**norm.ledger, **kept}
 
 
 def ledger_view(ledger: Ledger) -> dict[str, tuple[Where, Where, Flags]]:

@@ -448,7 +448,7 @@ def _put(key: str, raw: str = RAW) -> dict[str, Any]:
 
 
 def _mark_read(key: str) -> dict[str, Any]:
-    return {"kind": "flags", "key": key, "seen": True, "flagged": True}
+    return {"kind": "flags", "key": key, "seen": True, "flagged": True, "since": 0}
 
 
 # (name, greet first, what to send (bytes = a raw body) given (key, next seq), message)
@@ -560,7 +560,7 @@ def test_a_certificate_never_touches_another_users_mailbox(
         seq = alice.hello()["last_seq"]
         for key in bob_keys:
             for op in (
-                {"kind": "flags", "key": key, "seen": True, "flagged": True},
+                {"kind": "flags", "key": key, "seen": True, "flagged": True, "since": 0},
                 {"kind": "move", "key": key, "folder": "trash"},
                 {"kind": "evict", "key": key},
                 {"kind": "destroy", "key": key},

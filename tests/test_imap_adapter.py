@@ -314,16 +314,50 @@ def test_fetch_raw_exact_bytes_limit_and_gone(dovecot, imap_user, mbox):
 def test_store_flags_sets_exactly_seen_and_flagged_leaving_others(dovecot, imap_user, mbox):
     uid = dovecot.append(imap_user, dovecot.make_message(1), T0, [b"\\Answered", b"$Work"])
     mbox.select("INBOX")
-    mbox.store_flags([uid], model.Flags(seen=True, flagged=True))
+    mbox.store_flags([uid], model.FlagChange(seen=True, flagged=True))
     assert mbox.flags([uid])[uid] == model.Flags(seen=True, flagged=True)
-    mbox.store_flags([uid], model.Flags(seen=False, flagged=True))
+    mbox.store_flags([uid], model.FlagChange(seen=False))
     assert mbox.flags([uid])[uid] == model.Flags(seen=False, flagged=True)
-    mbox.store_flags([uid], model.Flags(seen=False, flagged=True))  # no change: fine
+    mbox.store_flags([uid], model.FlagChange(seen=False, flagged=True))  # no change: fine
     with dovecot.client(imap_user) as c:
         c.select_folder("INBOX", readonly=True)
         assert set(c.get_flags([uid])[uid]) == {b"\\Answered", b"$Work", b"\\Flagged"}
     with pytest.raises(MessageError):
-        mbox.store_flags([uid + 5], model.Flags(seen=True))
+        mbox.store_flags([uid + 5], model.FlagChange(seen=True))
+
+
+def test_store_flags_touches_only_the_flags_it_changes(dovecot, imap_user, mbox):
+    """Another client reads the message between our read and our write: the read stays."""
+    uid = dovecot.append(imap_user, dovecot.make_message(1), T0)
+    mbox.select("INBOX")
+    assert mbox.flags([uid])[uid] == model.Flags()
+    with dovecot.client(imap_user) as other:
+        other.select_folder("INBOX")
+        other.add_flags([uid], [b"\\Seen"])
+    assert mbox.store_flags([uid], model.FlagChange(flagged=True)) == set()
+    assert mbox.flags([uid])[uid] == model.Flags(seen=True, flagged=True)
+
+
+def test_conditional_store_leaves_a_message_changed_since_it_was_read(dovecot, imap_user, mbox):
+    """UNCHANGEDSINCE (RFC 7162): a write planned from stale flags is refused for the
+    message another client changed, and done for the others, both directions."""
+    changed = dovecot.append(imap_user, dovecot.make_message(1), T0, [b"\\Seen"])
+    untouched = dovecot.append(imap_user, dovecot.make_message(2), T0, [b"\\Seen"])
+    mbox.select("INBOX")
+    states = mbox.flag_states([changed, untouched])
+    since = max(modseq for _flags, modseq in states.values() if modseq is not None)
+    with dovecot.client(imap_user) as other:
+        other.select_folder("INBOX")
+        other.remove_flags([changed], [b"\\Seen"])  # the user marks it unread ...
+        other.add_flags([changed], [b"\\Seen"])  # ... and read again: same flags, new MODSEQ
+    refused = mbox.store_flags(
+        [changed, untouched], model.FlagChange(seen=False, flagged=True), since
+    )
+    assert refused == {changed}
+    assert mbox.flags([changed, untouched]) == {
+        changed: model.Flags(seen=True),
+        untouched: model.Flags(seen=False, flagged=True),
+    }
 
 
 def test_move_to_trash_returns_new_uids_and_keeps_internaldate(dovecot, imap_user, mbox):

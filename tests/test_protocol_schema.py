@@ -43,7 +43,7 @@ VALID_TO_SERVER = {
 
 OTHER_OPS = [
     {"kind": "put", **{k: v for k, v in PUT.items() if k != "kind"}, "message_id": None},
-    {"kind": "flags", "key": "sha256:abc", "seen": True, "flagged": False},
+    {"kind": "flags", "key": "sha256:abc", "seen": True, "flagged": False, "since": 0},
     {"kind": "move", "key": "sha256:abc", "folder": "trash"},
     {"kind": "evict", "key": "sha256:abc"},
     {"kind": "destroy", "key": "sha256:abc"},

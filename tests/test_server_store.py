@@ -236,12 +236,51 @@ def test_register_certificate_revokes_previous_and_resets_seq(store, clock):
 # --- agent ops -------------------------------------------------------------------------
 
 
+def test_flag_op_changes_only_the_flags_it_names(store):
+    store.apply_op("alice", 1, put("<a@x>", seen=True))
+    store.apply_op("alice", 2, {"kind": "flags", "key": "<a@x>", "seen": None, "flagged": True,
+                                "since": 0})  # fmt: skip
+    assert state(store, "alice") == [("<a@x>", "inbox", True, True)]
+
+
+def test_flag_op_keeps_a_phone_change_made_after_the_snapshot(store):
+    """Compare-and-set: the agent planned from the snapshot at action_seq ``since``; the
+    phone user's later read is newer than the plan and stays, and stays pending."""
+    store.apply_op("alice", 1, put("<a@x>", seen=True))
+    planned_at = store.snapshot("alice").action_seq
+    phone_id = store.list_folder("alice", "inbox")[0].id
+    assert store.set_seen("alice", phone_id, False)
+    assert store.set_seen("alice", phone_id, True)  # unread, then read again: newer than the plan
+    op = {"kind": "flags", "key": "<a@x>", "seen": False, "flagged": True, "since": planned_at}
+    store.apply_op("alice", 2, op)
+    assert state(store, "alice") == [("<a@x>", "inbox", True, True)]  # \Flagged applied
+    assert [a.kind for a in store.pending_actions("alice", planned_at)] == ["unseen", "seen"]
+    # With the phone's actions acknowledged up to a later snapshot, the op applies.
+    store.apply_op("alice", 3, {**op, "since": store.snapshot("alice").action_seq})
+    assert state(store, "alice") == [("<a@x>", "inbox", False, True)]
+
+
+def test_evict_keeps_a_message_the_phone_user_changed_after_the_snapshot(store):
+    store.apply_op("alice", 1, put("<a@x>"))
+    store.apply_op("alice", 2, put("<b@x>"))
+    planned_at = store.snapshot("alice").action_seq
+    read = next(m.id for m in store.list_folder("alice", "inbox") if m.key == "<a@x>")
+    assert store.set_seen("alice", read, True)
+    store.apply_op("alice", 3, {"kind": "evict", "key": "<a@x>", "since": planned_at})
+    store.apply_op("alice", 4, {"kind": "evict", "key": "<b@x>", "since": planned_at})
+    assert state(store, "alice") == [("<a@x>", "inbox", True, False)]  # the read survives
+
+
 def test_apply_op_idempotent_by_seq(store):
     store.apply_op("alice", 1, put("<a@x>"))
     store.apply_op("alice", 1, put("<b@x>"))  # a retransmitted seq: ignored
     assert [k for k, *_ in state(store, "alice")] == ["<a@x>"]
-    store.apply_op("alice", 3, {"kind": "flags", "key": "<a@x>", "seen": True, "flagged": False})
-    store.apply_op("alice", 2, {"kind": "flags", "key": "<a@x>", "seen": False, "flagged": True})
+    store.apply_op(
+        "alice", 3, {"kind": "flags", "key": "<a@x>", "seen": True, "flagged": False, "since": 0}
+    )
+    store.apply_op(
+        "alice", 2, {"kind": "flags", "key": "<a@x>", "seen": False, "flagged": True, "since": 0}
+    )
     assert state(store, "alice") == [("<a@x>", "inbox", True, False)]
     assert store.last_seq("alice") == 3
 
@@ -253,7 +292,7 @@ def test_apply_op_idempotent_by_seq(store):
         (put("<a@x>", folder="trash", seen=True), [("<a@x>", "trash", True, False)]),
         (put("<a@x>", flagged=True), [("<a@x>", "inbox", False, True)]),
         (
-            {"kind": "flags", "key": "<a@x>", "seen": True, "flagged": True},
+            {"kind": "flags", "key": "<a@x>", "seen": True, "flagged": True, "since": 0},
             [("<a@x>", "inbox", True, True)],
         ),
         ({"kind": "move", "key": "<a@x>", "folder": "trash"}, [("<a@x>", "trash", False, False)]),
@@ -264,7 +303,7 @@ def test_apply_op_idempotent_by_seq(store):
             [("<a@x>", "inbox", False, False)],
         ),
         (
-            {"kind": "flags", "key": "<unknown@x>", "seen": True, "flagged": True},
+            {"kind": "flags", "key": "<unknown@x>", "seen": True, "flagged": True, "since": 0},
             [("<a@x>", "inbox", False, False)],
         ),
         ({"kind": "destroy", "key": "<unknown@x>"}, [("<a@x>", "inbox", False, False)]),
@@ -449,7 +488,7 @@ def test_ops_of_a_never_touch_b(store):
     for seq, op in enumerate(
         [
             put("<shared@x>", folder="trash", seen=True),
-            {"kind": "flags", "key": "<shared@x>", "seen": True, "flagged": True},
+            {"kind": "flags", "key": "<shared@x>", "seen": True, "flagged": True, "since": 0},
             {"kind": "move", "key": "<shared@x>", "folder": "trash"},
             {"kind": "evict", "key": "<shared@x>"},
             {"kind": "destroy", "key": "<shared@x>"},
@@ -656,7 +695,7 @@ def test_a_batch_applies_whole_or_not_at_all(store):
     store.apply_ops("alice", [(1, put("<a@x>")), (2, put("<b@x>", day=2))])
     assert store.last_seq("alice") == 2
     before = store.snapshot("alice")
-    bad = {"kind": "flags", "key": "<a@x>", "seen": "yes", "flagged": False}
+    bad = {"kind": "flags", "key": "<a@x>", "seen": "yes", "flagged": False, "since": 0}
     with pytest.raises(StoreError, match="bad op"):
         store.apply_ops("alice", [(3, {"kind": "evict", "key": "<b@x>"}), (4, bad)])
     assert store.snapshot("alice") == before  # the evict of the same batch was undone

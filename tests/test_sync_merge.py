@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 import pytest
 
 from imapsync_bridge.errors import SyncAborted
-from imapsync_bridge.model import DesktopFact, Flags, LedgerEntry, PhoneFact, Where
+from imapsync_bridge.model import DesktopFact, FlagChange, Flags, LedgerEntry, PhoneFact, Where
 from imapsync_bridge.sync.breaker import (
     MIN_DELETIONS_ALLOWED,
     check_mass_delete,
@@ -41,6 +41,9 @@ N = Flags()
 S = Flags(seen=True)
 F = Flags(flagged=True)
 SF = Flags(seen=True, flagged=True)
+# What a flag action changes: only the flags that differ on that side.
+SEEN_ON, SEEN_OFF = FlagChange(seen=True), FlagChange(seen=False)
+FLAG_ON, FLAG_OFF = FlagChange(flagged=True), FlagChange(flagged=False)
 
 UID = 11  # UID in the ledger / where the desktop had it at the last sync
 UID2 = 42  # UID after the desktop user moved it (IMAP MOVE gives a new UID)
@@ -90,21 +93,41 @@ ROWS = {
     "both-destroyed": Row(L(I, I), D(G), P(X), [], [], None),
     "both-deleted": Row(L(I, I), D(T, uid=UID2), P(T), [], [], L(T, T, uid=UID2)),
     "both-restored": Row(L(T, T), D(I, uid=UID2), P(I), [], [], L(I, I, uid=UID2)),
-    "desktop-seen": Row(L(I, I), D(I, S), P(I), [], [SetPhoneFlags(K, S)], L(I, I, S)),
-    "phone-seen": Row(L(I, I), D(I), P(I, S), [SetDesktopFlags(K, S)], [], L(I, I, S)),
-    "desktop-unseen": Row(L(I, I, S), D(I, N), P(I, S), [], [SetPhoneFlags(K, N)], L(I, I, N)),
-    "phone-unseen": Row(L(I, I, S), D(I, S), P(I, N), [SetDesktopFlags(K, N)], [], L(I, I, N)),
-    "desktop-flagged": Row(L(I, I), D(I, F), P(I), [], [SetPhoneFlags(K, F)], L(I, I, F)),
-    "phone-flagged": Row(L(I, I), D(I), P(I, F), [SetDesktopFlags(K, F)], [], L(I, I, F)),
-    "phone-unflagged": Row(L(I, I, F), D(I, F), P(I, N), [SetDesktopFlags(K, N)], [], L(I, I, N)),
-    "flag-in-trash-desktop": Row(L(T, T), D(T, S), P(T), [], [SetPhoneFlags(K, S)], L(T, T, S)),
-    "flag-in-trash-phone": Row(L(T, T), D(T), P(T, F), [SetDesktopFlags(K, F)], [], L(T, T, F)),
+    "desktop-seen": Row(L(I, I), D(I, S), P(I), [], [SetPhoneFlags(K, SEEN_ON)], L(I, I, S)),
+    "phone-seen": Row(L(I, I), D(I), P(I, S), [SetDesktopFlags(K, SEEN_ON)], [], L(I, I, S)),
+    "desktop-unseen": Row(
+        L(I, I, S), D(I, N), P(I, S), [], [SetPhoneFlags(K, SEEN_OFF)], L(I, I, N)
+    ),
+    "phone-unseen": Row(
+        L(I, I, S), D(I, S), P(I, N), [SetDesktopFlags(K, SEEN_OFF)], [], L(I, I, N)
+    ),
+    "desktop-flagged": Row(L(I, I), D(I, F), P(I), [], [SetPhoneFlags(K, FLAG_ON)], L(I, I, F)),
+    "phone-flagged": Row(L(I, I), D(I), P(I, F), [SetDesktopFlags(K, FLAG_ON)], [], L(I, I, F)),
+    "phone-unflagged": Row(
+        L(I, I, F), D(I, F), P(I, N), [SetDesktopFlags(K, FLAG_OFF)], [], L(I, I, N)
+    ),
+    "flag-in-trash-desktop": Row(
+        L(T, T), D(T, S), P(T), [], [SetPhoneFlags(K, SEEN_ON)], L(T, T, S)
+    ),
+    "flag-in-trash-phone": Row(
+        L(T, T), D(T), P(T, F), [SetDesktopFlags(K, FLAG_ON)], [], L(T, T, F)
+    ),
     # --- both changed flags: each flag merged on its own ------------------------------
     "desktop-seen-phone-flagged": Row(
-        L(I, I), D(I, S), P(I, F), [SetDesktopFlags(K, SF)], [SetPhoneFlags(K, SF)], L(I, I, SF)
+        L(I, I),
+        D(I, S),
+        P(I, F),
+        [SetDesktopFlags(K, FLAG_ON)],
+        [SetPhoneFlags(K, SEEN_ON)],
+        L(I, I, SF),
     ),
     "desktop-unseen-phone-flagged": Row(
-        L(I, I, S), D(I, N), P(I, SF), [SetDesktopFlags(K, F)], [SetPhoneFlags(K, F)], L(I, I, F)
+        L(I, I, S),
+        D(I, N),
+        P(I, SF),
+        [SetDesktopFlags(K, FLAG_ON)],
+        [SetPhoneFlags(K, SEEN_OFF)],
+        L(I, I, F),
     ),
     "both-seen": Row(L(I, I), D(I, S), P(I, S), [], [], L(I, I, S)),
     # --- phone no longer holds it, no tombstone: eviction / trash GC, never a delete ---
@@ -147,7 +170,7 @@ ROWS = {
         L(I, I),
         D(T, uid=UID2),
         P(I, S),
-        [SetDesktopFlags(K, S)],
+        [SetDesktopFlags(K, SEEN_ON)],
         [MoveOnPhone(K, T)],
         L(T, T, S, uid=UID2),
         1,
@@ -158,7 +181,7 @@ ROWS = {
         D(I, F),
         P(T),
         [MoveOnDesktop(K, T)],
-        [SetPhoneFlags(K, F)],
+        [SetPhoneFlags(K, FLAG_ON)],
         L(T, T, F, uid=None),
     ),
     "desktop-destroy-beats-phone-seen": Row(
@@ -186,10 +209,15 @@ ROWS = {
     "phone-restored-flag-no-change": Row(L(I, I), D(I), P(I, restored=True), [], [], L(I, I)),
     # --- fresh state: no ledger entry (first pairing, reset, lost agent state) ---------
     "fresh-both-hold-seen-set-beats-unset": Row(
-        None, D(I), P(I, S), [SetDesktopFlags(K, S)], [], L(I, I, S)
+        None, D(I), P(I, S), [SetDesktopFlags(K, SEEN_ON)], [], L(I, I, S)
     ),
     "fresh-both-hold-desktop-seen-phone-flagged": Row(
-        None, D(I, S), P(I, F), [SetDesktopFlags(K, SF)], [SetPhoneFlags(K, SF)], L(I, I, SF)
+        None,
+        D(I, S),
+        P(I, F),
+        [SetDesktopFlags(K, FLAG_ON)],
+        [SetPhoneFlags(K, SEEN_ON)],
+        L(I, I, SF),
     ),
     "fresh-desktop-lacks-phone-inbox": Row(
         None, D(G), P(I, S), [AppendToDesktop(K, S, I)], [], LedgerEntry(K, I, I, S, None, T_PHONE)

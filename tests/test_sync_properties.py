@@ -21,13 +21,14 @@ not call it unless asked).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sync_sim import (
     CRASH_POINTS,
+    SESSION_STEPS,
     Desktop,
     Ledger,
     Msg,
@@ -97,10 +98,6 @@ def pick(keys, n: int) -> str | None:
     return keys[n % len(keys)] if keys else None
 
 
-def toggle(flags: Flags, which: str) -> Flags:
-    return replace(flags, **{which: not getattr(flags, which)})
-
-
 def do_op(w: World, op: str, n: int) -> str | None:
     """Apply one user operation; return the key a user destroyed, if any."""
     d, p = w.desktop, w.phone
@@ -115,8 +112,7 @@ def do_op(w: World, op: str, n: int) -> str | None:
         d.destroy(k)
         return k
     elif op in ("d_seen", "d_flag") and (k := pick([*d.inbox, *d.trash], n)):
-        msg = d.locate(k)[1]
-        msg.flags = toggle(msg.flags, "seen" if op == "d_seen" else "flagged")
+        d.user_toggle(k, "seen" if op == "d_seen" else "flagged")
     elif op == "p_new":  # mail sent straight to the phone's own address
         w.clock += 1 + n % 5
         k = w.new_key()
@@ -131,8 +127,7 @@ def do_op(w: World, op: str, n: int) -> str | None:
         p.user_destroy(k)
         return k
     elif op in ("p_seen", "p_flag") and (k := pick([*p.inbox, *p.trash], n)):
-        msg = p.locate(k)[1]
-        msg.flags = toggle(msg.flags, "seen" if op == "p_seen" else "flagged")
+        p.user_toggle(k, "seen" if op == "p_seen" else "flagged")
     return None
 
 
@@ -346,3 +341,75 @@ def test_lost_agent_state_neither_loses_nor_doubles(dates, window, rounds) -> No
         check_all(w)
         assert w.alive() >= alive, "lost a message on a fresh-state sync"
         check_idle(w)
+
+
+# -- users acting inside a session (issue 12: the lost-update race) --------------------------
+FLAG_OPS = ("d_seen", "d_flag", "p_seen", "p_flag")
+inside = st.lists(
+    st.tuples(st.sampled_from(SESSION_STEPS), st.sampled_from(FLAG_OPS), st.integers(0, 1000)),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dates=st.lists(st.integers(0, 100_000), min_size=1, max_size=12, unique=True),
+    window=st.integers(1, 6),
+    before=st.lists(op, max_size=4),
+    during=inside,
+)
+def test_flag_changes_made_while_a_session_runs_are_never_lost(
+    dates, window, before, during
+) -> None:
+    """Users toggle flags on either side between the steps of a session that is itself
+    carrying flag changes. A flag changed mid-session on one side only (and by nobody
+    else in that round) ends, one sync later, with that value on both sides; and every
+    invariant holds after that sync."""
+    w = World(window)
+    for minute in dates:
+        w.desktop.deliver(w.new_key(), T0 + timedelta(minutes=minute))
+    w.clock = max(dates)
+    w.ledger = sync(w.desktop, w.phone, w.ledger, window)
+    for name, n in before:
+        do_op(w, name, n)
+    touched_before = {
+        (k, which)
+        for k in w.alive()
+        for which in ("seen", "flagged")
+        if k in w.ledger and _flag_differs(w, k, which)
+    }
+    mid_session: dict[tuple[str, str], list[tuple[str, bool]]] = {}
+
+    def act(step: str) -> None:
+        for at, name, n in during:
+            if at != step:
+                continue
+            side = w.desktop if name.startswith("d_") else w.phone
+            k = pick([*side.inbox, *side.trash], n)
+            if k is None:
+                continue
+            which = "seen" if name.endswith("seen") else "flagged"
+            side.user_toggle(k, which)
+            value = getattr(side.locate(k)[1].flags, which)
+            mid_session.setdefault((k, which), []).append((name[0], value))
+
+    w.ledger = sync(w.desktop, w.phone, w.ledger, window, during=act)
+    w.ledger = sync(w.desktop, w.phone, w.ledger, window)
+    check_all(w)
+    check_idle(w)
+    for (k, which), changes in mid_session.items():
+        sides = {side for side, _value in changes}
+        if len(sides) > 1 or (k, which) in touched_before:
+            continue  # both sides (or also before the session): the conflict rules decide
+        want = changes[-1][1]
+        now_d, now_p = flags_of(w, k)
+        assert now_d is None or getattr(now_d, which) == want, f"{which} of {k} lost (desktop)"
+        assert now_p is None or getattr(now_p, which) == want, f"{which} of {k} lost (phone)"
+
+
+def _flag_differs(w: World, key: str, which: str) -> bool:
+    """A user changed this flag on either side since the last sync."""
+    entry = w.ledger[key]
+    fd, fp = flags_of(w, key)
+    return any(f is not None and getattr(f, which) != getattr(entry.flags, which) for f in (fd, fp))

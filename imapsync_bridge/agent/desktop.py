@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from imapsync_bridge.agent.imap import ImapMailbox
 from imapsync_bridge.agent.imap_session import MailboxStatus
 from imapsync_bridge.errors import ImapError, MessageError
-from imapsync_bridge.model import DesktopFact, DesktopMessage, Flags, LedgerEntry, Where
+from imapsync_bridge.model import DesktopFact, DesktopMessage, FlagChange, LedgerEntry, Where
 from imapsync_bridge.sync.normalize import window_of
 from imapsync_bridge.sync.ops import (
     AppendToDesktop,
@@ -118,9 +118,9 @@ class DesktopSide:
         }
         # UIDs in the ledger belong to the current UIDVALIDITY (the session forgets
         # them when it changes), so a UID still present is still the same message.
-        for uid, flags in self.imap.flags(sorted(by_uid)).items():
+        for uid, (flags, modseq) in self.imap.flag_states(sorted(by_uid)).items():
             key = by_uid[uid]
-            facts[key] = DesktopFact(where, flags, uid, ledger[key].internaldate)
+            facts[key] = DesktopFact(where, flags, uid, ledger[key].internaldate, modseq)
         missing = keys - facts.keys()
         if not missing:
             return
@@ -191,9 +191,9 @@ class DesktopSide:
         facts: Mapping[str, DesktopFact],
         ledger: Mapping[str, LedgerEntry],
         fetch_from_phone: FetchFromPhone,
-    ) -> tuple[dict[str, LedgerEntry], dict[str, str]]:
-        """Carry out the desktop actions; returns the ledger with new UIDs and, per
-        message whose action failed, why.
+    ) -> DesktopOutcome:
+        """Carry out the desktop actions; returns the ledger with new UIDs, per message
+        whose action failed why, and the messages a user changed meanwhile.
 
         One IMAP command per kind and mailbox where IMAP allows it: moves grouped by
         source and destination, destroys of known UIDs, flag changes grouped by the
@@ -201,9 +201,12 @@ class DesktopSide:
         so only the messages that really fail are reported. Moves come first, so flags
         land on a message's new home. Every action finds its message by what the facts
         and the ledger say now, so applying it again after a crash changes nothing.
+        Flag changes touch only the flags the plan changes and, with CONDSTORE, only
+        messages nobody changed since their facts were read (``UNCHANGEDSINCE``).
         """
         entries = dict(ledger)
         failed: dict[str, str] = {}
+        changed: set[str] = set()
         moves = [a for a in actions if isinstance(a, MoveOnDesktop)]
         for (source, dest), move_group in _grouped(moves, lambda a: (facts[a.key].where, a.to)):
             if source is not dest:
@@ -220,12 +223,18 @@ class DesktopSide:
             run_append = partial(self._append, entries=entries, fetch_from_phone=fetch_from_phone)
             self._each_or_all([append], run_append, failed)
         flag_sets = [a for a in actions if isinstance(a, SetDesktopFlags) and a.key not in failed]
-        for (home, flags), flag_group in _grouped(
-            flag_sets, lambda a: (_home(entries.get(a.key)), a.flags)
+        guards = {a.key: _modseq_guard(facts[a.key], entries.get(a.key)) for a in flag_sets}
+        for (home, change, guarded), flag_group in _grouped(
+            flag_sets,
+            lambda a: (_home(entries.get(a.key)), a.change, guards[a.key] is not None),
         ):
-            run_flags = partial(self._set_flags, entries=entries, where=home, flags=flags)
+            since = max(guards[a.key] or 0 for a in flag_group) if guarded else None
+            run_flags = partial(
+                self._set_flags, entries=entries, where=home, change=change, since=since,
+                changed=changed,
+            )  # fmt: skip
             self._each_or_all(flag_group, run_flags, failed)
-        return entries, failed
+        return DesktopOutcome(entries, failed, changed - failed.keys())
 
     @staticmethod
     def _each_or_all(
@@ -297,11 +306,13 @@ class DesktopSide:
         batch: list[SetDesktopFlags],
         entries: dict[str, LedgerEntry],
         where: Where,
-        flags: Flags,
+        change: FlagChange,
+        since: int | None,
+        changed: set[str],
     ) -> None:
         mailbox = self._mailbox(where)
         self.imap.ensure_selected(mailbox)
-        uids = []
+        uids: dict[int, str] = {}
         for action in batch:
             entry = entries.get(action.key)
             uid = entry.uid if entry else None
@@ -311,8 +322,26 @@ class DesktopSide:
                 if entry is not None and uid is not None:
                     entries[action.key] = replace(entry, uid=uid)
             if uid is not None:
-                uids.append(uid)
-        self.imap.store_flags(uids, flags)
+                uids[uid] = action.key
+        refused = self.imap.store_flags(list(uids), change, since)
+        changed.update(uids[uid] for uid in refused if uid in uids)
+
+
+@dataclass(frozen=True)
+class DesktopOutcome:
+    """What applying the desktop actions did."""
+
+    ledger: dict[str, LedgerEntry]  # with the UIDs moves and appends gave
+    failed: dict[str, str]  # key -> why its action failed
+    changed_meanwhile: set[str]  # flag writes refused: a user changed them since
+
+
+def _modseq_guard(fact: DesktopFact, entry: LedgerEntry | None) -> int | None:
+    """The MODSEQ a conditional flag write may check: the one the facts were read at,
+    while the message is still under the UID they were read for (not moved since)."""
+    if entry is None or fact.modseq is None or fact.uid is None:
+        return None
+    return fact.modseq if entry.uid == fact.uid and _home(entry) is fact.where else None
 
 
 def _home(entry: LedgerEntry | None) -> Where:
@@ -346,4 +375,4 @@ def _enough(found: list[DesktopMessage], count: int, skip: set[str]) -> bool:
 
 
 def _fact(where: Where, message: DesktopMessage) -> DesktopFact:
-    return DesktopFact(where, message.flags, message.uid, message.internaldate)
+    return DesktopFact(where, message.flags, message.uid, message.internaldate, message.modseq)

@@ -27,6 +27,7 @@ from imapsync_bridge.agent.imap_data import (
     expand_set,
     fetch_item,
     flags_of,
+    modseq_of,
     msgset,
     raw_or_error,
     utc,
@@ -46,6 +47,7 @@ HASH_SCAN_LIMIT = 2000
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]", re.I)
 _COPYUID = re.compile(rb"\[COPYUID (\d+) ([\d:,]+) ([\d:,]+)\]", re.I)
 _COPYUID_DATA = re.compile(rb"^(\d+) ([\d:,]+) ([\d:,]+)")
+_MODIFIED = re.compile(rb"\[MODIFIED ([\d:,]+)\]", re.I)
 
 
 class ImapMailbox(ImapSession):
@@ -205,7 +207,7 @@ class ImapMailbox(ImapSession):
         wanted = set(uids)
         known = {uid: key for uid, key in (known or {}).items() if uid in wanted}
         found: dict[int, dict[bytes, Any]] = {}
-        basic = "UID FLAGS INTERNALDATE RFC822.SIZE"
+        basic = "UID FLAGS INTERNALDATE RFC822.SIZE" + (" MODSEQ" if self.condstore else "")
         with self._guard("FETCH summaries"):
             for items, group in (
                 (basic, sorted(known)),
@@ -251,6 +253,7 @@ class ImapMailbox(ImapSession):
                         internaldate=utc(data[b"INTERNALDATE"]),
                         size=int(data[b"RFC822.SIZE"]),
                         flags=flags_of(data.get(b"FLAGS", ())),
+                        modseq=modseq_of(data),
                     )
                 )
             except (KeyError, TypeError, ValueError) as exc:
@@ -259,14 +262,20 @@ class ImapMailbox(ImapSession):
 
     def flags(self, uids: Sequence[int]) -> dict[int, model.Flags]:
         """\\Seen/\\Flagged of *uids* in the selected mailbox (absent = gone)."""
+        return {uid: flags for uid, (flags, _modseq) in self.flag_states(uids).items()}
+
+    def flag_states(self, uids: Sequence[int]) -> dict[int, tuple[model.Flags, int | None]]:
+        """Flags of *uids* in the selected mailbox with the MODSEQ they were read at
+        (None without CONDSTORE), for a later conditional STORE; absent = gone."""
         self._require_selected()
         wanted = set(uids)
-        out: dict[int, model.Flags] = {}
+        out: dict[int, tuple[model.Flags, int | None]] = {}
+        items = "UID FLAGS MODSEQ" if self.condstore else "UID FLAGS"
         with self._guard("FETCH FLAGS"):
             for chunk in chunks(sorted(wanted)):
-                for uid, data in self._fetch(msgset(chunk), "UID FLAGS").items():
+                for uid, data in self._fetch(msgset(chunk), items).items():
                     if uid in wanted and b"FLAGS" in data:
-                        out[uid] = flags_of(data[b"FLAGS"])
+                        out[uid] = (flags_of(data[b"FLAGS"]), modseq_of(data))
         return out
 
     def existing(self, uids: Iterable[int]) -> set[int]:
@@ -340,29 +349,58 @@ class ImapMailbox(ImapSession):
 
     # -- changing ------------------------------------------------------------------------------
 
-    def store_flags(self, uids: Sequence[int], flags: model.Flags) -> None:
-        """Set \\Seen and \\Flagged of *uids* exactly as given (one STORE per direction);
-        other flags untouched. MessageError naming the UIDs that no longer exist."""
+    def store_flags(
+        self, uids: Sequence[int], change: model.FlagChange, unchanged_since: int | None = None
+    ) -> set[int]:
+        """Set or clear exactly the flags *change* names on *uids* (``+FLAGS`` /
+        ``-FLAGS``, one STORE per direction); every other flag is left as it is.
+
+        With *unchanged_since* (CONDSTORE, RFC 7162) each STORE is conditional: a message
+        whose MODSEQ moved past it — a user changed it since the plan read its flags — is
+        left alone and returned, for the next session to plan again. The second STORE is
+        conditional on the MODSEQs the first one reported, so our own first write does
+        not refuse the second. MessageError naming the UIDs that no longer exist.
+        """
         self._require_selected()
-        uids = sorted(set(uids))
-        if not uids:
-            return
-        add = [n for n, on in (("\\Seen", flags.seen), ("\\Flagged", flags.flagged)) if on]
-        remove = [n for n, on in (("\\Seen", flags.seen), ("\\Flagged", flags.flagged)) if not on]
+        targets = set(uids)
+        if not targets or not change:
+            return set()
+        named = (("\\Seen", change.seen), ("\\Flagged", change.flagged))
+        add = [name for name, value in named if value is True]
+        remove = [name for name, value in named if value is False]
+        since = unchanged_since if self.condstore else None
         reported: set[int] = set()
-        with self._guard(f"STORE {len(uids)} message(s)"):
-            for chunk in chunks(uids):
-                for op, names in (("+FLAGS", add), ("-FLAGS", remove)):
-                    if names:
-                        _t, untagged = self._uid_command(
-                            "STORE", msgset(chunk), op, f"({' '.join(names)})"
-                        )
-                        reported.update(by_uid(untagged.get("FETCH", [])))
+        modified: set[int] = set()
+        with self._guard(f"STORE {len(targets)} message(s)"):
+            for op, names in (("+FLAGS", add), ("-FLAGS", remove)):
+                if not names or not targets:
+                    continue
+                written: dict[int, dict[bytes, Any]] = {}
+                for chunk in chunks(sorted(targets)):
+                    condition = [f"(UNCHANGEDSINCE {since})"] if since is not None else []
+                    text, untagged = self._uid_command(
+                        "STORE", msgset(chunk), *condition, op, f"({' '.join(names)})"
+                    )
+                    written.update(by_uid(untagged.get("FETCH", [])))
+                    found = _MODIFIED.search(text)
+                    if found:
+                        modified.update(expand_set(found.group(1)))
+                targets -= modified
+                reported.update(written)
+                modseqs = [m for d in written.values() if (m := modseq_of(d)) is not None]
+                if since is not None and modseqs:
+                    since = max(since, *modseqs)
         # UID STORE on a missing UID is a silent no-op: look whether they still exist.
-        unsure = set(uids) - reported
+        unsure = targets - reported
         gone = sorted(unsure - self.existing(unsure)) if unsure else []
         if gone:
             raise MessageError(f"UID(s) {msgset(gone)} in {self._selected} no longer exist")
+        if modified:
+            log.info(
+                "%d message(s) changed by someone else meanwhile: left for the next sync",
+                len(modified),
+            )
+        return modified
 
     def move(self, uids: Sequence[int], dest: str) -> dict[int, int]:
         """Move *uids* of the selected mailbox to *dest*; returns old UID → new UID

@@ -75,6 +75,16 @@ def flags_of(raw: Iterable[bytes]) -> model.Flags:
     return model.Flags(seen=b"\\seen" in names, flagged=b"\\flagged" in names)
 
 
+def modseq_of(data: dict[bytes, Any]) -> int | None:
+    """The MODSEQ of one FETCH response (``MODSEQ (12)``), or None when absent."""
+    value = data.get(b"MODSEQ")
+    if isinstance(value, tuple | list) and value:
+        value = value[0]
+    if isinstance(value, bytes) and value.isdigit():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def fetch_item(data: dict[bytes, Any], prefix: bytes) -> bytes | None:
     """The value of the first FETCH item whose name starts with *prefix*."""
     for name, value in data.items():

@@ -153,6 +153,11 @@ class ImapSession:
         """Upper-case capability names offered after login (e.g. ``"MOVE"``)."""
         return self._capabilities
 
+    @property
+    def condstore(self) -> bool:
+        """CONDSTORE is enabled: fetches can carry MODSEQs and STOREs can be conditional."""
+        return self._condstore
+
     def has(self, capability: str) -> bool:
         return capability.upper() in self._capabilities
 

@@ -114,8 +114,12 @@ class SessionOptions:
     max_message_size: int = 25 * 1024 * 1024
 
 
-def phone_op(action: PhoneAction) -> dict[str, Any]:
-    """The protocol form of one phone action (raw bytes travel beside it)."""
+def phone_op(action: PhoneAction, planned_at: int = 0) -> dict[str, Any]:
+    """The protocol form of one phone action (raw bytes travel beside it).
+
+    ``planned_at`` is the phone's ``action_seq`` of the snapshot the plan was made from:
+    the server leaves a flag alone that the phone user changed after it.
+    """
     if isinstance(action, PutOnPhone):
         return {
             "kind": "put",
@@ -130,13 +134,14 @@ def phone_op(action: PhoneAction) -> dict[str, Any]:
         return {
             "kind": "flags",
             "key": action.key,
-            "seen": action.flags.seen,
-            "flagged": action.flags.flagged,
+            "seen": action.change.seen,
+            "flagged": action.change.flagged,
+            "since": planned_at,
         }
     if isinstance(action, MoveOnPhone):
         return {"kind": "move", "key": action.key, "folder": action.to.value}
     if isinstance(action, EvictFromPhone):
-        return {"kind": "evict", "key": action.key}
+        return {"kind": "evict", "key": action.key, "since": planned_at}
     if isinstance(action, DestroyOnPhone):
         return {"kind": "destroy", "key": action.key}
     raise TypeError(f"unknown phone action {action!r}")
@@ -170,6 +175,7 @@ class SyncSession:
         self.options = options
         self.report = SessionReport()
         self._acked = 0  # highest op the server acknowledged; retired with the ledger
+        self._planned_at = 0
 
     def run(self) -> SessionReport:
         started = time.monotonic()
@@ -181,6 +187,7 @@ class SyncSession:
             self._resend(journal)
             snapshot = self.link.request({"type": "snapshot"}, "snapshot")
         window = snapshot["window"]
+        self._planned_at = snapshot["action_seq"]  # the phone's state the plan starts from
 
         before_status = self.desktop.status()
         if self._nothing_changed(last, snapshot, before_status):
@@ -199,13 +206,13 @@ class SyncSession:
 
         ledger, held = self._apply_desktop(plan, facts, ledger)
         phone_actions = [a for a in plan.phone if a.key not in held]
-        self._send([(phone_op(a), None) for a in phone_actions])
+        self._send([(phone_op(a, self._planned_at), None) for a in phone_actions])
         self.report.phone_actions += len(phone_actions)
 
-        # The status to remember: taken before anything this session reads, so a change
-        # landing meanwhile shows at the next session. Without desktop actions of ours
-        # the session's first one serves (and spares a second SELECT of the inbox).
-        status = self.desktop.status() if self.report.desktop_actions else before_status
+        # The status to remember is the one taken before this session read anything: a
+        # change a user makes while the session runs (even between our own writes) then
+        # shows at the next session. Our own writes make that next one a full session.
+        status = before_status
         moved = any(isinstance(a, STRUCTURAL) for a in [*plan.desktop, *plan.phone])
         same_window = last.window == window and not moved and not self.report.quarantined
         if not (same_window and _same_inbox(last, before_status)):
@@ -246,21 +253,24 @@ class SyncSession:
     ) -> tuple[dict[str, LedgerEntry], set[str]]:
         """Carry out the desktop actions; returns the ledger and the keys held back.
 
-        A message whose action failed keeps its saved ledger entry and is held out of
-        this session's phone actions and normalization, so the next session plans it
-        again from the same starting point (and the phone keeps what its user did).
+        A message whose action failed, or whose flags a user changed while the session
+        ran (a conditional STORE refused), keeps its saved ledger entry and is held out
+        of this session's phone actions and normalization, so the next session plans it
+        again from the new facts (and the phone keeps what its user did). Only a
+        failure is quarantined.
         """
-        ledger, failed = self.desktop.apply_all(
-            plan.desktop, facts, plan.ledger, self._fetch_from_phone
-        )
-        for key, reason in failed.items():
+        outcome = self.desktop.apply_all(plan.desktop, facts, plan.ledger, self._fetch_from_phone)
+        ledger = outcome.ledger
+        for key, reason in outcome.failed.items():
             self._quarantine(key, facts[key].uid, reason)
+        held = set(outcome.failed) | outcome.changed_meanwhile
+        for key in held:
             if key in saved:
                 ledger[key] = saved[key]
             else:
                 ledger.pop(key, None)
-        self.report.desktop_actions += sum(a.key not in failed for a in plan.desktop)
-        return ledger, set(failed)
+        self.report.desktop_actions += sum(a.key not in held for a in plan.desktop)
+        return ledger, held
 
     def _nothing_changed(
         self, last: LastSession, snapshot: dict[str, Any], status: DesktopStatus
@@ -326,7 +336,9 @@ class SyncSession:
             ops: list[tuple[dict[str, Any], bytes | None]] = []
             for action in plan.phone:
                 raw = raws[action.uid] if isinstance(action, PutOnPhone) else None
-                ops.append((phone_op(action), raw if isinstance(raw, bytes) else None))
+                ops.append(
+                    (phone_op(action, self._planned_at), raw if isinstance(raw, bytes) else None)
+                )
             self._send(ops)
             self.report.pulled += len(puts)
             self.report.evicted += sum(isinstance(a, EvictFromPhone) for a in plan.phone)

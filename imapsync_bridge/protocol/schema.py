@@ -23,8 +23,9 @@ A session, agent → server (``to_server``) and server → agent (``to_agent``):
     (per-request errors) or the server closes the connection.
 
 Ops (the agent's actions, ``op.kind``): ``put`` (a message the phone should hold, its raw
-bytes in base64), ``flags``, ``move`` (inbox <-> trash), ``evict`` (drop from the phone
-window, not a delete) and ``destroy`` (permanent). Sequence numbers are the agent's,
+bytes in base64), ``flags`` (set or clear single flags, unless the phone user changed that
+flag after the snapshot the plan came from), ``move`` (inbox <-> trash), ``evict`` (drop
+from the phone window, not a delete) and ``destroy`` (permanent). Sequence numbers are the agent's,
 increasing; ``welcome.last_seq`` is the highest one the server has applied, so a retry
 after a lost connection resends only what is newer and an op is applied once.
 
@@ -41,7 +42,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -132,6 +133,15 @@ class Bool(Spec):
 
 
 @dataclass(frozen=True)
+class OptBool(Spec):
+    """true, false or null (null: leave as it is)."""
+
+    def check(self, value: Any, path: str) -> None:
+        if value is not None and not isinstance(value, bool):
+            raise _Invalid(path, "must be true, false or null")
+
+
+@dataclass(frozen=True)
 class OneOf(Spec):
     """One of a few fixed values (JSON strings or numbers)."""
 
@@ -202,6 +212,7 @@ class Tagged(Spec):
 
     tag: str
     variants: Mapping[str, Mapping[str, Spec]]
+    optional: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def check(self, value: Any, path: str) -> None:
         if not isinstance(value, dict):
@@ -212,7 +223,9 @@ class Tagged(Spec):
             raise _Invalid(tag_path, "is missing")
         OneOf(tuple(self.variants)).check(kind, tag_path)
         rest = {k: v for k, v in value.items() if k != self.tag}
-        check_fields(rest, self.variants[str(kind)], frozenset(), path)
+        check_fields(
+            rest, self.variants[str(kind)], self.optional.get(str(kind), frozenset()), path
+        )
 
 
 @dataclass(frozen=True)
@@ -285,22 +298,24 @@ OP_KINDS: dict[str, dict[str, Spec]] = {
         "flagged": Bool(),
         "folder": FOLDER,
     },
-    "flags": {"key": KEY, "seen": Bool(), "flagged": Bool()},
+    # only the flags that change (null: leave alone); "since" is the snapshot's
+    # action_seq the plan was made from: a flag the phone user changed later is kept
+    "flags": {"key": KEY, "seen": OptBool(), "flagged": OptBool(), "since": SEQ},
     "move": {"key": KEY, "folder": FOLDER},
-    "evict": {"key": KEY},
+    # "since" (optional): kept on the phone when its user changed it after that snapshot
+    "evict": {"key": KEY, "since": SEQ},
     "destroy": {"key": KEY},
 }
 
-OP = Tagged("kind", OP_KINDS)
+OP_OPTIONAL = {"evict": frozenset({"since"})}
+OP = Tagged("kind", OP_KINDS, OP_OPTIONAL)
 
 TO_SERVER: dict[str, dict[str, Spec]] = {
     "hello": {"protocol": OneOf((PROTOCOL_VERSION,)), "agent": Str(64, min_len=1)},
     "ca": {},
     "pair": {"code": Str(200, min_len=1), "csr": Str(10000, min_len=1)},
     "snapshot": {},
-    "ops": {
-        "ops": ListOf(Obj({"seq": SEQ, "op": Tagged("kind", OP_KINDS)}), MAX_BATCH, min_items=1)
-    },
+    "ops": {"ops": ListOf(Obj({"seq": SEQ, "op": OP}), MAX_BATCH, min_items=1)},
     "fetch": {"key": KEY},
     "ack_actions": {"up_to": SEQ},
     "complete": {"summary": AnyObj()},

@@ -106,20 +106,60 @@ def apply_op(conn: sqlite3.Connection, user: str, op: dict[str, Any], now: str) 
             ),
         )
     elif kind == "flags":
-        seen, flagged = flag_value(op["seen"]), flag_value(op["flagged"])
         if row is not None:
-            conn.execute(
-                "UPDATE messages SET seen = ?, flagged = ? WHERE id = ?", (seen, flagged, row[0])
-            )
+            set_flags_unless_changed(conn, user, row[0], key, op)
     elif kind == "move":
         folder = check_folder(op["folder"])
         if row is not None:
             set_folder(conn, row, folder, now)
-    elif kind in ("evict", "destroy"):
+    elif kind == "evict":
+        if row is not None and not changed_by_phone_since(conn, user, key, op.get("since")):
+            conn.execute("DELETE FROM messages WHERE id = ?", (row[0],))
+    elif kind == "destroy":
         if row is not None:
             conn.execute("DELETE FROM messages WHERE id = ?", (row[0],))
     else:
         raise ValueError(f"unknown op kind {kind!r}")
+
+
+#: The phone actions that change each flag column.
+FLAG_ACTIONS = {"seen": ("seen", "unseen"), "flagged": ("flag", "unflag")}
+
+
+def set_flags_unless_changed(
+    conn: sqlite3.Connection, user: str, id: int, key: str, op: dict[str, Any]
+) -> None:
+    """Compare-and-set of each flag the op names: the agent planned from the snapshot
+    at phone action ``since``; a flag the phone user changed after that is newer than
+    the plan and stays (the next session carries it to the desktop)."""
+    for column, kinds in FLAG_ACTIONS.items():
+        if op[column] is None:
+            continue
+        value = flag_value(op[column])
+        if not changed_by_phone_since(conn, user, key, op["since"], kinds):
+            conn.execute(f"UPDATE messages SET {column} = ? WHERE id = ?", (value, id))
+
+
+def changed_by_phone_since(
+    conn: sqlite3.Connection,
+    user: str,
+    key: str,
+    since: object,
+    kinds: tuple[str, ...] | None = None,
+) -> bool:
+    """Whether the phone user changed the message (in one of ``kinds``, else in any way)
+    after phone action ``since``: then it is newer than the agent's plan. ``None``: the
+    op is unconditional."""
+    if since is None:
+        return False
+    if isinstance(since, bool) or not isinstance(since, int):
+        raise TypeError(f"since must be an integer, not {since!r}")
+    query = "SELECT 1 FROM phone_actions WHERE user_name = ? AND msg_key = ? AND seq > ?"
+    args: list[object] = [user, key, since]
+    if kinds:
+        query += f" AND kind IN ({', '.join('?' for _ in kinds)})"
+        args += kinds
+    return conn.execute(query + " LIMIT 1", args).fetchone() is not None
 
 
 def set_folder(conn: sqlite3.Connection, row: tuple, folder: str, now: str) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from imapsync_bridge.model import DesktopFact, Flags, LedgerEntry, PhoneFact, Where
+from imapsync_bridge.model import DesktopFact, FlagChange, Flags, LedgerEntry, PhoneFact, Where
 from imapsync_bridge.sync.ops import (
     AppendToDesktop,
     DesktopAction,
@@ -151,9 +151,9 @@ def _merge_one(
     base_flags = base.flags if base is not None and base.phone is not Where.GONE else None
     flags = merge_flags(base_flags, desk.flags, phone.flags)
     if desk.flags != flags:
-        plan.desktop.append(SetDesktopFlags(key, flags))
+        plan.desktop.append(SetDesktopFlags(key, FlagChange.between(desk.flags, flags)))
     if phone.flags != flags:
-        plan.phone.append(SetPhoneFlags(key, flags))
+        plan.phone.append(SetPhoneFlags(key, FlagChange.between(phone.flags, flags)))
 
     uid = desk.uid if desk.where is target else None
     internaldate = desk.internaldate or phone.internaldate

@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from imapsync_bridge.model import Flags, Where
+from imapsync_bridge.model import FlagChange, Flags, Where
 
 
 # Actions on the desktop (IMAP) ------------------------------------------------------
 @dataclass(frozen=True)
 class SetDesktopFlags:
     key: str
-    flags: Flags
+    change: FlagChange
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ DesktopAction = SetDesktopFlags | MoveOnDesktop | DestroyOnDesktop | AppendToDes
 @dataclass(frozen=True)
 class SetPhoneFlags:
     key: str
-    flags: Flags
+    change: FlagChange
 
 
 @dataclass(frozen=True)
