@@ -10,6 +10,11 @@ keeps each user's mail in its own Maildir, so a fresh user name is a fresh, empt
         dc.append(user, dc.make_message(1), datetime(2024, 1, 1, tzinfo=timezone.utc))
         with dc.client(user) as c: ...
 
+A :class:`Profile` makes it play another kind of corporate server: an advertised capability
+list (``imap_capability``), a namespace prefix and separator, and its folder names with or
+without SPECIAL-USE attributes (:data:`FULL`, :data:`EXCHANGE_LIKE`, :data:`CYRUS_LIKE`;
+see ``docs/compat.md``).
+
 With ``tls=True`` an additional implicit-TLS listener (:attr:`Dovecot.tls_port`) is opened
 and STARTTLS is offered on the plain port; :attr:`Dovecot.ca_path` is the self-signed
 certificate to trust (it names ``localhost`` and ``127.0.0.1``).
@@ -31,7 +36,8 @@ import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from email.utils import format_datetime
 from pathlib import Path
 
@@ -77,23 +83,12 @@ userdb {{
   driver = static
   args = uid={uid} gid={gid} home={root}/home/%u
 }}
+{capability}
 namespace inbox {{
   inbox = yes
-  separator = /
-  mailbox Trash {{
-    special_use = \\Trash
-    auto = subscribe
-  }}
-  mailbox Sent {{
-    special_use = \\Sent
-    auto = subscribe
-  }}
-  mailbox Drafts {{
-    special_use = \\Drafts
-  }}
-  mailbox Junk {{
-    special_use = \\Junk
-  }}
+  prefix = {prefix}
+  separator = {separator}
+{folders}
 }}
 service imap-login {{
   inet_listener imap {{
@@ -114,6 +109,73 @@ service stats {{
   }}
 }}
 """
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How the test Dovecot presents itself: which real server it stands in for."""
+
+    name: str
+    capability: str | None  # the advertised list after login (None: Dovecot's own)
+    prefix: str  # the personal namespace prefix ("" or "INBOX.")
+    separator: str
+    folders: Mapping[str, str | None]  # folder (without prefix) -> SPECIAL-USE or None
+
+    def folder(self, name: str) -> str:
+        """A folder's full name as a client sees it (``Trash`` -> ``INBOX.Trash``)."""
+        return name if name.upper() == "INBOX" else self.prefix + name
+
+    @property
+    def trash(self) -> str:
+        return self.folder(next(f for f in self.folders if "Deleted" in f or "Trash" in f))
+
+    @property
+    def sent(self) -> str:
+        return self.folder(next(f for f in self.folders if f.startswith("Sent")))
+
+    def config(self) -> dict[str, str]:
+        blocks = []
+        for name, use in self.folders.items():
+            lines = [f'  mailbox "{name}" {{', "    auto = subscribe"]
+            if use:
+                lines.append(f"    special_use = {use}")
+            blocks.append("\n".join([*lines, "  }"]))
+        return {
+            "capability": f"imap_capability = {self.capability}" if self.capability else "",
+            "prefix": self.prefix,
+            "separator": self.separator,
+            "folders": "\n".join(blocks),
+        }
+
+
+#: Stock Dovecot: CONDSTORE, QRESYNC, ESORT, MOVE, UNSELECT, SPECIAL-USE.
+FULL = Profile(
+    "full",
+    None,
+    "",
+    "/",
+    {"Trash": "\\Trash", "Sent": "\\Sent", "Drafts": "\\Drafts", "Junk": "\\Junk"},
+)
+#: Microsoft Exchange's IMAP service: no CONDSTORE/QRESYNC, no SORT/ESEARCH, no
+#: SPECIAL-USE advertised or listed; "Deleted Items" and "Sent Items".
+EXCHANGE_LIKE = Profile(
+    "exchange-like",
+    "IMAP4rev1 IDLE UIDPLUS MOVE UNSELECT NAMESPACE CHILDREN LITERAL+",
+    "",
+    "/",
+    {"Deleted Items": None, "Sent Items": None, "Drafts": None, "Junk Email": None},
+)
+#: Cyrus / Courier with Debian defaults: personal folders under "INBOX." (separator
+#: "."), an INBOX.Trash without \\Trash, no SPECIAL-USE, no UNSELECT, no MOVE, no
+#: CONDSTORE; SORT without ESORT (as Courier).
+CYRUS_LIKE = Profile(
+    "cyrus-like",
+    "IMAP4rev1 LITERAL+ IDLE UIDPLUS NAMESPACE CHILDREN SORT ENABLE",
+    "INBOX.",
+    ".",
+    {"Trash": None, "Sent": None, "Drafts": None},
+)
+PROFILES = (FULL, EXCHANGE_LIKE, CYRUS_LIKE)
 
 
 class DovecotError(RuntimeError):
@@ -176,8 +238,9 @@ class Dovecot:
     host = "127.0.0.1"
     password = "secret"
 
-    def __init__(self, *, tls: bool = False) -> None:
+    def __init__(self, *, tls: bool = False, profile: Profile = FULL) -> None:
         self.tls = tls
+        self.profile = profile
         self.root: Path | None = None
         self.port = 0
         self.tls_port: int | None = None
@@ -255,6 +318,7 @@ class Dovecot:
             gid=MAIL_GID,
             password=self.password,
             ssl_settings=ssl_settings,
+            **self.profile.config(),
         )
         (self.root / "etc" / "dovecot.conf").write_text(text)
 
@@ -376,7 +440,8 @@ class Dovecot:
         base = self.root / "mail" / user
         if mailbox.upper() == "INBOX":
             return base
-        return base / ("." + mailbox.replace("/", "."))
+        name = mailbox.removeprefix(self.profile.prefix)
+        return base / ("." + name.replace(self.profile.separator, "."))
 
     def make_message(
         self,
