@@ -189,7 +189,7 @@ def load_agent_config(path: Path) -> AgentConfig:
             mailbox=imap_section.text("mailbox", "INBOX") or "INBOX",
             trash=imap_section.text("trash", ""),
             sent=imap_section.text("sent", ""),
-            outbox=imap_section.text("outbox", "Outbox") or "Outbox",
+            outbox=imap_section.text("outbox", ""),
         ),
         smtp=smtp,
         trigger_max_age=trigger.integer("max_age", 900, minimum=1) if trigger else 900,

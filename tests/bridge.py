@@ -113,6 +113,7 @@ class Bridge:
         self.root = root
         self.window = window
         self.user = dovecot.new_user()
+        self.trash = dovecot.profile.trash  # the desktop Trash, as this server names it
         self.phone_user = "alice"
         self.server_dir = root / "server"
         self.server_ini = self.server_dir / "server.ini"
@@ -260,11 +261,23 @@ class Bridge:
             client.select_folder(mailbox)
             yield client
 
+    def desktop_move(self, message_id: str, to: str, source: str = "INBOX") -> None:
+        """What a desktop mail client does to move a message: MOVE, or on a server
+        without it COPY, \\Deleted and UID EXPUNGE of just that message."""
+        uid = self.desktop_uid(message_id, source)
+        with self.imap(source) as client:
+            if client.has_capability("MOVE"):
+                client.move([uid], to)
+            else:
+                client.copy([uid], to)
+                client.add_flags([uid], [b"\\Deleted"])
+                client.uid_expunge([uid])
+
     # -- the invariants ----------------------------------------------------------------
     def assert_in_sync(self) -> None:
         """DESIGN.md invariants 1, 2 and 4 after a completed sync."""
         inbox = self.mails("INBOX")
-        trash = self.mails("Trash")
+        trash = self.mails(self.trash)
         phone = self.phone_list()
         expected = []
         for mail in inbox:

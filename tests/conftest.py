@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from dovecot import Dovecot  # noqa: E402
+from dovecot import FULL, PROFILES, Dovecot  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +31,18 @@ def dovecot() -> Iterator[Dovecot]:
 def imap_user(dovecot: Dovecot) -> str:
     """A fresh user name: its own empty mailbox (INBOX, Trash, Sent)."""
     return dovecot.new_user()
+
+
+@pytest.fixture(scope="session", params=PROFILES, ids=[p.name for p in PROFILES])
+def profiled_dovecot(request: pytest.FixtureRequest) -> Iterator[Dovecot]:
+    """A real Dovecot playing each server profile in turn (full Dovecot, Exchange-like,
+    Cyrus/Courier-like; see docs/compat.md). Fails, never skips, when it cannot start."""
+    if request.param is FULL:
+        yield request.getfixturevalue("dovecot")
+        return
+    server = Dovecot(profile=request.param)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -17,8 +17,9 @@ from proxy import RewritingProxy
 
 
 @pytest.fixture
-def bridge(dovecot: Dovecot, tmp_path: Path) -> Iterator[Bridge]:
-    b = Bridge(dovecot, tmp_path, window=6).start()
+def bridge(profiled_dovecot: Dovecot, tmp_path: Path) -> Iterator[Bridge]:
+    """The product on each server profile (full Dovecot, Exchange-like, Cyrus-like)."""
+    b = Bridge(profiled_dovecot, tmp_path, window=6).start()
     b.pair()
     try:
         yield b
@@ -59,7 +60,7 @@ def test_new_mail_evicts_the_oldest_phone_message_and_keeps_the_desktop_copy(
     # A further sync changes nothing: eviction was not mistaken for a delete.
     bridge.sync_ok()
     assert oldest_on_phone in bridge.desktop_ids()
-    assert bridge.desktop_ids("Trash") == []
+    assert bridge.desktop_ids(bridge.trash) == []
 
 
 def test_delete_and_restore_on_the_phone(bridge: Bridge) -> None:
@@ -68,7 +69,7 @@ def test_delete_and_restore_on_the_phone(bridge: Bridge) -> None:
     target = ids[8]
     bridge.phone("delete", str(bridge.phone_id(target)))
     bridge.sync_ok()
-    assert target in bridge.desktop_ids("Trash")
+    assert target in bridge.desktop_ids(bridge.trash)
     assert target not in bridge.desktop_ids()
     assert ids[3] in bridge.phone_inbox_ids()  # the freed slot was filled
     bridge.assert_in_sync()
@@ -76,7 +77,7 @@ def test_delete_and_restore_on_the_phone(bridge: Bridge) -> None:
     bridge.phone("restore", str(bridge.phone_id(target, "trash")))
     bridge.sync_ok()
     assert target in bridge.desktop_ids()
-    assert target not in bridge.desktop_ids("Trash")
+    assert target not in bridge.desktop_ids(bridge.trash)
     assert target in bridge.phone_inbox_ids()
     bridge.assert_in_sync()
 
@@ -85,16 +86,14 @@ def test_delete_and_restore_on_the_desktop(bridge: Bridge) -> None:
     ids = [bridge.deliver(n) for n in range(1, 11)]
     bridge.sync_ok()
     target = ids[9]
-    with bridge.imap() as client:
-        client.move([bridge.desktop_uid(target)], "Trash")
+    bridge.desktop_move(target, bridge.trash)
     bridge.sync_ok()
     listing = bridge.phone_list()
     assert target in [m["message_id"] for m in listing["trash"]]
     assert target not in bridge.phone_inbox_ids()
     bridge.assert_in_sync()
 
-    with bridge.imap("Trash") as client:
-        client.move([bridge.desktop_uid(target, "Trash")], "INBOX")
+    bridge.desktop_move(target, "INBOX", source=bridge.trash)
     bridge.sync_ok()
     assert bridge.phone_inbox_ids()[0] == target
     assert bridge.phone_list()["trash"] == []
@@ -111,7 +110,7 @@ def test_destroy_on_the_phone_is_permanent_on_both_sides(bridge: Bridge) -> None
     bridge.sync_ok()
     for gone in (ids[7], ids[6]):
         assert gone not in bridge.desktop_ids()
-        assert gone not in bridge.desktop_ids("Trash")
+        assert gone not in bridge.desktop_ids(bridge.trash)
         assert gone not in [m["message_id"] for m in bridge.phone_list()["trash"]]
     bridge.assert_in_sync()
 
@@ -171,14 +170,13 @@ def test_conflicts_resolve_by_the_design_rules(bridge: Bridge) -> None:
     # Restore beats delete: deleted on the desktop, deleted then restored on the phone.
     bridge.phone("delete", str(bridge.phone_id(ids[2])))
     bridge.phone("restore", str(bridge.phone_id(ids[2], "trash")))
-    with bridge.imap() as client:
-        client.move([bridge.desktop_uid(ids[2])], "Trash")
+    bridge.desktop_move(ids[2], bridge.trash)
     bridge.sync_ok()
 
     mails = {m.message_id: m for m in bridge.mails()}
     assert not mails[ids[5]].seen  # only the phone changed it: its unset stands
     assert mails[ids[4]].seen
-    trash = {m.message_id: m for m in bridge.mails("Trash")}
+    trash = {m.message_id: m for m in bridge.mails(bridge.trash)}
     assert ids[3] in trash and trash[ids[3]].flagged
     assert ids[2] in mails  # restored on the desktop
     bridge.assert_in_sync()
@@ -199,16 +197,16 @@ def test_seen_set_beats_unset_when_both_sides_change(bridge: Bridge) -> None:
 
 
 def test_uidvalidity_change_makes_no_duplicates_and_keeps_phone_actions(
-    bridge: Bridge, dovecot: Dovecot
+    bridge: Bridge,
 ) -> None:
     ids = [bridge.deliver(n) for n in range(1, 11)]
     bridge.sync_ok()
     phone_ids_before = {m["message_id"]: m["id"] for m in bridge.phone_list()["inbox"]}
     bridge.phone("read", str(bridge.phone_id(ids[9])))
     bridge.phone("delete", str(bridge.phone_id(ids[8])))
-    dovecot.reset_uidvalidity(bridge.user)
+    bridge.dovecot.reset_uidvalidity(bridge.user)
     bridge.sync_ok()
-    assert ids[8] in bridge.desktop_ids("Trash")
+    assert ids[8] in bridge.desktop_ids(bridge.trash)
     assert {m.message_id: m for m in bridge.mails()}[ids[9]].seen
     assert len(bridge.desktop_ids()) == 9
     phone_after = {m["message_id"]: m["id"] for m in bridge.phone_list()["inbox"]}
@@ -266,7 +264,8 @@ HOSTILE = [
 ]
 
 
-def test_malformed_messages_sync_or_are_quarantined(bridge: Bridge, dovecot: Dovecot) -> None:
+def test_malformed_messages_sync_or_are_quarantined(bridge: Bridge) -> None:
+    dovecot = bridge.dovecot
     base = dt.datetime(2024, 1, 1, 12, 0, tzinfo=dt.UTC)
     good = [bridge.deliver(n) for n in (1, 2, 3)]
     for i, raw in enumerate(HOSTILE):
@@ -329,7 +328,10 @@ def test_a_failed_desktop_action_is_held_and_retried(bridge: Bridge) -> None:
     bridge.sync_ok()
     bridge.phone("delete", str(bridge.phone_id(ids[7])))
     # Dovecot refuses the MOVE for real: the proxy sends it to a mailbox that is not there.
-    proxy = RewritingProxy(bridge.dovecot.port, rb"UID MOVE (\S+) (\S+)", rb"UID MOVE \1 Nowhere")
+    # (COPY where the server has no MOVE)
+    proxy = RewritingProxy(
+        bridge.dovecot.port, rb"UID (MOVE|COPY) (\S+) [^\r\n]+", rb"UID \1 \2 Nowhere"
+    )
     proxied = bridge.agent_ini.parent / "proxied.ini"
     bridge.write_agent_config(proxied, imap_port=proxy.port)
     try:
@@ -345,7 +347,7 @@ def test_a_failed_desktop_action_is_held_and_retried(bridge: Bridge) -> None:
     finally:
         proxy.close()
     bridge.sync_ok()
-    assert ids[7] in bridge.desktop_ids("Trash")
+    assert ids[7] in bridge.desktop_ids(bridge.trash)
     assert bridge.agent_status()["quarantined"] == []
     bridge.assert_in_sync()
 
@@ -365,8 +367,7 @@ def test_new_mail_of_any_arrival_time_takes_its_place_in_the_window(
     assert bridge.phone_inbox_ids() == [ids[n] for n in (13, 10, 9, 8, 12, 7)]
     bridge.assert_in_sync()
     # Then a delete on the desktop: a message left the inbox, the full scan takes over.
-    with bridge.imap() as client:
-        client.move([bridge.desktop_uid(ids[13])], "Trash")
+    bridge.desktop_move(ids[13], bridge.trash)
     caplog.clear()
     bridge.sync_ok()
     assert "added since UID" not in caplog.text
@@ -384,6 +385,6 @@ def test_deletes_on_the_phone_reach_the_desktop_in_one_move(
         bridge.phone("delete", str(bridge.phone_id(message_id)))
     caplog.clear()
     bridge.sync_ok()
-    assert caplog.text.count("moved 3 message(s) to Trash") == 1
-    assert set(ids[7:]) <= set(bridge.desktop_ids("Trash"))
+    assert caplog.text.count(f"moved 3 message(s) to {bridge.trash}") == 1
+    assert set(ids[7:]) <= set(bridge.desktop_ids(bridge.trash))
     bridge.assert_in_sync()

@@ -34,7 +34,7 @@ def test_the_example_configuration_loads() -> None:
     assert config.server == ("sync.example.com", 4465)
     assert config.imap.server.security == "tls"
     assert config.mass_delete_share == 0.5
-    assert config.imap.outbox == "Outbox"
+    assert (config.imap.trash, config.imap.sent, config.imap.outbox) == ("", "", "")
 
 
 @pytest.mark.parametrize(

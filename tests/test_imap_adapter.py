@@ -158,20 +158,16 @@ def test_status_and_select_report_the_same_mailbox(dovecot, imap_user, mbox):
     assert st.highestmodseq is not None and sel.highestmodseq is not None
 
 
-def test_find_special_finds_trash_by_special_use(mbox):
-    assert mbox.find_special("\\Trash", None, "Deleted Items") == "Trash"
-    assert mbox.find_special("\\Sent", "", "Sent Messages") == "Sent"
+def test_resolve_folders_finds_trash_and_sent_by_special_use_and_creates_outbox(mbox):
+    found = mbox.resolve_folders({})
+    assert found == {"trash": "Trash", "sent": "Sent", "outbox": "Outbox"}
+    assert mbox.status("Outbox").messages == 0
+    assert mbox.resolve_folders({}) == found  # idempotent: found, not created again
 
 
-def test_find_special_configured_name_wins_and_is_created(mbox):
-    assert mbox.find_special("\\Trash", "Papierkorb", "Trash") == "Papierkorb"
+def test_resolve_folders_configured_name_wins_and_is_created(mbox):
+    assert mbox.resolve_folders({"trash": "Papierkorb"})["trash"] == "Papierkorb"
     assert mbox.select("Papierkorb").messages == 0
-
-
-def test_find_special_falls_back_and_creates(mbox):
-    assert mbox.find_special("\\Archive", None, "Archive") == "Archive"
-    assert mbox.status("Archive").messages == 0
-    assert mbox.find_special("\\Archive", None, "Archive") == "Archive"  # idempotent
 
 
 def test_reset_uidvalidity_really_changes_uidvalidity(dovecot, imap_user):
@@ -287,7 +283,7 @@ def test_locate_by_message_id_in_trash_confirms_the_header(dovecot, imap_user, m
     dovecot.append(imap_user, target, T0)
     dovecot.append(imap_user, decoy, T0)
     mbox.select("INBOX")
-    trash = mbox.find_special("\\Trash", None, "Trash")
+    trash = mbox.resolve_folders({})["trash"]
     moved = mbox.move([1, 2], trash)
     # SEARCH HEADER is a case-insensitive substring search: both match, one is ours
     assert mbox.locate(trash, "<Case@Example.COM>") == [moved[1]]
@@ -365,7 +361,7 @@ def test_move_to_trash_returns_new_uids_and_keeps_internaldate(dovecot, imap_use
     uids = [dovecot.append(imap_user, dovecot.make_message(n), d) for n, d in enumerate(dates)]
     mbox.select("INBOX")
     before = {s.uid: s for s in mbox.summaries(uids)}
-    trash = mbox.find_special("\\Trash", None, "Trash")
+    trash = mbox.resolve_folders({})["trash"]
     mapping = mbox.move([uids[0], uids[2], uids[3]], trash)
     assert set(mapping) == {uids[0], uids[2], uids[3]}
     assert mbox.existing(uids) == {uids[1]}

@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from functools import partial
 from typing import Any, TypeVar
 
@@ -53,19 +54,43 @@ class DesktopStatus:
 
 
 class DesktopSide:
-    def __init__(self, imap: ImapMailbox, inbox: str, trash: str) -> None:
+    def __init__(
+        self, imap: ImapMailbox, inbox: str, trash: str, folders: Mapping[str, str] | None = None
+    ) -> None:
         self.imap = imap
         self.inbox = inbox
         self.trash = trash
+        #: every folder the agent resolved, by role (shown by `agent status`)
+        self.folders = {"inbox": inbox, "trash": trash, **(folders or {})}
 
     def status(self) -> DesktopStatus:
-        """Two STATUS commands; cheap enough to run before deciding to do anything.
+        """Both mailboxes' counts now: two commands, cheap enough to run before deciding
+        to do anything (fresh, see :meth:`ImapMailbox.current_status`).
 
-        Nothing may be selected: Dovecot answers STATUS of the selected mailbox from the
-        session's own view, which misses what other clients did since.
+        Without CONDSTORE the inbox's counts come from SELECTing it: no count moves when
+        only flags change, so the session goes on to compare the window's flags
+        (:meth:`window_flags_agree`), which needs the inbox selected anyway.
         """
-        self.imap.unselect()
-        return DesktopStatus(self.imap.status(self.inbox), self.imap.status(self.trash))
+        if self.imap.condstore:
+            inbox = self.imap.current_status(self.inbox)
+        else:
+            inbox = self.imap.select(self.inbox)
+        return DesktopStatus(inbox, self.imap.current_status(self.trash))
+
+    def window_flags_agree(self, ledger: Mapping[str, LedgerEntry]) -> bool:
+        """Whether every inbox message the phone holds still has the flags the last
+        session agreed on: one ``UID FETCH (FLAGS)`` of the window, O(window), for
+        servers without CONDSTORE (no HIGHESTMODSEQ moves when only flags change)."""
+        held = [
+            e for e in ledger.values() if e.desktop is Where.INBOX and e.phone is not Where.GONE
+        ]
+        if any(e.uid is None for e in held):
+            return False
+        expected = {e.uid: e.flags for e in held if e.uid is not None}
+        if not expected:
+            return True
+        self.imap.ensure_selected(self.inbox)
+        return self.imap.flags(sorted(expected)) == expected
 
     # -- facts -----------------------------------------------------------------------
     def facts(
@@ -128,7 +153,7 @@ class DesktopSide:
         complete = first is not None and len(candidates) <= SCAN_LIMIT
         if not complete:
             newest = self.imap.newest_uids(mailbox, SCAN_LIMIT)
-            candidates = newest if newest is not None else self.imap.inbox_order(mailbox)
+            candidates = newest if newest is not None else self.imap.highest_uids(SCAN_LIMIT)
         for message in self.imap.summaries(candidates[:SCAN_LIMIT]):
             if message.key in missing and message.key not in facts:
                 facts[message.key] = _fact(where, message)
@@ -160,7 +185,12 @@ class DesktopSide:
             found = _newest_first(self.imap.summaries(partial, known))
             if len(partial) < wanted or _enough(found, count, skip):
                 return window_of(found, count, skip)
-        # No ESORT, or ties/skips at the edge of the partial answer: sort everything.
+        else:
+            by_uid = self._newest_by_uid(count, skip, known, wanted)
+            if by_uid is not None:
+                return by_uid
+        # Ties/skips at the edge of the partial answer, or old UIDs with new dates
+        # beyond what is worth fetching one by one: sort everything.
         order = self.imap.inbox_order(self.inbox)
         found = []
         start = 0
@@ -168,6 +198,30 @@ class DesktopSide:
             chunk = order[start : start + wanted]
             start += len(chunk)
             found = _newest_first(found + self.imap.summaries(chunk, known))
+        return window_of(found, count, skip)
+
+    def _newest_by_uid(
+        self, count: int, skip: set[str], known: Mapping[int, str], wanted: int
+    ) -> list[DesktopMessage] | None:
+        """The window without ESORT, in O(window): the messages with the highest UIDs,
+        checked by INTERNALDATE — every lower UID dated on or after the day before the
+        window's oldest message (``SEARCH SINCE``, usually none) is fetched and ranked
+        too, so a message appended with an old UID order but a new date is not missed.
+        None when that check would fetch too much (then sort everything)."""
+        uids = self.imap.highest_uids(wanted)
+        if not uids:
+            return []
+        found = _newest_first(self.imap.summaries(uids, known))
+        window = window_of(found, count, skip)
+        if len(window) < count:
+            return None  # not enough distinct messages up there (a small mailbox)
+        oldest_day = window[-1].internaldate.date() - timedelta(days=1)
+        lower = self.imap.uids_since(uids[0], oldest_day)
+        if len(lower) > SCAN_LIMIT:
+            return None
+        if lower:
+            found = _newest_first(found + self.imap.summaries(lower, known))
+            log.info("window: %d older UID(s) with recent dates ranked too", len(lower))
         return window_of(found, count, skip)
 
     def newest_after_additions(

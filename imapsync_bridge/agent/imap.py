@@ -12,7 +12,7 @@ import imaplib
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import date, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 from imapclient.response_parser import parse_message_list
 
 from imapsync_bridge import model
+from imapsync_bridge.agent import folders
 from imapsync_bridge.agent.imap_data import (
     PARTIAL,
     by_uid,
@@ -47,6 +48,7 @@ HASH_SCAN_LIMIT = 2000
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]", re.I)
 _COPYUID = re.compile(rb"\[COPYUID (\d+) ([\d:,]+) ([\d:,]+)\]", re.I)
 _COPYUID_DATA = re.compile(rb"^(\d+) ([\d:,]+) ([\d:,]+)")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _MODIFIED = re.compile(rb"\[MODIFIED ([\d:,]+)\]", re.I)
 
 
@@ -91,34 +93,62 @@ class ImapMailbox(ImapSession):
     imapclient upgrade that changes them fails loudly.
     """
 
-    def find_special(self, use: str, configured: str | None, fallback: str) -> str:
-        """The mailbox for special use *use* (e.g. ``"\\\\Trash"``), created when missing.
+    def resolve_folders(self, configured: Mapping[str, str | None]) -> dict[str, str]:
+        """The folder for each role of :data:`folders.ROLES` (trash, sent, outbox),
+        created under the personal namespace when missing (see :mod:`.folders`).
 
-        A non-empty *configured* name wins (the user said so); else the mailbox the
-        server flags with SPECIAL-USE *use*; else *fallback*.
+        *configured* maps a role name to the ``[imap]`` setting (empty = find it).
+        One LIST; NAMESPACE only when a folder is not found without it. ImapError naming
+        the ``[imap]`` key to set when a folder cannot be created.
         """
-        with self._guard(f"LIST for {use}"):
-            folders = self._client.list_folders()
-        names = {name for flags_of, _sep, name in folders}
-        target = configured or None
-        if target is None:
-            wanted = use.encode().lower()
-            for flags, _sep, name in folders:
-                if wanted in {f.lower() for f in flags}:
-                    return name
-            target = fallback
-        if target not in names and target.upper() != "INBOX":
-            with self._guard(f"CREATE {target}"):
-                try:
-                    self._client.create_folder(target)
-                except imaplib.IMAP4.error as exc:
-                    # Someone else may have created it meanwhile.
-                    again = {n for _f, _s, n in self._client.list_folders()}
-                    if target not in again:
-                        raise ImapError(f"cannot create mailbox {target!r}: {exc}") from exc
-                with contextlib.suppress(imaplib.IMAP4.error):
-                    self._client.subscribe_folder(target)
-        return target
+        with self._guard("LIST"):
+            listing = self._client.list_folders()
+        listed = [folders.Listed.of(name, flags) for flags, _sep, name in listing]
+        separator = next((sep for _f, sep, _n in listing if sep), b"/")
+        sep_text = separator.decode() if isinstance(separator, bytes) else str(separator)
+
+        def choose_all(prefix: str, sep: str) -> dict[str, folders.Choice]:
+            return {
+                role.name: folders.choose(role, listed, configured.get(role.name), prefix, sep)
+                for role in folders.ROLES
+            }
+
+        choices = choose_all("", sep_text)
+        if not all(c.exists for c in choices.values()) and self.has("NAMESPACE"):
+            prefix, sep_text = self._personal_namespace(sep_text)
+            choices = choose_all(prefix, sep_text)
+        for role, choice in choices.items():
+            if not choice.exists:
+                self._create(choice.name, role)
+            log.info("%s folder: %s (%s)", role, choice.name, choice.how)
+        return {role: choice.name for role, choice in choices.items()}
+
+    def _personal_namespace(self, default_separator: str) -> tuple[str, str]:
+        with self._guard("NAMESPACE"):
+            spaces = self._client.namespace()
+        personal = spaces.personal or ()
+        if not personal:
+            return "", default_separator
+        prefix, sep = personal[0][0], personal[0][1]
+        return str(prefix or ""), str(sep or default_separator)
+
+    def _create(self, name: str, role: str) -> None:
+        with self._guard(f"CREATE {name}"):
+            try:
+                self._client.create_folder(name)
+            except imaplib.IMAP4.error as exc:
+                # Someone else may have created it meanwhile.
+                again = {n.lower() for _f, _s, n in self._client.list_folders()}
+                if name.lower() not in again:
+                    reason = exc.args[0] if exc.args else exc
+                    if isinstance(reason, bytes):
+                        reason = reason.decode("utf-8", "replace")
+                    raise ImapError(
+                        f"cannot create the {role} folder {name!r} ({reason}): set "
+                        f"`{role} = <name of your {role} folder>` in the [imap] section"
+                    ) from exc
+            with contextlib.suppress(imaplib.IMAP4.error):
+                self._client.subscribe_folder(name)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -162,19 +192,33 @@ class ImapMailbox(ImapSession):
                 return [] if found.group(1) == b"NIL" else expand_set(found.group(1))
         return []
 
-    def unselect(self) -> None:
-        """Leave the selected mailbox without expunging (UNSELECT), so a later STATUS of it
-        is answered fresh: Dovecot answers STATUS of the selected mailbox from the
-        session's own, possibly stale, view."""
-        if self._selected is None:
-            return
-        with self._guard("UNSELECT"):
-            if self.has("UNSELECT"):
-                self._client.unselect_folder()
-            else:
-                self._client.noop()
-                return
-        self._selected = None
+    def highest_uids(self, count: int) -> list[int]:
+        """The UIDs of the selected mailbox's last *count* messages (the highest UIDs),
+        ascending: ``UID SEARCH n:*`` over sequence numbers, an answer of O(count).
+
+        The newest mail usually has the highest UIDs; callers check that by INTERNALDATE
+        (:meth:`uids_since`). A stale message count only widens or narrows the range.
+        """
+        self._require_selected()
+        if count <= 0:
+            return []
+        first = max(self._exists - count + 1, 1)
+        with self._guard("SEARCH newest"):
+            _text, untagged = self._uid_command("SEARCH", f"{first}:*")
+        return sorted(parse_message_list(untagged.pop("SEARCH", [])))
+
+    def uids_since(self, below_uid: int, day: date) -> list[int]:
+        """UIDs under *below_uid* whose INTERNALDATE falls on *day* or later
+        (``UID SEARCH UID 1:n SINCE day``; SINCE ignores the time of day and zone)."""
+        self._require_selected()
+        if below_uid <= 1:
+            return []
+        since = day.strftime("%d-%b-%Y")
+        with self._guard("SEARCH SINCE"):
+            _text, untagged = self._uid_command(
+                "SEARCH", "UID", f"1:{below_uid - 1}", "SINCE", since
+            )
+        return sorted(u for u in parse_message_list(untagged.pop("SEARCH", [])) if u < below_uid)
 
     def fetch_raws(self, uids: Sequence[int], max_size: int) -> dict[int, bytes | MessageError]:
         """Whole messages in one ``UID FETCH`` per chunk (BODY.PEEK[]: \\Seen not set).
@@ -424,6 +468,7 @@ class ImapMailbox(ImapSession):
                 if not self.has("MOVE"):
                     self._store(chunk, "+FLAGS.SILENT", "\\Deleted")
                     self._uid_command("EXPUNGE", uid_set)
+                self._exists = max(self._exists - len(chunk), 0)
         return mapping
 
     @staticmethod
@@ -457,6 +502,7 @@ class ImapMailbox(ImapSession):
             for chunk in chunks(uids):
                 self._store(chunk, "+FLAGS.SILENT", "\\Deleted")
                 self._uid_command("EXPUNGE", msgset(chunk))
+                self._exists = max(self._exists - len(chunk), 0)
 
     def append(
         self, mailbox: str, raw: bytes, internaldate: datetime, flags: model.Flags

@@ -51,6 +51,7 @@ class ImapSession:
         self._port = port
         self._broken: str | None = None
         self._selected: str | None = None
+        self._exists = 0  # messages in the selected mailbox, as its SELECT said (less ours)
         self._capabilities: frozenset[str] = frozenset()
         self._condstore = False
         self.round_trips = 0
@@ -277,6 +278,7 @@ class ImapSession:
             self._client._imap.untagged_responses.clear()
             st = self._client.select_folder(mailbox)
             self._selected = mailbox
+        self._exists = int(st[b"EXISTS"])
         modseq = st.get(b"HIGHESTMODSEQ") if self._condstore else None
         return MailboxStatus(
             uidvalidity=int(st[b"UIDVALIDITY"]),
@@ -284,6 +286,22 @@ class ImapSession:
             messages=int(st[b"EXISTS"]),
             highestmodseq=int(modseq) if modseq is not None else None,
         )
+
+    def current_status(self, mailbox: str) -> MailboxStatus:
+        """The counts of *mailbox* as they are now, also when it is the selected one.
+
+        Dovecot answers STATUS of the selected mailbox from the session's own view,
+        which misses what other clients did since. So the selected mailbox is left first
+        (UNSELECT), or, on a server without UNSELECT (CLOSE would expunge), selected
+        again: its SELECT answer carries the same counts, fresh.
+        """
+        if self._selected == mailbox:
+            if not self.has("UNSELECT"):
+                return self.select(mailbox)
+            with self._guard("UNSELECT"):
+                self._client.unselect_folder()
+            self._selected = None
+        return self.status(mailbox)
 
     def ensure_selected(self, mailbox: str) -> None:
         """SELECT *mailbox* unless it is the selected one (a SELECT right after a change

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -37,8 +38,10 @@ def connect_imap(config: AgentConfig) -> ImapMailbox:
 
 
 def open_desktop(config: AgentConfig, imap: ImapMailbox) -> DesktopSide:
-    trash = imap.find_special("\\Trash", config.imap.trash or None, "Trash")
-    return DesktopSide(imap, config.imap.mailbox, trash)
+    found = imap.resolve_folders(
+        {"trash": config.imap.trash, "sent": config.imap.sent, "outbox": config.imap.outbox}
+    )
+    return DesktopSide(imap, config.imap.mailbox, found["trash"], found)
 
 
 def open_link(config: AgentConfig) -> ServerLink:
@@ -103,6 +106,7 @@ def status(config: AgentConfig) -> dict[str, Any]:
                 {"key": q.key, "uid": q.uid, "reason": q.reason} for q in state.quarantined()
             ],
             "sync_phrase": state.get("sync_phrase"),
+            "folders": json.loads(folders) if (folders := state.get("folders")) else None,
         }
     finally:
         state.close()

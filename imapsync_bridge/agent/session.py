@@ -14,6 +14,7 @@ any point is recovered by simply running the next session.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -190,10 +191,15 @@ class SyncSession:
         self._planned_at = snapshot["action_seq"]  # the phone's state the plan starts from
 
         before_status = self.desktop.status()
-        if self._nothing_changed(last, snapshot, before_status):
+        if self._nothing_changed(last, snapshot, before_status) and (
+            before_status.inbox.highestmodseq is not None
+            or self.desktop.window_flags_agree(self.state.ledger())
+        ):
             self.report.fast_path = True
             self.report.seconds = time.monotonic() - started
-            self.state.set_many(_done_meta(), durable=False)
+            self.state.set_many(
+                {**_done_meta(), "folders": json.dumps(self.desktop.folders)}, durable=False
+            )
             return self.report
 
         ledger = self._ledger_for(last, before_status)
@@ -232,6 +238,7 @@ class SyncSession:
                 "window": window,
                 "user": self.link.user,
                 "held": len(held),
+                "folders": json.dumps(self.desktop.folders),
             }
         )
         ledger = prune(ledger, keep=max(4 * window, LEDGER_RECORD))
