@@ -88,7 +88,12 @@ class FrameHold:
 
 
 @pytest.fixture
-def raced(dovecot: Dovecot, tmp_path: Path) -> Iterator[tuple[Bridge, HoldingProxy, FrameHold]]:
+def raced(
+    profiled_dovecot: Dovecot, tmp_path: Path
+) -> Iterator[tuple[Bridge, HoldingProxy, FrameHold]]:
+    """On each server profile: with CONDSTORE the conditional STORE, without it the
+    single-flag write and the next session's diff."""
+    dovecot = profiled_dovecot
     hold = FrameHold()
     bridge = Bridge(dovecot, tmp_path, window=6).start(observer=hold)
     proxy = HoldingProxy(dovecot.port)
