@@ -1,0 +1,194 @@
+"""Step 5: the tables (stdout and docs/benchmark.md) and the machine facts beside them."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import io
+import os
+import platform
+import pstats
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from measuring import Measurement, log, run_measured
+from processes import python_env
+from scenarios import DIRTY_SYNC_PAUSE, RUNNING, RUNNING_NOOP, SCENARIOS, TOOLS, Bench
+from seeding import UNREAD_NEWEST
+
+DOCS_MARKER = "<!-- bench.py keeps everything below this line -->"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return f"{a / b:.2f}×"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.2f} s"
+
+
+def _num(value: int | None) -> str:
+    return "n/a" if value is None else f"{value:,}"
+
+
+def _mb(kb: int | None) -> str:
+    return "n/a" if kb is None else f"{kb / 1024:.1f} MB"
+
+
+def results_table(results: list[Measurement]) -> str:
+    by = {(m.scenario, m.tool): m.median() for m in results}
+    runs = {(m.scenario, m.tool): len(m.runs) for m in results}
+    lines = [
+        "| scenario | tool | wall | IMAP turns | IMAP commands | bytes read | peak RSS "
+        "| bridge/mbsync: wall | turns | bytes | RSS |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for scenario in SCENARIOS:
+        base = by.get((scenario, "mbsync"))
+        for tool in TOOLS:
+            run = by.get((scenario, tool))
+            if run is None:
+                continue
+            if tool == "mbsync" or base is None:
+                ratios = ["", "", "", ""]
+            else:
+                ratios = [
+                    _ratio(run.wall, base.wall),
+                    _ratio(run.turns, base.turns),
+                    _ratio(run.bytes_read, base.bytes_read),
+                    _ratio(run.peak_rss_kb, base.peak_rss_kb),
+                ]
+            n = runs[(scenario, tool)]
+            label = f"{scenario} (median of {n})" if n > 1 else scenario
+            wall = _ms(run.wall) + (" **missed the change**" if run.detail.get("missed") else "")
+            lines.append(
+                f"| {label} | {tool} | {wall} | {_num(run.turns)} | "
+                f"{_num(run.commands)} | {_num(run.bytes_read)} | {_mb(run.peak_rss_kb)} | "
+                + " | ".join(ratios)
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def running_table(results: list[Measurement]) -> str:
+    lines = [
+        "| running agent | wall | IMAP command time | server-link time | rest (agent CPU, "
+        "SQLite) | adapter round_trips | adapter bytes_read | summary |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for m in results:
+        if m.tool not in (RUNNING, RUNNING_NOOP):
+            continue
+        r = m.median()
+        d = r.detail
+        rest = r.wall - d["imap_s"] - d["link_s"]
+        summary = " ".join(f"{k}={v}" for k, v in d["summary"].items())
+        if d.get("reconnected"):
+            summary += " (reconnected)"
+        if d.get("missed"):
+            summary += " **missed the change**"
+        scenario = m.scenario + (", NOOP first" if m.tool == RUNNING_NOOP else "")
+        lines.append(
+            f"| {scenario} | {_ms(r.wall)} | {_ms(d['imap_s'])} | {_ms(d['link_s'])} | "
+            f"{_ms(rest)} | {d['adapter_cmds']} | {d['adapter_bytes']:,} | {summary} |"
+        )
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, str]:
+    def version(argv: list[str]) -> str:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        return "unknown"
+
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="minutes"),
+        "cpus": f"{os.cpu_count()} × {cpu}",
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "dovecot": version(["dovecot", "--version"]),
+        "mbsync": version(["mbsync", "--version"]),
+    }
+
+
+def startup_cost() -> float:
+    """Wall time of a Python process that only imports the agent's modules."""
+    code = "import imapsync_bridge.cli, imapsync_bridge.agent.runner"
+    walls = [run_measured([sys.executable, "-c", code], python_env())[1] for _ in range(3)]
+    return statistics.median(walls)
+
+
+def report_text(bench: Bench, seed_seconds: float, startup: float) -> str:
+    info = machine_info()
+    args = bench.args
+    head = [
+        f"- date: {info['date']}",
+        f"- machine: {info['cpus']}; {info['os']}",
+        f"- Python {info['python']}; Dovecot {info['dovecot']}; {info['mbsync']}",
+        f"- N = {args.messages:,} messages (2–5 KB each, all read except the newest "
+        f"{UNREAD_NEWEST}), window W = {args.window}; seeding + indexing took "
+        f"{seed_seconds:.1f} s (not timed below)",
+        f"- Python start-up + imports of the agent (`python -c 'import …'`): "
+        f"{_ms(startup)}, included in every one-shot figure",
+        f"- running agent: connect (IMAP login + TLS to the server) took "
+        f"{_ms(bench.running.ready['connect_s'])} once, not in the figures",
+    ]
+    if bench.profile_dir:
+        head.append("- **profiled run**: timings include cProfile overhead")
+    return (
+        "\n".join(head)
+        + "\n\n"
+        + results_table(bench.results)
+        + "\n\nRunning agent, where one session's time goes (median run):\n\n"
+        + running_table(bench.results)
+        + "\n"
+    )
+
+
+def write_docs(path: Path, body: str, args: argparse.Namespace) -> None:
+    kept = ""
+    if path.exists():
+        text = path.read_text()
+        if DOCS_MARKER in text:
+            kept = text[text.index(DOCS_MARKER) :]
+    method = f"""# Benchmark: the bridge and mbsync on one {args.messages:,}-message inbox
+
+Generated by `make bench` (`bench/bench.py`, see `bench/README.md`); rerun to refresh.
+Every tool talks to the same throwaway Dovecot on loopback through its own counting TCP
+proxy: *IMAP turns* = times the client spoke again after the server had spoken (network
+round trips, pipelining counted once), *commands* = IMAP commands sent, *bytes read* =
+bytes from the server. *Wall* and *peak RSS* are the whole process for the one-shot
+`agent sync` and mbsync (RSS from GNU time's `%M`); for the running agent (a worker
+process, `bench.py --worker`), wall is one `SyncSession.run()` with IMAP and server
+connections already open and RSS is that process's peak so far (`VmHWM`). Medians of
+the repeated runs are shown. Change scenarios wait {DIRTY_SYNC_PAUSE:.0f} s after the change
+(stock Dovecot re-scans `cur/` on every SELECT for ~1.5 s after a change) and are run by
+all three tools in turn, each with its own state (two phone users on one IMAP inbox,
+mbsync with `MaxMessages {args.window}`, `ExpireUnread yes`, `Sync All`).
+
+## Results
+
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(method + body + ("\n" + kept if kept else ""))
+    log(f"wrote {path}")
+
+
+def print_profiles(profile_dir: Path) -> None:
+    for prof in sorted(profile_dir.glob("*.prof")):
+        out = io.StringIO()
+        stats = pstats.Stats(str(prof), stream=out)
+        stats.sort_stats("cumulative").print_stats(25)
+        print(f"\n==== {prof.name} ====\n{out.getvalue()}")

@@ -1,0 +1,96 @@
+"""Step 4: the scenarios (first sync, no change, one flag, one new message), each run by
+every tool in turn: the one-shot agent, the running agent, mbsync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agents import Product, RunningAgent, oneshot_sync
+from measuring import CountingProxy, Measurement, Run, log
+from peers import count_maildir, mbsync_sync
+from seeding import mail_date, make_mail
+
+DIRTY_SYNC_PAUSE = 2.0  # stock Dovecot re-scans cur/ on every SELECT for ~1.5 s after a change
+SCENARIOS = ["first sync", "no change", "one flag", "one new message"]
+CHANGES = SCENARIOS[2:]
+RUNNING = "bridge running agent"
+RUNNING_NOOP = "bridge running agent, NOOP first"
+TOOLS = ["bridge one-shot", RUNNING, RUNNING_NOOP, "mbsync"]
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    dovecot: Any
+    user: str
+    product: Product
+    proxies: dict[str, CountingProxy]
+    running: RunningAgent
+    mbsync_cfg: Path
+    profile_dir: Path | None
+    results: list[Measurement] = field(default_factory=list)
+    count: int = 0
+    unread: list[int] = field(default_factory=list)
+
+    def record(self, scenario: str, tool: str, run: Run) -> None:
+        for m in self.results:
+            if m.scenario == scenario and m.tool == tool:
+                m.runs.append(run)
+                break
+        else:
+            self.results.append(Measurement(scenario, tool, [run]))
+        extra = f" ({run.detail['summary']})" if run.detail.get("summary") else ""
+        log(f"  {scenario:<15} {tool:<22} {run.wall * 1000:9.1f} ms  "
+            f"{run.turns} turns  {run.bytes_read} B  {run.peak_rss_kb} KB{extra}")  # fmt: skip
+
+    def all_tools(self, scenario: str, label: str) -> None:
+        prof = self.profile_dir / f"oneshot-{label}.prof" if self.profile_dir else None
+        self.record(scenario, "bridge one-shot", oneshot_sync(
+            self.product.oneshot_ini, self.proxies["oneshot"], prof))  # fmt: skip
+        run = self.running.sync(label)
+        missed = scenario in CHANGES and run.detail["summary"]["fast_path"]
+        run.detail["missed"] = missed
+        self.record(scenario, RUNNING, run)
+        if missed:
+            log("  the running agent took the fast path: it MISSED the change")
+        if missed or scenario == "no change":
+            self.record(scenario, RUNNING_NOOP, self.running.sync(label, noop_first=True))
+        self.record(scenario, "mbsync", mbsync_sync(self.mbsync_cfg, self.proxies["mbsync"]))
+
+    def first_sync(self) -> None:
+        log("scenario: first sync")
+        self.all_tools("first sync", "first")
+        near = count_maildir(self.mbsync_cfg.parent)
+        log(f"  mbsync copied {near} messages into its Maildir (window {self.args.window})")
+
+    def no_change(self) -> None:
+        log("scenario: no change")
+        time.sleep(DIRTY_SYNC_PAUSE)
+        for r in range(self.args.repeat):
+            self.all_tools("no change", f"nochange{r}")
+
+    def one_flag(self) -> None:
+        log("scenario: one \\Seen flag change (imapclient)")
+        for r in range(self.args.repeat):
+            uid = self.unread.pop()  # the newest unread message: inside the window
+            with self.dovecot.client(self.user) as client:
+                client.select_folder("INBOX")
+                client.add_flags([uid], [b"\\Seen"])
+            time.sleep(DIRTY_SYNC_PAUSE)
+            self.all_tools("one flag", f"flag{r}")
+
+    def one_new(self) -> None:
+        log("scenario: one new message (APPEND)")
+        rng = random.Random(7)
+        for r in range(self.args.repeat):
+            self.count += 1
+            date = mail_date(self.count)
+            self.dovecot.append(self.user, make_mail(self.count, date, rng), date)
+            time.sleep(DIRTY_SYNC_PAUSE)
+            self.all_tools("one new message", f"new{r}")
