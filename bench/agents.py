@@ -100,7 +100,7 @@ class RunningAgent:
         self.proxy = proxy
         argv = [sys.executable, str(BENCH_SCRIPT), "--worker", str(ini)]
         if profile_dir is not None:
-            argv += ["--profile", str(profile_dir)]
+            argv += ["--cprofile", str(profile_dir)]
         self.proc = subprocess.Popen(
             argv, env=python_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )

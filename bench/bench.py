@@ -1,9 +1,11 @@
 """`make bench`: the bridge and mbsync side by side on one large Dovecot inbox.
 
-Steps (one function each below):
+Steps, for each server profile (tests/dovecot.py ``Profile``: full, exchange-like,
+cyrus-like) in turn, each with its own Dovecot and inbox:
 
-1. a throwaway Dovecot (tests/dovecot.py) with N realistic 2-5 KB mails written straight
-   into the Maildir's ``cur/``, then indexed and warmed once before any timing;
+1. a throwaway Dovecot playing that profile with N realistic 2-5 KB mails written
+   straight into the INBOX Maildir's ``cur/``, then indexed and warmed once before any
+   timing;
 2. the hosted server as a subprocess and two paired agents (two phone users on the same
    IMAP inbox): one run as a one-shot ``agent sync`` process per scenario, one as a
    long-running worker process that keeps its IMAP and server connections open
@@ -11,8 +13,10 @@ Steps (one function each below):
 3. mbsync (Debian ``isync``) with ``MaxMessages W`` into a temp Maildir;
 4. scenarios: first sync, no change, one ``\\Seen`` change, one new message. Every
    tool's IMAP connection goes through its own counting TCP proxy (IMAP turns, commands,
-   bytes from the server), so the figures are comparable across tools;
-5. one table on stdout, also written to docs/benchmark.md.
+   bytes from the server), so the figures are comparable across tools; then (``--large``)
+   the same again with a fresh inbox of 200,000 messages, first sync only;
+5. one table per profile and one of first syncs at both sizes on stdout, also written
+   to docs/benchmark.md.
 
 The steps live in their own modules beside this one: ``seeding.py`` (1), ``agents.py`` and
 ``worker.py`` (2), ``peers.py`` (3), ``scenarios.py`` (4), ``reporting.py`` (5), with
@@ -30,6 +34,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from agents import RunningAgent, start_product
 from measuring import CountingProxy, log
@@ -37,55 +42,82 @@ from peers import write_mbsync_config
 from processes import REPO, stop_process, terminate_as_exit, use_pycache
 from reporting import print_profiles, report_text, startup_cost, write_docs
 from scenarios import Bench
-from seeding import UNREAD_NEWEST, seed_inbox
+from seeding import seed_inbox
 from worker import worker_main
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 
+def start_bench(
+    stack: contextlib.ExitStack,
+    root: Path,
+    args: argparse.Namespace,
+    server: Any,
+    messages: int,
+    profile_dir: Path | None,
+) -> Bench:
+    """A Dovecot playing *server* (a tests/dovecot.py ``Profile``) with its own inbox of
+    *messages* seeded, a counting proxy per tool, the hosted server with two paired agents
+    (one of them running), mbsync's config. All of it stops when *stack* closes."""
+    from dovecot import Dovecot
+
+    work = root / f"{server.name}-{messages}"
+    work.mkdir()
+    log(f"profile {server.name}, {messages:,} messages: starting Dovecot; work directory {work}")
+    dovecot = Dovecot(profile=server).start()
+    stack.callback(dovecot.stop)
+    user = dovecot.new_user()
+    seed_seconds = seed_inbox(dovecot, user, messages)
+    proxies = {name: CountingProxy(dovecot.port) for name in ("oneshot", "running", "mbsync")}
+    for proxy in proxies.values():
+        stack.callback(proxy.close)
+    log("starting the hosted server and pairing two agents")
+    product = start_product(
+        work, user, dovecot.password, args.window,
+        {name: p.port for name, p in proxies.items()},
+    )  # fmt: skip
+    stack.callback(stop_process, product.server)
+    running = RunningAgent(product.running_ini, proxies["running"], profile_dir)
+    stack.callback(running.close)
+    mbsync_cfg = write_mbsync_config(
+        work / "mbsync", proxies["mbsync"].port, user, dovecot.password, args.window, server
+    )
+    return Bench(
+        args, dovecot, user, product, proxies, running, mbsync_cfg, profile_dir,
+        messages, seed_seconds,
+    )  # fmt: skip
+
+
 def run_bench(args: argparse.Namespace) -> int:
     if shutil.which("mbsync") is None:
         sys.exit("mbsync not found: `make bench` installs the Debian package isync")
-    from dovecot import Dovecot
-
     with contextlib.ExitStack() as stack:
         stack.enter_context(terminate_as_exit())
         root = Path(tempfile.mkdtemp(prefix="bench-"))
         stack.callback(shutil.rmtree, root, True)
         use_pycache(root / "pycache")
         startup_cost()  # writes the bytecode cache
-        log(f"starting Dovecot; work directory {root}")
-        dovecot = Dovecot().start()
-        stack.callback(dovecot.stop)
-        user = dovecot.new_user()
-        seed_seconds = seed_inbox(dovecot, user, args.messages)
-        proxies = {name: CountingProxy(dovecot.port) for name in ("oneshot", "running", "mbsync")}
-        for proxy in proxies.values():
-            stack.callback(proxy.close)
-        log("starting the hosted server and pairing two agents")
-        product = start_product(
-            root, user, dovecot.password, args.window,
-            {name: p.port for name, p in proxies.items()},
-        )  # fmt: skip
-        stack.callback(stop_process, product.server)
-        profile_dir = Path(args.profile).resolve() if args.profile else None
+        profile_dir = Path(args.cprofile).resolve() if args.cprofile else None
         if profile_dir:
             profile_dir.mkdir(parents=True, exist_ok=True)
-        running = RunningAgent(product.running_ini, proxies["running"], profile_dir)
-        stack.callback(running.close)
-        mbsync_cfg = write_mbsync_config(
-            root / "mbsync", proxies["mbsync"].port, user, dovecot.password, args.window
-        )
-        bench = Bench(args, dovecot, user, product, proxies, running, mbsync_cfg, profile_dir)
-        bench.count = args.messages
-        bench.unread = list(range(args.messages - UNREAD_NEWEST + 1, args.messages + 1))
-        bench.first_sync()
-        bench.no_change()
-        bench.one_flag()
-        bench.one_new()
+        benches: list[Bench] = []
+        large: list[Bench] = []
+        for server in args.servers:  # one after the other: each has the machine to itself
+            with contextlib.ExitStack() as run:
+                bench = start_bench(run, root, args, server, args.messages, profile_dir)
+                bench.first_sync()
+                bench.no_change()
+                bench.one_flag()
+                bench.one_new()
+                benches.append(bench)
+            if args.large:
+                with contextlib.ExitStack() as run:
+                    bench = start_bench(run, root, args, server, args.large, profile_dir)
+                    bench.first_sync()
+                    large.append(bench)
         startup = startup_cost()
-        body = report_text(bench, seed_seconds, startup)
+        body = report_text(benches, large, startup, profile_dir is not None)
         print(body)
         if args.docs:
             write_docs(REPO / args.docs, body, args)
@@ -95,23 +127,49 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dovecot import PROFILES
+
+    by_name = {p.name: p for p in PROFILES}
+    default_servers = ["full", "exchange-like"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=50000, help="inbox size (50000)")
     parser.add_argument("--window", type=int, default=50, help="phone window (50)")
-    parser.add_argument("--quick", action="store_true", help="2000 messages, no docs")
+    parser.add_argument("--quick", action="store_true", help="2000 messages, no --large, no docs")
     parser.add_argument("--repeat", type=int, default=3, help="runs per change scenario (3)")
-    parser.add_argument("--docs", help="results file (default docs/benchmark.md, not --quick)")
-    parser.add_argument("--profile", metavar="DIR", help="cProfile every bridge sync into DIR")
+    parser.add_argument(
+        "--profile",
+        action="append",
+        choices=list(by_name),
+        help="server profile (tests/dovecot.py), repeatable; default: "
+        + " and ".join(default_servers)
+        + ", one after the other, each with its own Dovecot and inbox",
+    )
+    parser.add_argument(
+        "--large",
+        type=int,
+        metavar="N",
+        default=200000,
+        help="also a first sync at N messages on each profile (200000; 0: off)",
+    )
+    parser.add_argument(
+        "--docs",
+        help="results file (default docs/benchmark.md, not with --quick, --profile, --cprofile)",
+    )
+    parser.add_argument("--cprofile", metavar="DIR", help="cProfile every bridge sync into DIR")
     parser.add_argument("--worker", metavar="INI", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return worker_main(Path(args.worker), Path(args.profile) if args.profile else None)
+        return worker_main(Path(args.worker), Path(args.cprofile) if args.cprofile else None)
     if args.quick:
         args.messages = 2000
-    elif args.docs is None and not args.profile:
+        args.large = 0
+    elif args.docs is None and not args.cprofile and not args.profile:
         args.docs = "docs/benchmark.md"
+    args.servers = [by_name[name] for name in dict.fromkeys(args.profile or default_servers)]
     if args.repeat < 1 or args.window < 1 or args.messages < args.window + 3 * args.repeat:
         parser.error("need --repeat >= 1 and more messages than the window")
+    if args.large and args.large < args.window + 1:
+        parser.error("--large N needs more messages than the window (or 0: off)")
     return run_bench(args)
 
 

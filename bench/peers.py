@@ -1,5 +1,9 @@
 """Step 3: the peer tool, mbsync (Debian ``isync``) with ``MaxMessages W``, into a temp
 Maildir, through its own counting proxy.
+
+It syncs only INBOX (``Patterns INBOX``; INBOX is never under a namespace prefix), so it
+reads the same messages on every server profile; its far store is still told the
+profile's namespace prefix and separator, as a user would configure it for that server.
 """
 
 from __future__ import annotations
@@ -7,14 +11,21 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from measuring import CountingProxy, Run, run_measured
 
 
-def write_mbsync_config(root: Path, port: int, user: str, password: str, window: int) -> Path:
+def write_mbsync_config(
+    root: Path, port: int, user: str, password: str, window: int, server: Any
+) -> Path:
+    """*server*: the tests/dovecot.py ``Profile`` of the Dovecot behind *port*."""
     maildir = root / "maildir"
     maildir.mkdir(parents=True)
     cfg = root / "mbsyncrc"
+    namespace = f"PathDelimiter {server.separator}\n"
+    if server.prefix:
+        namespace += f"Path {server.prefix}\n"
     cfg.write_text(
         f"""IMAPAccount bench
 Host 127.0.0.1
@@ -26,7 +37,7 @@ AuthMechs LOGIN
 
 IMAPStore far
 Account bench
-
+{namespace}
 MaildirStore near
 Path {maildir}/
 Inbox {maildir}/INBOX

@@ -14,7 +14,7 @@ from typing import Any
 from agents import Product, RunningAgent, oneshot_sync
 from measuring import CountingProxy, Measurement, Run, log
 from peers import count_maildir, mbsync_sync
-from seeding import mail_date, make_mail
+from seeding import UNREAD_NEWEST, mail_date, make_mail
 
 DIRTY_SYNC_PAUSE = 2.0  # stock Dovecot re-scans cur/ on every SELECT for ~1.5 s after a change
 SCENARIOS = ["first sync", "no change", "one flag", "one new message"]
@@ -34,9 +34,20 @@ class Bench:
     running: RunningAgent
     mbsync_cfg: Path
     profile_dir: Path | None
+    messages: int  # the seeded inbox size (count grows with the new-message scenario)
+    seed_seconds: float
     results: list[Measurement] = field(default_factory=list)
     count: int = 0
     unread: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.count = self.messages
+        self.unread = list(range(self.messages - UNREAD_NEWEST + 1, self.messages + 1))
+
+    @property
+    def server(self) -> Any:
+        """The tests/dovecot.py ``Profile`` this Dovecot plays."""
+        return self.dovecot.profile
 
     def record(self, scenario: str, tool: str, run: Run) -> None:
         for m in self.results:
@@ -50,6 +61,7 @@ class Bench:
             f"{run.turns} turns  {run.bytes_read} B  {run.peak_rss_kb} KB{extra}")  # fmt: skip
 
     def all_tools(self, scenario: str, label: str) -> None:
+        label = f"{self.server.name}-{self.messages}-{label}"  # names the cProfile files
         prof = self.profile_dir / f"oneshot-{label}.prof" if self.profile_dir else None
         self.record(scenario, "bridge one-shot", oneshot_sync(
             self.product.oneshot_ini, self.proxies["oneshot"], prof))  # fmt: skip
