@@ -33,6 +33,7 @@ from imapsync_bridge.sync.ops import (
 from imapsync_bridge.sync.session import (
     AcknowledgePhone,
     ApplyDesktop,
+    BeginChanges,
     CheckWindowFlags,
     Commit,
     FetchRaws,
@@ -64,6 +65,7 @@ def last_session(state: AgentState) -> LastSession:
         window=int(window) if window else None,
         held=int(meta.get("held", "0")),
         quarantined=bool(state.quarantined()),
+        interrupted=bool(meta.get("interrupted")),
     )
 
 
@@ -169,6 +171,9 @@ class SyncSession:
             return self.desktop.window_flags_agree(step.ledger)
         if isinstance(step, FindDesktopFacts):
             return self.desktop.facts(step.keys, step.ledger, step.since)
+        if isinstance(step, BeginChanges):
+            self.state.set_many({"interrupted": "1"})
+            return None
         if isinstance(step, ApplyDesktop):
             return self.desktop.apply_all(
                 step.actions, step.facts, step.ledger, self._fetch_from_phone
@@ -203,6 +208,7 @@ class SyncSession:
                     "window": step.window,
                     "user": self.link.user,
                     "held": step.held,
+                    "interrupted": None,
                 }
             )
             self.state.commit_session(step.ledger, meta, step.quarantined, self._acked)

@@ -77,6 +77,7 @@ class LastSession:
     window: int | None
     held: int  # messages whose desktop action failed or was refused (changed meanwhile)
     quarantined: bool
+    interrupted: bool = False  # a later session began changing things and never committed
 
     def same_uidvalidity(self, where: Where, now: DesktopStatus) -> bool:
         return self.status is not None and (
@@ -131,6 +132,13 @@ class DesktopOutcome:
     ledger: dict[str, LedgerEntry]  # with the UIDs moves and appends gave
     failed: dict[str, str]  # key -> why its action failed
     changed_meanwhile: set[str]  # flag writes refused: a user changed them since
+
+
+@dataclass(frozen=True)
+class BeginChanges:
+    """Record (durably) that this session is about to change the mailboxes: until it
+    commits, the ledger may lag behind both sides, so no fast path may trust it.
+    Answer: None."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +217,7 @@ Step = (
     | ReadLedger
     | CheckWindowFlags
     | FindDesktopFacts
+    | BeginChanges
     | ApplyDesktop
     | SendToPhone
     | ListNewest
@@ -249,21 +258,27 @@ def session(last: LastSession, snapshot: PhoneSnapshot, options: SessionOptions)
     window = snapshot.window
     status: DesktopStatus = yield ReadDesktopStatus()
     if nothing_changed(last, snapshot, status):
-        unchanged = status.inbox.highestmodseq is not None
-        if not unchanged:
-            unchanged = yield CheckWindowFlags((yield ReadLedger()))
+        saved: dict[str, LedgerEntry] = yield ReadLedger()
+        unchanged = phone_as_agreed(snapshot, saved) and (
+            status.inbox.highestmodseq is not None or (yield CheckWindowFlags(saved))
+        )
         if unchanged:
             report.fast_path = True
             yield NothingToDo()
             return report
 
     ledger = ledger_for(last, status, (yield ReadLedger()))
+    # The phone may hold what the last session meant to evict (the phone user changed it
+    # meanwhile, so the server kept it): then the window must be made again.
+    phone_agreed = phone_as_agreed(snapshot, ledger)
     scope = keys_in_scope(ledger, snapshot.facts, snapshot.destroyed)
     facts = yield FindDesktopFacts(scope, ledger, uidnext_since(last, status))
     plan = merge(ledger, facts, snapshot.facts, snapshot.destroyed)
     if not options.allow_mass_delete:
         check_mass_delete(plan.desktop_deletions, window, options.mass_delete_share)
 
+    if plan.desktop or plan.phone:
+        yield BeginChanges()
     outcome: DesktopOutcome = yield ApplyDesktop(plan.desktop, facts, plan.ledger)
     ledger, held = hold_back(outcome, ledger, facts, report)
     report.desktop_actions += sum(a.key not in held for a in plan.desktop)
@@ -273,10 +288,18 @@ def session(last: LastSession, snapshot: PhoneSnapshot, options: SessionOptions)
     report.phone_actions += len(phone_actions)
 
     moved = any(isinstance(a, STRUCTURAL) for a in [*plan.desktop, *plan.phone])
-    same_window = last.window == window and not moved and not report.quarantined
+    # The last window holds unless something moved, or the last session made it without
+    # the messages it held back, or the phone holds other than the ledger says.
+    same_window = (
+        last.window == window
+        and not moved
+        and not report.quarantined
+        and not last.held
+        and phone_agreed
+    )
     if not (same_window and same_inbox(last, status)):
         added_since = None
-        if same_window and not held and not last.held and not last.quarantined:
+        if same_window and not held and not last.quarantined:
             added_since = only_added_since(last, status, plan.ledger)
         ledger = yield from normalize_and_pull(
             ledger, window, held, added_since, snapshot.action_seq, options, report
@@ -376,9 +399,17 @@ def nothing_changed(last: LastSession, snapshot: PhoneSnapshot, status: DesktopS
         not snapshot.action_seq
         and not snapshot.destroyed
         and not last.held  # an action failed last time: try it again
+        and not last.interrupted  # both sides may have moved past the ledger
         and last.window == snapshot.window
         and last.status == status
     )
+
+
+def phone_as_agreed(snapshot: PhoneSnapshot, ledger: Mapping[str, LedgerEntry]) -> bool:
+    """The phone holds what the ledger says, where it says: nothing left it without an
+    action (the trash garbage collector drops entries without one)."""
+    held = {key: entry.phone for key, entry in ledger.items() if entry.phone is not Where.GONE}
+    return held == {key: fact.where for key, fact in snapshot.facts.items()}
 
 
 def ledger_for(
