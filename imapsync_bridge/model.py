@@ -8,7 +8,9 @@ one message look like two.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -167,6 +169,35 @@ class LedgerEntry:
         if self.desktop is Where.TRASH:
             return "trashed"
         return "destroyed"
+
+
+@dataclass(frozen=True)
+class MailboxStatus:
+    """One desktop mailbox's counts (STATUS, or a SELECT's answer)."""
+
+    uidvalidity: int
+    uidnext: int
+    messages: int
+    highestmodseq: int | None  # None when the server does not offer CONDSTORE
+
+
+@dataclass(frozen=True)
+class DesktopStatus:
+    """The inbox's and Trash's counts: what the fast path compares between sessions."""
+
+    inbox: MailboxStatus
+    trash: MailboxStatus
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> DesktopStatus:
+        data = json.loads(text)
+        return cls(MailboxStatus(**data["inbox"]), MailboxStatus(**data["trash"]))
+
+    def of(self, where: Where) -> MailboxStatus:
+        return self.inbox if where is Where.INBOX else self.trash
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,21 @@
-"""An in-memory model of one whole sync session: the reference for the sync invariants.
+"""An in-memory model of the desktop and the phone that drives the real session flow.
 
-A :class:`Desktop` (inbox and Trash, each a dict key -> :class:`Msg`, one UID counter), a
-:class:`Phone` (inbox, trash, destroy tombstones) and the agent's ledger.
-:func:`sync` does what ``agent/session.py`` does, minus the I/O: facts -> ``merge`` ->
-apply the desktop actions -> apply the phone actions -> ``normalize`` over the desktop
-inbox newest first -> apply its phone actions -> acknowledge (clear) the phone's
-tombstones -> return the new ledger.
+A :class:`Desktop` (inbox and Trash, each a dict key -> :class:`Msg`, one UID counter,
+MODSEQs), a :class:`Phone` (inbox, trash, destroy tombstones, its action counter) and the
+agent's committed state (:class:`SimLedger`). :func:`sync` runs
+:func:`imapsync_bridge.sync.session.session` — the very flow `agent sync` runs, fast paths
+and held keys included — answering its steps from these mailboxes instead of IMAP and the
+server.
 
-The apply functions are deliberately literal (an APPEND always adds a copy, a PUT always
-adds to the phone inbox), so a wrong plan shows up as a broken invariant instead of being
-papered over here. ``crash_after`` stops a session at a step without committing the ledger,
-for the crash-and-rerun tests; ``during`` lets users act *inside* a session, between its
+The answers are deliberately literal (an APPEND always adds a copy, a PUT always adds to
+the phone inbox), so a wrong plan shows up as a broken invariant instead of being papered
+over here. ``crash_after`` stops a session at a point without committing the ledger, for
+the crash-and-rerun tests; ``during`` lets users act *inside* a session, between its
 steps, as the real session allows: desktop flag writes are conditional on the MODSEQ the
 facts were read at (a message changed since is held for the next session), and the phone
-keeps a flag its user changed after the snapshot the plan came from.
+keeps a flag its user changed after the snapshot the plan came from. Every phone-side
+change is a phone action (so the fast path sees it): mail arriving at the phone address
+must stay one when inbound mail lands.
 """
 
 from __future__ import annotations
@@ -22,17 +24,19 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 
 from imapsync_bridge.model import (
     DesktopFact,
     DesktopMessage,
+    DesktopStatus,
     FlagChange,
     Flags,
     LedgerEntry,
+    MailboxStatus,
     PhoneFact,
     Where,
 )
-from imapsync_bridge.sync.breaker import check_mass_delete
 from imapsync_bridge.sync.merge import MergePlan, keys_in_scope, merge
 from imapsync_bridge.sync.normalize import NormalizePlan, normalize
 from imapsync_bridge.sync.ops import (
@@ -47,6 +51,27 @@ from imapsync_bridge.sync.ops import (
     PutOnPhone,
     SetDesktopFlags,
     SetPhoneFlags,
+)
+from imapsync_bridge.sync.session import (
+    AcknowledgePhone,
+    ApplyDesktop,
+    BeginChanges,
+    CheckWindowFlags,
+    Commit,
+    DesktopOutcome,
+    FetchRaws,
+    FindDesktopFacts,
+    LastSession,
+    ListNewest,
+    ListNewestAfterAdditions,
+    NothingToDo,
+    PhoneSnapshot,
+    ReadDesktopStatus,
+    ReadLedger,
+    SendToPhone,
+    SessionOptions,
+    Step,
+    session,
 )
 
 Ledger = dict[str, LedgerEntry]
@@ -91,6 +116,7 @@ class Folders:
 class Desktop(Folders):
     next_uid: int = 1
     highest_modseq: int = 0
+    condstore: bool = True
 
     def _new_uid(self) -> int:
         self.next_uid += 1
@@ -128,6 +154,35 @@ class Desktop(Folders):
         assert msg is not None
         self.set_flags(key, replace(msg.flags, **{which: not getattr(msg.flags, which)}))
 
+    def status(self) -> DesktopStatus:
+        """What STATUS would say: one UID counter for both folders, MODSEQs only with
+        ``condstore`` (else the session compares the window's flags)."""
+        modseq = self.highest_modseq if self.condstore else None
+        return DesktopStatus(
+            MailboxStatus(1, self.next_uid, len(self.inbox), modseq),
+            MailboxStatus(2, self.next_uid, len(self.trash), modseq),
+        )
+
+    def window_flags_agree(self, ledger: Ledger) -> bool:
+        for key, entry in ledger.items():
+            if entry.desktop is not Where.INBOX or entry.phone is Where.GONE:
+                continue
+            msg = self.inbox.get(key)
+            if entry.uid is None or msg is None or msg.uid != entry.uid:
+                return False
+            if msg.flags != entry.flags:
+                return False
+        return True
+
+    def with_uids(self, ledger: Ledger) -> dict[str, LedgerEntry]:
+        """The ledger with each message's UID where it is now (COPYUID / APPENDUID)."""
+        out = dict(ledger)
+        for key, entry in ledger.items():
+            where, msg = self.locate(key)
+            if msg is not None and where is entry.desktop:
+                out[key] = replace(entry, uid=msg.uid)
+        return out
+
     def newest_first(self) -> list[DesktopMessage]:
         """The inbox newest first by INTERNALDATE, ties: higher UID first."""
         ordered = sorted(self.inbox.values(), key=lambda m: (m.internaldate, m.uid), reverse=True)
@@ -145,6 +200,7 @@ class Phone(Folders):
     destroyed: set[str] = field(default_factory=set)  # tombstones, until acknowledged
     restored: set[str] = field(default_factory=set)  # user restores, until acknowledged
     action_seq: int = 0  # the phone's action counter (the snapshot's action_seq)
+    acked: int = 0  # the agent acknowledged the actions up to here
     flag_changed_at: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def inbox_newest_first(self) -> list[str]:
@@ -169,8 +225,20 @@ class Phone(Folders):
         self.action_seq += 1
         self.flag_changed_at[(key, which)] = self.action_seq
 
+    def record_action(self) -> None:
+        """Every phone-side change is a phone action (a new seq): it ends the fast path."""
+        self.action_seq += 1
+
+    def acknowledge(self, up_to: int) -> None:
+        self.acked = max(self.acked, up_to)
+        self.destroyed.clear()
+        self.restored.clear()
+
     def changed_since(self, key: str, since: int) -> bool:
-        return any(seq > since for (k, _), seq in self.flag_changed_at.items() if k == key)
+        """A change of the message after ``since`` still pending (the server drops the
+        actions the agent acknowledged)."""
+        newer = max(since, self.acked)
+        return any(seq > newer for (k, _), seq in self.flag_changed_at.items() if k == key)
 
     def set_flags_unless_changed(self, key: str, change: FlagChange, since: int) -> None:
         """The server's compare-and-set: a flag changed after ``since`` is kept."""
@@ -179,13 +247,16 @@ class Phone(Folders):
             return
         for which in ("seen", "flagged"):
             value = getattr(change, which)
-            if value is not None and self.flag_changed_at.get((key, which), 0) <= since:
+            if value is not None and self.flag_changed_at.get((key, which), 0) <= max(
+                since, self.acked
+            ):
                 msg.flags = replace(msg.flags, **{which: value})
 
     def user_destroy(self, key: str) -> None:
         assert self.locate(key)[1] is not None
         self.drop(key)
         self.destroyed.add(key)
+        self.record_action()
 
     def facts(self) -> dict[str, PhoneFact]:
         facts = {}
@@ -275,6 +346,32 @@ def plan_normalize(desktop: Desktop, ledger: Ledger, window: int) -> NormalizePl
     return normalize(ledger, desktop.newest_first(), window)
 
 
+class SimLedger(dict[str, LedgerEntry]):
+    """The agent's committed state in the simulator: the ledger, plus what the last
+    completed session recorded for the next one's fast paths (``last``)."""
+
+    last: LastSession | None = None
+    interrupted: bool = False  # a session began changing things and did not commit
+
+
+# The points a simulated session can be stopped at or let users act at, in order; each is
+# reached just before the first step that comes after it.
+_PHASES = ("facts_read", "desktop_applied", "merge_applied", "normalize_applied", "acknowledged")
+_PHASE_OF_STEP = {
+    ApplyDesktop: 1,  # facts_read is behind us
+    SendToPhone: 2,  # desktop_applied (the normalize sends come later, past phase 3)
+    ListNewest: 3,  # merge_applied
+    ListNewestAfterAdditions: 3,
+    FetchRaws: 3,
+    AcknowledgePhone: 4,  # normalize_applied
+    Commit: 5,  # acknowledged
+}
+
+
+class _Stop(Exception):
+    """The simulated agent crashed."""
+
+
 def sync(
     desktop: Desktop,
     phone: Phone,
@@ -285,45 +382,93 @@ def sync(
     mass_delete_share: float | None = None,
     during: Callable[[str], None] | None = None,
 ) -> Ledger:
-    """One session; mutates ``desktop`` and ``phone``, returns the committed ledger.
+    """One session of the real flow (:func:`imapsync_bridge.sync.session.session`),
+    answered by the in-memory mailboxes; returns the committed ledger (a
+    :class:`SimLedger`: a plain dict has no last session, so no fast path).
 
-    With ``crash_after`` (one of CRASH_POINTS) the session stops after that step and
+    With ``crash_after`` (one of CRASH_POINTS) the session stops at that point and
     returns the *old* ledger, as a crash before the ledger commit would leave it.
-    ``during(step)`` is called after each of SESSION_STEPS: users acting mid-session.
+    ``during(step)`` is called at each of SESSION_STEPS: users acting mid-session.
     """
     assert crash_after in (None, *CRASH_POINTS)
+    last = getattr(ledger, "last", None) or LastSession(None, None, 0, False)
+    last = replace(last, interrupted=getattr(ledger, "interrupted", False))
+    snapshot = PhoneSnapshot(
+        window=window,
+        facts=phone.facts(),
+        destroyed=sorted(phone.destroyed),
+        restored=sorted(phone.restored),
+        action_seq=phone.action_seq if phone.action_seq > phone.acked else 0,
+    )
+    options = SessionOptions(
+        mass_delete_share=mass_delete_share or 0.5, allow_mass_delete=mass_delete_share is None
+    )
+    reached = 0
+    committed: list[Ledger] = []
 
-    def step(name: str) -> None:
-        if during is not None:
-            during(name)
+    def reach(phase: int) -> None:
+        nonlocal reached
+        while reached < phase:
+            name = _PHASES[reached]
+            reached += 1
+            if name == crash_after:
+                raise _Stop
+            if during is not None and name in SESSION_STEPS:
+                during(name)
 
-    planned_at = phone.action_seq
-    plan, facts = plan_with_facts(desktop, phone, ledger)
-    if mass_delete_share is not None:
-        check_mass_delete(plan.desktop_deletions, window, mass_delete_share)
-    step("facts_read")
-    held = apply_desktop(desktop, phone, plan.desktop, facts)
-    if crash_after == "desktop_applied":
+    def answer(step: Step) -> Any:
+        reach(_PHASE_OF_STEP.get(type(step), 0))
+        match step:
+            case ReadDesktopStatus():
+                return desktop.status()
+            case ReadLedger():
+                return dict(ledger)
+            case CheckWindowFlags(saved):
+                return desktop.window_flags_agree(saved)
+            case FindDesktopFacts(keys):
+                return {key: desktop.fact(key) for key in keys}
+            case BeginChanges():
+                if isinstance(ledger, SimLedger):
+                    ledger.interrupted = True  # the agent's state file, written durably
+                return None
+            case ApplyDesktop(actions, facts, planned):
+                changed = apply_desktop(desktop, phone, list(actions), dict(facts))
+                return DesktopOutcome(desktop.with_uids(planned), {}, changed)
+            case SendToPhone(actions, planned_at):
+                apply_phone(phone, list(actions), planned_at)
+                return None
+            case ListNewest(_count, skip):
+                return [m for m in desktop.newest_first() if m.key not in skip]
+            case ListNewestAfterAdditions(last_window, since_uid):
+                added = [m for m in desktop.newest_first() if m.uid >= since_uid]
+                return sorted(
+                    [*last_window, *added], key=lambda m: (m.internaldate, m.uid), reverse=True
+                )
+            case FetchRaws(uids):
+                return {uid: b"raw" for uid in uids}
+            case AcknowledgePhone(up_to):
+                phone.acknowledge(up_to)
+                return None
+            case Commit(new, status, size, held, quarantined):
+                done = SimLedger(new)
+                done.last = LastSession(status, size, held, bool(quarantined))
+                committed.append(done)
+                return None
+            case NothingToDo():
+                committed.append(ledger)
+                return None
+        raise AssertionError(f"unknown step {step!r}")
+
+    flow = session(last, snapshot, options)
+    reply: Any = None
+    try:
+        while True:
+            reply = answer(flow.send(reply))
+    except StopIteration:
+        pass
+    except _Stop:
         return ledger
-    step("desktop_applied")
-    # A held message keeps its old ledger entry and sits out the rest of the session.
-    kept = {k: ledger[k] for k in held if k in ledger}
-    apply_phone(phone, [a for a in plan.phone if a.key not in held], planned_at)
-    if crash_after == "merge_applied":
-        return ledger
-    step("merge_applied")
-    rest = {k: e for k, e in plan.ledger.items() if k not in held}
-    newest = [m for m in desktop.newest_first() if m.key not in held]
-    norm = normalize(rest, newest, window)
-    apply_phone(phone, norm.phone, planned_at)
-    if crash_after == "normalize_applied":
-        return ledger
-    step("normalize_applied")
-    phone.destroyed.clear()  # the agent acknowledged the phone's actions
-    phone.restored.clear()
-    if crash_after == "acknowledged":
-        return ledger
-    return {**norm.ledger, **kept}
+    return committed[-1]
 
 
 def ledger_view(ledger: Ledger) -> dict[str, tuple[Where, Where, Flags]]:

@@ -98,6 +98,13 @@ def pick(keys, n: int) -> str | None:
     return keys[n % len(keys)] if keys else None
 
 
+def flaggable_on_desktop(d) -> list[str]:
+    """Without CONDSTORE only the inbox window's flags are compared when nothing else
+    changed (docs/compat.md, known limits): a flag changed in the desktop Trash then
+    waits for a session that does something else, so the model leaves it out there."""
+    return [*d.inbox, *d.trash] if d.condstore else list(d.inbox)
+
+
 def do_op(w: World, op: str, n: int) -> str | None:
     """Apply one user operation; return the key a user destroyed, if any."""
     d, p = w.desktop, w.phone
@@ -111,12 +118,13 @@ def do_op(w: World, op: str, n: int) -> str | None:
     elif op.startswith("d_destroy") and (k := pick(d.folder(I if "inbox" in op else T), n)):
         d.destroy(k)
         return k
-    elif op in ("d_seen", "d_flag") and (k := pick([*d.inbox, *d.trash], n)):
+    elif op in ("d_seen", "d_flag") and (k := pick(flaggable_on_desktop(d), n)):
         d.user_toggle(k, "seen" if op == "d_seen" else "flagged")
     elif op == "p_new":  # mail sent straight to the phone's own address
         w.clock += 1 + n % 5
         k = w.new_key()
         p.inbox[k] = Msg(k, T0 + timedelta(minutes=w.clock))
+        p.record_action()
     elif op == "p_gc" and (k := pick(acknowledged_trash(w), n)):
         del p.trash[k]  # trash GC: no tombstone, no delete; only what the desktop has
     elif op == "p_delete" and (k := pick(p.inbox, n)):
@@ -196,6 +204,17 @@ def check_idle(w: World) -> None:
     assert norm.phone == [], f"second sync plans {norm.phone}"
 
 
+def check_settles(w: World) -> None:
+    """Syncing again changes nothing, and the sync after that takes the fast path (the
+    one right after our own desktop writes is a full one by design)."""
+    before = state_of(w)
+    w.ledger = sync(w.desktop, w.phone, w.ledger, w.window)
+    settled = w.ledger
+    w.ledger = sync(w.desktop, w.phone, w.ledger, w.window)
+    assert w.ledger is settled, "a sync after a sync with nothing to do is not the fast path"
+    assert state_of(w) == before, "syncing again changed something"
+
+
 def flags_of(w: World, key: str) -> tuple[Flags | None, Flags | None]:
     dm, pm = w.desktop.locate(key)[1], w.phone.locate(key)[1]
     return (dm.flags if dm else None), (pm.flags if pm else None)
@@ -269,9 +288,13 @@ rounds = st.lists(
     dates=st.lists(st.integers(0, 100_000), min_size=1, max_size=20, unique=True),
     window=st.integers(1, 8),
     rounds=rounds,
+    condstore=st.booleans(),
 )
-def test_invariants_hold_after_every_sync(dates, window, rounds) -> None:
+def test_invariants_hold_after_every_sync(dates, window, rounds, condstore) -> None:
+    """``condstore``: the desktop offers MODSEQs, or the session compares the window's
+    flags to see that nothing changed (servers without CONDSTORE)."""
     w = World(window)
+    w.desktop.condstore = condstore
     for minute in dates:
         w.desktop.deliver(w.new_key(), T0 + timedelta(minutes=minute))
     w.clock = max(dates)
@@ -313,6 +336,7 @@ def test_invariants_hold_after_every_sync(dates, window, rounds) -> None:
         check_round(w, alive_before, created, destroyed, d0, p0, d1, p1, phone_restores)
         check_flag_changes(w, f0, f1)
         check_idle(w)
+        check_settles(w)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -7,19 +7,23 @@ again after a crash finds the work already done and changes nothing.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import timedelta
 from functools import partial
 from typing import Any, TypeVar
 
 from imapsync_bridge.agent.imap import ImapMailbox
-from imapsync_bridge.agent.imap_session import MailboxStatus
 from imapsync_bridge.errors import ImapError, MessageError
-from imapsync_bridge.model import DesktopFact, DesktopMessage, FlagChange, LedgerEntry, Where
+from imapsync_bridge.model import (
+    DesktopFact,
+    DesktopMessage,
+    DesktopStatus,
+    FlagChange,
+    LedgerEntry,
+    Where,
+)
 from imapsync_bridge.sync.normalize import window_of
 from imapsync_bridge.sync.ops import (
     AppendToDesktop,
@@ -28,29 +32,13 @@ from imapsync_bridge.sync.ops import (
     MoveOnDesktop,
     SetDesktopFlags,
 )
+from imapsync_bridge.sync.session import DesktopOutcome
 
 log = logging.getLogger(__name__)
 
 FetchFromPhone = Callable[[str], bytes]
 A = TypeVar("A", bound=DesktopAction)
 SCAN_LIMIT = 500  # newest (or new) messages looked at before searching key by key
-
-
-@dataclass(frozen=True)
-class DesktopStatus:
-    inbox: MailboxStatus
-    trash: MailboxStatus
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> DesktopStatus:
-        data = json.loads(text)
-        return cls(MailboxStatus(**data["inbox"]), MailboxStatus(**data["trash"]))
-
-    def of(self, where: Where) -> MailboxStatus:
-        return self.inbox if where is Where.INBOX else self.trash
 
 
 class DesktopSide:
@@ -379,15 +367,6 @@ class DesktopSide:
                 uids[uid] = action.key
         refused = self.imap.store_flags(list(uids), change, since)
         changed.update(uids[uid] for uid in refused if uid in uids)
-
-
-@dataclass(frozen=True)
-class DesktopOutcome:
-    """What applying the desktop actions did."""
-
-    ledger: dict[str, LedgerEntry]  # with the UIDs moves and appends gave
-    failed: dict[str, str]  # key -> why its action failed
-    changed_meanwhile: set[str]  # flag writes refused: a user changed them since
 
 
 def _modseq_guard(fact: DesktopFact, entry: LedgerEntry | None) -> int | None:

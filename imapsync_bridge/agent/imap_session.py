@@ -13,7 +13,6 @@ import imaplib
 import logging
 import ssl
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Self
 
 import imapclient
@@ -28,18 +27,11 @@ from imapsync_bridge.errors import (
     ImapError,
     MessageError,
 )
+from imapsync_bridge.model import MailboxStatus
 
 log = logging.getLogger(__name__)
 
 SECURITY_MODES = ("tls", "starttls", "none")
-
-
-@dataclass(frozen=True)
-class MailboxStatus:
-    uidvalidity: int
-    uidnext: int
-    messages: int
-    highestmodseq: int | None  # None when the server does not offer CONDSTORE
 
 
 class ImapSession:
