@@ -76,15 +76,22 @@ def results_table(results: list[Measurement]) -> str:
     return "\n".join(lines)
 
 
-def running_table(results: list[Measurement]) -> str:
+def running_rows(results: list[Measurement], prefix: str = "") -> list[tuple[str, Measurement]]:
+    """The running agent's measurements, labelled by scenario (after *prefix*)."""
+    return [
+        (prefix + m.scenario + (", NOOP first" if m.tool == RUNNING_NOOP else ""), m)
+        for m in results
+        if m.tool in (RUNNING, RUNNING_NOOP)
+    ]
+
+
+def running_table(rows: list[tuple[str, Measurement]]) -> str:
     lines = [
         "| running agent | wall | IMAP command time | server-link time | rest (agent CPU, "
         "SQLite) | adapter round_trips | adapter bytes_read | summary |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for m in results:
-        if m.tool not in (RUNNING, RUNNING_NOOP):
-            continue
+    for scenario, m in rows:
         r = m.median()
         d = r.detail
         rest = r.wall - d["imap_s"] - d["link_s"]
@@ -93,7 +100,6 @@ def running_table(results: list[Measurement]) -> str:
             summary += " (reconnected)"
         if d.get("missed"):
             summary += " **missed the change**"
-        scenario = m.scenario + (", NOOP first" if m.tool == RUNNING_NOOP else "")
         lines.append(
             f"| {scenario} | {_ms(r.wall)} | {_ms(d['imap_s'])} | {_ms(d['link_s'])} | "
             f"{_ms(rest)} | {d['adapter_cmds']} | {d['adapter_bytes']:,} | {summary} |"
@@ -158,7 +164,7 @@ def profile_section(bench: Bench) -> str:
         + "\n\n"
         + results_table(bench.results)
         + "\n\nRunning agent, where one session's time goes (median run):\n\n"
-        + running_table(bench.results)
+        + running_table(running_rows(bench.results))
         + "\n"
     )
 
@@ -221,6 +227,18 @@ def report_text(benches: list[Bench], large: list[Bench], startup: float, profil
             f"only, beside the first sync at {benches[0].messages:,} above (growth = wall "
             f"at {large[0].messages:,} / wall at {benches[0].messages:,}).\n\n"
             + large_table(benches, large)
+            + "\n\nRunning agent, where the first sync's time goes at both sizes:\n\n"
+            + running_table(
+                [
+                    row
+                    for big in large
+                    for b in (*(s for s in benches if s.server is big.server), big)
+                    for row in running_rows(
+                        [m for m in b.results if m.scenario == "first sync"],
+                        f"{b.server.name}, {b.messages:,}: ",
+                    )
+                ]
+            )
             + "\n"
         )
     return "\n".join(parts)
