@@ -280,11 +280,17 @@ def test_apply_op_idempotent_by_seq(store):
     apply_op(store, "alice", 1, put("<a@x>"))
     apply_op(store, "alice", 1, put("<b@x>"))  # a retransmitted seq: ignored
     assert [k for k, *_ in state(store, "alice")] == ["<a@x>"]
-    apply_op(store, 
-        "alice", 3, {"kind": "flags", "key": "<a@x>", "seen": True, "flagged": False, "since": 0}
+    apply_op(
+        store,
+        "alice",
+        3,
+        {"kind": "flags", "key": "<a@x>", "seen": True, "flagged": False, "since": 0},
     )
-    apply_op(store, 
-        "alice", 2, {"kind": "flags", "key": "<a@x>", "seen": False, "flagged": True, "since": 0}
+    apply_op(
+        store,
+        "alice",
+        2,
+        {"kind": "flags", "key": "<a@x>", "seen": False, "flagged": True, "since": 0},
     )
     assert state(store, "alice") == [("<a@x>", "inbox", True, False)]
     assert store.last_seq("alice") == 3

@@ -68,9 +68,7 @@ def phone_change(conn: sqlite3.Connection, user: str, id: int, kind: str, now: s
 
 def exists(conn: sqlite3.Connection, user: str, id: int) -> bool:
     return (
-        conn.execute(
-            "SELECT 1 FROM messages WHERE user_name = ? AND id = ?", (user, id)
-        ).fetchone()
+        conn.execute("SELECT 1 FROM messages WHERE user_name = ? AND id = ?", (user, id)).fetchone()
         is not None
     )
 
