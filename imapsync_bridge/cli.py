@@ -10,9 +10,9 @@ import getpass
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from imapsync_bridge.config import (
     KEYRING_SERVICE,
@@ -21,6 +21,9 @@ from imapsync_bridge.config import (
     load_server_config,
 )
 from imapsync_bridge.errors import BridgeError, ConfigError
+
+if TYPE_CHECKING:
+    from imapsync_bridge.server.phone import PhoneService
 
 log = logging.getLogger("imapsync_bridge")
 
@@ -133,66 +136,46 @@ def cmd_set_password(args: argparse.Namespace) -> int:
 
 
 # -- phone -------------------------------------------------------------------------------
-def _message_json(message: Any) -> dict[str, Any]:
-    return {
-        "id": message.id,
-        "message_id": message.message_id,
-        "subject": message.subject,
-        "from": message.from_addr,
-        "date": message.internaldate,
-        "seen": message.seen,
-        "flagged": message.flagged,
-    }
-
-
 def cmd_phone(args: argparse.Namespace) -> int:
     from imapsync_bridge.server.app import open_store
+    from imapsync_bridge.server.phone import PhoneService
 
     store = open_store(load_server_config(Path(args.config)))
     try:
-        return _phone_verb(store, args)
+        return _phone_verb(PhoneService(store), args)
     finally:
         store.close()
 
 
-def _phone_verb(store: Any, args: argparse.Namespace) -> int:
+def _phone_verb(service: PhoneService, args: argparse.Namespace) -> int:
+    """Call the phone service and format its result; no mailbox logic here."""
     user = args.user
     verb = args.verb
     if verb == "list":
-        listing = {
-            "user": user,
-            "window": store.get_user(user).window,
-            "inbox": [_message_json(m) for m in store.list_folder(user, "inbox")],
-            "trash": [_message_json(m) for m in store.list_folder(user, "trash")],
-            "sent": [],
-            "outbox": [],
-        }
+        mailbox = service.list(user)
         if args.json:
-            print(json.dumps(listing, indent=2))
+            print(json.dumps(mailbox.as_json(), indent=2))
         else:
             for folder in ("inbox", "trash"):
-                print(f"{folder} ({len(listing[folder])}):")
-                for m in listing[folder]:
-                    mark = ("  " if m["seen"] else "N ") + ("F " if m["flagged"] else "  ")
-                    sender = m["from"][:24]
-                    print(f"  {m['id']:>6} {mark}{m['date'][:16]}  {sender:24}  {m['subject']}")
+                messages = getattr(mailbox, folder)
+                print(f"{folder} ({len(messages)}):")
+                for m in messages:
+                    mark = ("  " if m.seen else "N ") + ("F " if m.flagged else "  ")
+                    print(f"  {m.id:>6} {mark}{m.date[:16]}  {m.sender[:24]:24}  {m.subject}")
         return 0
-    message_id = args.id
+    if verb == "request-sync":
+        request = service.request_sync(user)
+        print(f"sync requested (pending since {request.requested_at})")
+        return 0
     if verb == "show":
-        message = store.get(user, message_id)
-        sys.stdout.buffer.write(message.raw or b"")
+        detail = service.show(user, args.id)
+        if args.json:
+            print(json.dumps(detail.as_json(), indent=2))
+        else:
+            sys.stdout.buffer.write(detail.raw)
         return 0
-    actions: dict[str, Callable[[], bool]] = {
-        "delete": lambda: store.trash(user, message_id),
-        "restore": lambda: store.restore(user, message_id),
-        "destroy": lambda: store.destroy(user, message_id),
-        "read": lambda: store.set_seen(user, message_id, True),
-        "unread": lambda: store.set_seen(user, message_id, False),
-        "flag": lambda: store.set_flagged(user, message_id, True),
-        "unflag": lambda: store.set_flagged(user, message_id, False),
-    }
-    changed = actions[verb]()
-    print(f"{verb} {message_id}: {'done' if changed else 'nothing to change'}")
+    result = service.change(user, verb, args.id)
+    print(f"{verb} {args.id}: {'done' if result.changed else 'nothing to change'}")
     return 0
 
 
@@ -258,8 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = p.add_subparsers(dest="verb", required=True)
     v = verbs.add_parser("list")
     v.add_argument("--json", action="store_true")
-    for verb in ("show", "delete", "restore", "destroy", "read", "unread", "flag", "unflag"):
+    v = verbs.add_parser("show", help="the raw message; --json: fields, text, attachments")
+    v.add_argument("id", type=int)
+    v.add_argument("--json", action="store_true")
+    for verb in ("delete", "restore", "destroy", "read", "unread", "flag", "unflag"):
         verbs.add_parser(verb).add_argument("id", type=int)
+    verbs.add_parser("request-sync", help="ask for a sync (the server acts on it later)")
     p.set_defaults(func=cmd_phone)
     return parser
 

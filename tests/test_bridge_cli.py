@@ -91,3 +91,34 @@ def test_exit_codes_follow_the_contract(dovecot: Dovecot, tmp_path: Path) -> Non
         assert listing["window"] == 50  # the server's default_window
     finally:
         bridge.stop()
+
+
+def test_phone_verbs_go_through_the_service(tmp_path: Path, capsys) -> None:
+    """`phone show --json`, a change verb and `request-sync`, in process (no Dovecot)."""
+    from imapsync_bridge.cli import main
+    from imapsync_bridge.server.store import PhoneStore
+
+    assert main(["server", "init", "--data-dir", str(tmp_path / "srv")]) == 0
+    ini = str(tmp_path / "srv" / "server.ini")
+    assert main(["server", "add-user", "--config", ini, "alice", "--address", "a@p",
+                 "--desktop-address", "a@c"]) == 0  # fmt: skip
+    raw = b"Message-ID: <1@x>\r\nSubject: Hi\r\nFrom: a@x\r\nTo: b@x\r\n\r\nbody\r\n"
+    with PhoneStore(tmp_path / "srv" / "phone.sqlite3") as store:
+        store.apply_ops("alice", [(1, {
+            "kind": "put", "key": "<1@x>", "message_id": "<1@x>", "raw": raw,
+            "internaldate": "2024-04-01T08:00:00Z", "seen": False, "flagged": False,
+        })])  # fmt: skip
+        (message,) = store.snapshot("alice").messages
+    phone = ["phone", "--config", ini, "--user", "alice"]
+    capsys.readouterr()
+    assert main([*phone, "show", "--json", str(message.id)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["subject"], shown["to"], shown["text"]) == ("Hi", ["b@x"], "body\n")
+    assert main([*phone, "read", str(message.id)]) == 0
+    assert capsys.readouterr().out == f"read {message.id}: done\n"
+    assert main([*phone, "request-sync"]) == 0
+    assert capsys.readouterr().out.startswith("sync requested")
+    with PhoneStore(tmp_path / "srv" / "phone.sqlite3") as store:
+        assert store.take_sync_request("alice") is not None
+    assert main([*phone, "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["inbox"][0]["seen"] is True

@@ -56,12 +56,17 @@ def put(key: str, *, folder="inbox", seen=False, flagged=False, day=1) -> dict:
     }
 
 
+def apply_op(store: PhoneStore, user: str, seq: int, op: dict) -> None:
+    """One desktop op, as the listener sends them: a batch of one."""
+    store.apply_ops(user, [(seq, op)])
+
+
 def fill(store: PhoneStore, user: str, keys: list[str]) -> dict[str, int]:
     """Put keys (dated in order) and return key -> phone id."""
     seq = store.last_seq(user)
     for day, key in enumerate(keys, start=1):
         seq += 1
-        store.apply_op(user, seq, put(key, day=day))
+        apply_op(store, user, seq, put(key, day=day))
     return {m.key: m.id for m in store.snapshot(user).messages}
 
 
@@ -131,7 +136,7 @@ def test_survives_reopen(tmp_path, clock):
 
 
 def test_users(store):
-    assert [u.name for u in store.list_users()] == ["alice", "bob"]
+    assert [store.get_user(n).name for n in ("alice", "bob")] == ["alice", "bob"]
     user = store.get_user("alice")
     assert (user.address, user.desktop_address, user.window) == (
         "alice@phone.example",
@@ -170,7 +175,7 @@ def test_add_user_validation(store, name, window):
         ("snapshot", ()),
         ("counts", ()),
         ("list_folder", ("inbox",)),
-        ("apply_op", (1, {"kind": "evict", "key": "<k>"})),
+        ("apply_ops", ([(1, {"kind": "evict", "key": "<k>"})],)),
         ("ack_actions", (1,)),
         ("set_pairing_code", ("0" * 64,)),
         ("register_certificate", (5, "2030-01-01T00:00:00Z")),
@@ -237,8 +242,8 @@ def test_register_certificate_revokes_previous_and_resets_seq(store, clock):
 
 
 def test_flag_op_changes_only_the_flags_it_names(store):
-    store.apply_op("alice", 1, put("<a@x>", seen=True))
-    store.apply_op("alice", 2, {"kind": "flags", "key": "<a@x>", "seen": None, "flagged": True,
+    apply_op(store, "alice", 1, put("<a@x>", seen=True))
+    apply_op(store, "alice", 2, {"kind": "flags", "key": "<a@x>", "seen": None, "flagged": True,
                                 "since": 0})  # fmt: skip
     assert state(store, "alice") == [("<a@x>", "inbox", True, True)]
 
@@ -246,40 +251,46 @@ def test_flag_op_changes_only_the_flags_it_names(store):
 def test_flag_op_keeps_a_phone_change_made_after_the_snapshot(store):
     """Compare-and-set: the agent planned from the snapshot at action_seq ``since``; the
     phone user's later read is newer than the plan and stays, and stays pending."""
-    store.apply_op("alice", 1, put("<a@x>", seen=True))
+    apply_op(store, "alice", 1, put("<a@x>", seen=True))
     planned_at = store.snapshot("alice").action_seq
     phone_id = store.list_folder("alice", "inbox")[0].id
     assert store.set_seen("alice", phone_id, False)
     assert store.set_seen("alice", phone_id, True)  # unread, then read again: newer than the plan
     op = {"kind": "flags", "key": "<a@x>", "seen": False, "flagged": True, "since": planned_at}
-    store.apply_op("alice", 2, op)
+    apply_op(store, "alice", 2, op)
     assert state(store, "alice") == [("<a@x>", "inbox", True, True)]  # \Flagged applied
     assert [a.kind for a in store.pending_actions("alice", planned_at)] == ["unseen", "seen"]
     # With the phone's actions acknowledged up to a later snapshot, the op applies.
-    store.apply_op("alice", 3, {**op, "since": store.snapshot("alice").action_seq})
+    apply_op(store, "alice", 3, {**op, "since": store.snapshot("alice").action_seq})
     assert state(store, "alice") == [("<a@x>", "inbox", False, True)]
 
 
 def test_evict_keeps_a_message_the_phone_user_changed_after_the_snapshot(store):
-    store.apply_op("alice", 1, put("<a@x>"))
-    store.apply_op("alice", 2, put("<b@x>"))
+    apply_op(store, "alice", 1, put("<a@x>"))
+    apply_op(store, "alice", 2, put("<b@x>"))
     planned_at = store.snapshot("alice").action_seq
     read = next(m.id for m in store.list_folder("alice", "inbox") if m.key == "<a@x>")
     assert store.set_seen("alice", read, True)
-    store.apply_op("alice", 3, {"kind": "evict", "key": "<a@x>", "since": planned_at})
-    store.apply_op("alice", 4, {"kind": "evict", "key": "<b@x>", "since": planned_at})
+    apply_op(store, "alice", 3, {"kind": "evict", "key": "<a@x>", "since": planned_at})
+    apply_op(store, "alice", 4, {"kind": "evict", "key": "<b@x>", "since": planned_at})
     assert state(store, "alice") == [("<a@x>", "inbox", True, False)]  # the read survives
 
 
 def test_apply_op_idempotent_by_seq(store):
-    store.apply_op("alice", 1, put("<a@x>"))
-    store.apply_op("alice", 1, put("<b@x>"))  # a retransmitted seq: ignored
+    apply_op(store, "alice", 1, put("<a@x>"))
+    apply_op(store, "alice", 1, put("<b@x>"))  # a retransmitted seq: ignored
     assert [k for k, *_ in state(store, "alice")] == ["<a@x>"]
-    store.apply_op(
-        "alice", 3, {"kind": "flags", "key": "<a@x>", "seen": True, "flagged": False, "since": 0}
+    apply_op(
+        store,
+        "alice",
+        3,
+        {"kind": "flags", "key": "<a@x>", "seen": True, "flagged": False, "since": 0},
     )
-    store.apply_op(
-        "alice", 2, {"kind": "flags", "key": "<a@x>", "seen": False, "flagged": True, "since": 0}
+    apply_op(
+        store,
+        "alice",
+        2,
+        {"kind": "flags", "key": "<a@x>", "seen": False, "flagged": True, "since": 0},
     )
     assert state(store, "alice") == [("<a@x>", "inbox", True, False)]
     assert store.last_seq("alice") == 3
@@ -310,9 +321,9 @@ def test_apply_op_idempotent_by_seq(store):
     ],
 )
 def test_ops_on_an_existing_message(store, op, expected):
-    store.apply_op("alice", 1, put("<a@x>"))
+    apply_op(store, "alice", 1, put("<a@x>"))
     first_id = store.snapshot("alice").messages[0].id
-    store.apply_op("alice", 2, op)
+    apply_op(store, "alice", 2, op)
     assert state(store, "alice") == expected
     assert store.last_seq("alice") == 2  # advanced even when the op was a no-op
     snap = store.snapshot("alice")
@@ -322,8 +333,8 @@ def test_ops_on_an_existing_message(store, op, expected):
 
 
 def test_put_sets_trashed_at_for_gc_and_restore_clears(store):
-    store.apply_op("alice", 1, put("<a@x>", folder="trash"))
-    store.apply_op("alice", 2, {"kind": "move", "key": "<a@x>", "folder": "inbox"})
+    apply_op(store, "alice", 1, put("<a@x>", folder="trash"))
+    apply_op(store, "alice", 2, {"kind": "move", "key": "<a@x>", "folder": "inbox"})
     assert store.counts("alice") == {"inbox": 1, "trash": 0, "pending_actions": 0}
 
 
@@ -341,7 +352,7 @@ def test_put_sets_trashed_at_for_gc_and_restore_clears(store):
 )
 def test_bad_op_changes_nothing(store, op):
     with pytest.raises(StoreError, match="bad"):
-        store.apply_op("alice", 1, op)
+        apply_op(store, "alice", 1, op)
     assert store.last_seq("alice") == 0
     assert state(store, "alice") == []
 
@@ -349,12 +360,12 @@ def test_bad_op_changes_nothing(store, op):
 @pytest.mark.parametrize("seq", [0, -1, True, "1", None])
 def test_bad_seq(store, seq):
     with pytest.raises(StoreError, match="bad seq"):
-        store.apply_op("alice", seq, put("<a@x>"))
+        apply_op(store, "alice", seq, put("<a@x>"))
 
 
 def test_evict_leaves_no_tombstone_but_phone_destroy_does(store):
     ids = fill(store, "alice", ["<a@x>", "<b@x>"])
-    store.apply_op("alice", 3, {"kind": "evict", "key": "<a@x>"})
+    apply_op(store, "alice", 3, {"kind": "evict", "key": "<a@x>"})
     assert store.destroy("alice", ids["<b@x>"]) is True
     snap = store.snapshot("alice")
     assert snap.messages == []
@@ -368,10 +379,10 @@ def test_evict_leaves_no_tombstone_but_phone_destroy_does(store):
 def test_put_after_phone_destroy_does_not_resurrect(store):
     ids = fill(store, "alice", ["<a@x>"])
     store.destroy("alice", ids["<a@x>"])
-    store.apply_op("alice", 2, put("<a@x>"))  # raced with the destroy
+    apply_op(store, "alice", 2, put("<a@x>"))  # raced with the destroy
     assert state(store, "alice") == []
     store.ack_actions("alice", store.snapshot("alice").action_seq)
-    store.apply_op("alice", 3, put("<a@x>"))  # after the ack, the key may come back
+    apply_op(store, "alice", 3, put("<a@x>"))  # after the ack, the key may come back
     assert [k for k, *_ in state(store, "alice")] == ["<a@x>"]
     assert store.snapshot("alice").messages[0].id != ids["<a@x>"]  # ids are never reused
 
@@ -400,7 +411,7 @@ def test_record_sync(store, clock):
 
 def test_list_folder_newest_first(store):
     ids = fill(store, "alice", ["<old@x>", "<mid@x>", "<new@x>"])
-    store.apply_op("alice", 4, dict(put("<twin@x>"), internaldate="2024-04-03T08:00:00Z"))
+    apply_op(store, "alice", 4, dict(put("<twin@x>"), internaldate="2024-04-03T08:00:00Z"))
     listed = [m.key for m in store.list_folder("alice", "inbox")]
     # Same date: put order (the agent puts newest first, as the desktop lists them).
     assert listed == ["<new@x>", "<twin@x>", "<mid@x>", "<old@x>"]
@@ -495,7 +506,7 @@ def test_ops_of_a_never_touch_b(store):
         ],
         start=1,
     ):
-        store.apply_op("alice", seq, op)
+        apply_op(store, "alice", seq, op)
     assert state(store, "bob") == before
     assert store.last_seq("bob") == 1
     assert store.list_folder("bob", "inbox")[0].key == "<shared@x>"
@@ -516,7 +527,7 @@ def test_gc_drops_oldest_acknowledged_beyond_capacity(store, clock):
         clock.tick()
         store.trash("alice", ids[key])
     # nothing acknowledged yet: all 14 are dirty and none may go
-    assert store.collect_garbage("alice") == 0
+    assert store.ack_actions("alice", 0) == 0
     assert store.counts("alice")["trash"] == 14
     assert store.ack_actions("alice", store.snapshot("alice").action_seq) == 4
     kept = {m.key for m in store.list_folder("alice", "trash")}
@@ -537,8 +548,8 @@ def test_gc_never_drops_a_dirty_entry(store, clock):
     assert remaining.isdisjoint(keys[1:3])  # the two oldest acknowledged entries went
     assert store.ack_actions("alice", store.snapshot("alice").action_seq) == 0  # 10 left
     clock.tick()
-    store.apply_op("alice", 13, put("<late@x>", folder="trash"))  # desktop-trashed: clean
-    assert store.collect_garbage("alice") == 1
+    apply_op(store, "alice", 13, put("<late@x>", folder="trash"))  # desktop-trashed: clean
+    assert store.ack_actions("alice", 0) == 1
     assert keys[0] not in {m.key for m in store.list_folder("alice", "trash")}
 
 
@@ -559,8 +570,8 @@ def test_gc_capacity_is_the_window_when_larger(tmp_path, clock):
         s.add_user("big", "b@p", "b@d", 12)
         for seq in range(1, 15):
             clock.tick()
-            s.apply_op("big", seq, put(f"<{seq}@x>", folder="trash"))
-        assert s.collect_garbage("big") == 2
+            apply_op(s, "big", seq, put(f"<{seq}@x>", folder="trash"))
+        assert s.ack_actions("big", 0) == 2
         assert s.counts("big")["trash"] == 12
 
 
@@ -586,7 +597,7 @@ def _boom_trigger(path, table: str, event: str) -> None:
     "table, event, action",
     [
         # the op's insert succeeds, then updating last_seq fails: the insert must go too
-        ("users", "UPDATE", lambda s, ids: s.apply_op("alice", 2, put("<new@x>"))),
+        ("users", "UPDATE", lambda s, ids: apply_op(s, "alice", 2, put("<new@x>"))),
         # the message moves to trash, then logging the action fails
         ("phone_actions", "INSERT", lambda s, ids: s.trash("alice", ids["<a@x>"])),
         ("phone_actions", "INSERT", lambda s, ids: s.destroy("alice", ids["<a@x>"])),
@@ -608,7 +619,7 @@ def test_failure_mid_method_leaves_db_unchanged(store, tmp_path, table, event, a
     store.set_seen("alice", ids["<a@x>"], True)
     store.register_certificate("alice", 1, "2030-01-01T00:00:00Z")
     store.set_pairing_code("alice", h("old"))
-    store.apply_op("alice", 1, put("<a@x>", seen=True))
+    apply_op(store, "alice", 1, put("<a@x>", seen=True))
     before = dump(path)
     _boom_trigger(path, table, event)
     with pytest.raises(StoreError) as info:
@@ -631,11 +642,11 @@ def test_second_process_on_the_same_file(tmp_path):
     path = tmp_path / "phone.db"
     with PhoneStore(path) as s:
         s.add_user("alice", "a@p", "a@d", 5)
-        s.apply_op("alice", 1, put("<a@x>"))
+        apply_op(s, "alice", 1, put("<a@x>"))
         proc = multiprocessing.get_context("spawn").Process(target=_other_process, args=(path,))
         proc.start()
         for seq in range(2, 40):
-            s.apply_op("alice", seq, put(f"<m{seq}@x>"))
+            apply_op(s, "alice", seq, put(f"<m{seq}@x>"))
         proc.join(30)
         assert proc.exitcode == 0
         assert s.counts("alice") == {"inbox": 39, "trash": 0, "pending_actions": 20}
@@ -685,7 +696,7 @@ def test_parse_summary_hostile(message, subject, sender):
     ],
 )
 def test_hostile_mail_is_stored(store, message):
-    store.apply_op("alice", 1, dict(put("<h@x>"), raw=message))
+    apply_op(store, "alice", 1, dict(put("<h@x>"), raw=message))
     (msg,) = store.list_folder("alice", "inbox")
     assert "\x00" not in msg.subject + msg.from_addr and "\x1b" not in msg.subject
     assert store.raw_message("alice", "<h@x>") == message

@@ -12,6 +12,7 @@ from typing import Any
 from imapsync_bridge.errors import StoreError
 from imapsync_bridge.model import INBOX, TRASH
 from imapsync_bridge.server import store_schema as schema
+from imapsync_bridge.server.store_api import NoSuchMessage
 from imapsync_bridge.server.store_schema import PhoneMessage
 
 FOLDERS = (INBOX, TRASH)
@@ -31,32 +32,45 @@ PHONE_CHANGES: dict[str, tuple[str, object]] = {
 
 
 def phone_change(conn: sqlite3.Connection, user: str, id: int, kind: str, now: str) -> bool:
-    """One phone-user change and its phone action; False when it changes nothing."""
-    row = conn.execute(
-        "SELECT msg_key, folder, seen, flagged FROM messages WHERE user_name = ? AND id = ?",
-        (user, id),
-    ).fetchone()
-    if row is None:
-        raise StoreError(f"no message {id}")
-    key, folder, seen, flagged = row
+    """One phone-user change and its phone action; False when it changes nothing.
+
+    The changing statement is also the check (``WHERE column <> new … RETURNING``): no
+    value read earlier decides, so concurrent writers cannot both log the same change.
+    """
     if kind == "destroy":
-        conn.execute("DELETE FROM messages WHERE id = ?", (id,))
+        rows = conn.execute(
+            "DELETE FROM messages WHERE user_name = ? AND id = ? RETURNING msg_key", (user, id)
+        ).fetchall()
     else:
         column, value = PHONE_CHANGES[kind]
-        if {"folder": folder, "seen": seen, "flagged": flagged}[column] == value:
-            return False
         if column == "folder":
-            conn.execute(
-                "UPDATE messages SET folder = ?, dirty = 1, trashed_at = ? WHERE id = ?",
-                (value, now if kind == "trash" else None, id),
-            )
+            rows = conn.execute(
+                "UPDATE messages SET folder = ?, dirty = 1, trashed_at = ?"
+                " WHERE user_name = ? AND id = ? AND folder <> ? RETURNING msg_key",
+                (value, now if kind == "trash" else None, user, id, value),
+            ).fetchall()
         else:
-            conn.execute(f"UPDATE messages SET {column} = ?, dirty = 1 WHERE id = ?", (value, id))
+            rows = conn.execute(
+                f"UPDATE messages SET {column} = ?, dirty = 1"
+                f" WHERE user_name = ? AND id = ? AND {column} <> ? RETURNING msg_key",
+                (value, user, id, value),
+            ).fetchall()
+        if not rows and exists(conn, user, id):
+            return False
+    if not rows:
+        raise NoSuchMessage(f"no message {id}")
     conn.execute(
         "INSERT INTO phone_actions (user_name, kind, msg_key, created) VALUES (?, ?, ?, ?)",
-        (user, kind, key, now),
+        (user, kind, rows[0][0], now),
     )
     return True
+
+
+def exists(conn: sqlite3.Connection, user: str, id: int) -> bool:
+    return (
+        conn.execute("SELECT 1 FROM messages WHERE user_name = ? AND id = ?", (user, id)).fetchone()
+        is not None
+    )
 
 
 def apply_op(conn: sqlite3.Connection, user: str, op: dict[str, Any], now: str) -> None:
@@ -219,7 +233,7 @@ def flag_value(value: object) -> int:
 
 def message_id_arg(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise StoreError(f"no message {value}")
+        raise NoSuchMessage(f"no message {value}")
     return value
 
 

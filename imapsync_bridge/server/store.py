@@ -20,6 +20,7 @@ from imapsync_bridge.errors import StoreError
 from imapsync_bridge.model import INBOX, TRASH
 from imapsync_bridge.server import mailbox
 from imapsync_bridge.server import store_schema as schema
+from imapsync_bridge.server.store_api import NoSuchMessage, NoSuchUser, StoreConflict
 from imapsync_bridge.server.store_schema import (
     PhoneAction,
     PhoneMessage,
@@ -47,35 +48,19 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class PhoneStore:
-    """The hosted store. Every public method is one transaction: it applies fully or not
-    at all. Every failure is a :class:`StoreError` with a one-line message:
+    """The hosted store over SQLite: implements :class:`.store_api.AccountStore`,
+    :class:`.store_api.SyncStore` and :class:`.store_api.MailboxStore`, whose docstrings
+    state each method's contract, errors and whether a retry helps.
 
-    * opening: the file cannot be opened, is not a SQLite database, or its schema
-      (``PRAGMA user_version``) is newer than this program;
-    * ``"no such user: NAME"``: any per-user method given an unknown user;
-    * ``"no message N"``: a phone-side method given an id that does not exist *or belongs
-      to another user* (the two are indistinguishable on purpose);
-    * ``"bad ...: ..."``: an argument out of contract (user name not ``[a-z0-9._-]{1,64}``,
-      window outside 1..10000, folder not inbox/trash, malformed op, non-hex token hash);
-    * ``"user exists: NAME"`` / ``"certificate serial already registered: HEX"``;
-    * anything else: the database failed (locked past the busy timeout, disk full,
-      corrupted); the transaction was rolled back and nothing changed.
+    Semantics worth knowing beyond those:
 
-    Semantics worth knowing:
-
-    * Agent ops (:meth:`apply_op`) are idempotent by sequence number: ``seq <= last_seq``
-      does nothing; otherwise the op and ``last_seq = seq`` commit together. Ops on a key
-      the phone no longer holds are no-ops that still advance ``last_seq``. A ``put`` for
-      a key with a pending phone ``destroy`` is ignored (the user's destroy wins; the agent
-      sees it in ``snapshot().destroyed``). Desktop ops never log phone actions nor set
-      ``dirty``.
-    * :meth:`register_certificate` revokes every earlier certificate of the user and
-      resets ``last_seq`` to 0 (a fresh agent numbers its ops from 1 again); messages,
-      pending phone actions and dirty marks are kept.
     * Phone-side changes mark the message dirty and append one phone action in the same
-      transaction; a change that changes nothing appends nothing and returns False.
-      ``destroy`` deletes the row and leaves its key as a 'destroy' action (a tombstone)
-      until the agent acknowledges it.
+      transaction; a change that changes nothing appends nothing and returns False. The
+      statement that changes the row decides whether it changes (``UPDATE … WHERE
+      column <> new RETURNING``), so two concurrent changes cannot both log an action.
+    * Agent ops advance ``last_seq`` by compare-and-set (``UPDATE … WHERE last_seq =
+      old RETURNING``): two sessions applying ops for one user cannot both commit; the
+      loser gets :class:`.store_api.StoreConflict` and nothing of its batch is stored.
     * Trash garbage collection (after :meth:`ack_actions`): capacity is
       ``max(window, 10)``; while the trash holds more, its oldest *non-dirty* entries (by
       ``trashed_at``, then id) are dropped. Dirty entries are never dropped, so the trash
@@ -87,7 +72,14 @@ class PhoneStore:
     that commit and lose the op for good. The cost (one fsync per commit) is small at
     this write rate. Concurrency: one connection, guarded by a lock, usable from any
     thread; other processes (the ``phone`` CLI) may open the same file; writers take the
-    lock up front (``BEGIN IMMEDIATE``) and wait up to the busy timeout.
+    lock up front (``BEGIN IMMEDIATE``) and wait up to the busy timeout. Calls block:
+    asyncio code runs them in a thread executor, never on the event loop.
+
+    Portability: the SQL is what PostgreSQL also accepts (``RETURNING``, ``ON CONFLICT``,
+    ``CASE``); only the DDL in :mod:`.store_schema` and the pragmas are SQLite's. A
+    PostgreSQL backend would run each method in REPEATABLE READ and turn serialization
+    failures into :class:`.store_api.StoreConflict`, which also covers the op conditions
+    that read ``phone_actions`` in a sub-select (``since``).
     """
 
     def __init__(
@@ -165,7 +157,7 @@ class PhoneStore:
             (user,),
         ).fetchone()
         if row is None:
-            raise StoreError(f"no such user: {user!r}")
+            raise NoSuchUser(f"no such user: {user!r}")
         return row
 
     # --- users ----------------------------------------------------------------------
@@ -184,27 +176,19 @@ class PhoneStore:
             ):
                 raise StoreError(f"bad {label} {value!r}")
         with self._tx() as conn:
-            if conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
-                raise StoreError(f"user exists: {name}")
             created = self._now()
-            conn.execute(
+            inserted = conn.execute(
                 "INSERT INTO users (name, address, desktop_address, window_size, created)"
-                " VALUES (?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING RETURNING name",
                 (name, address, desktop_address, window, created),
-            )
+            ).fetchall()
+            if not inserted:
+                raise StoreError(f"user exists: {name}")
         return User(name, address, desktop_address, window, created)
 
     def get_user(self, name: str) -> User:
         with self._tx(write=False) as conn:
             return User(*self._require_user(conn, name)[:5])
-
-    def list_users(self) -> list[User]:
-        with self._tx(write=False) as conn:
-            rows = conn.execute(
-                "SELECT name, address, desktop_address, window_size, created"
-                " FROM users ORDER BY name"
-            ).fetchall()
-        return [User(*row) for row in rows]
 
     # --- pairing codes and certificates ---------------------------------------------
 
@@ -225,19 +209,21 @@ class PhoneStore:
             )
 
     def consume_pairing_code(self, token_hash: str) -> str | None:
-        """The code's user if the code is known and unexpired; the code is used up."""
+        """The code's user if the code is known and unexpired; the code is used up.
+
+        The delete that uses the code up is the read (``DELETE … RETURNING``): of two
+        concurrent uses only one gets a row.
+        """
         with self._tx() as conn:
             now = self._now()
-            row = conn.execute(
-                "SELECT user_name, expires FROM pairing_codes WHERE token_hash = ?",
+            rows = conn.execute(
+                "DELETE FROM pairing_codes WHERE token_hash = ? RETURNING user_name, expires",
                 (token_hash,),
-            ).fetchone()
-            conn.execute(
-                "DELETE FROM pairing_codes WHERE token_hash = ? OR expires <= ?", (token_hash, now)
-            )
-        if row is None or row[1] <= now:
+            ).fetchall()
+            conn.execute("DELETE FROM pairing_codes WHERE expires <= ?", (now,))
+        if not rows or rows[0][1] <= now:
             return None
-        return row[0]
+        return str(rows[0][0])
 
     def register_certificate(
         self, user: str, serial: int, not_after: datetime | str, fingerprint: str | None = None
@@ -254,16 +240,17 @@ class PhoneStore:
         with self._tx() as conn:
             self._require_user(conn, user)
             hex_serial = mailbox.serial_hex(serial)
-            if conn.execute(
-                "SELECT 1 FROM certificates WHERE serial = ?", (hex_serial,)
-            ).fetchone():
-                raise StoreError(f"certificate serial already registered: {hex_serial}")
-            conn.execute("UPDATE certificates SET revoked = 1 WHERE user_name = ?", (user,))
             conn.execute(
-                "INSERT INTO certificates (serial, user_name, fingerprint, not_after, created)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (hex_serial, user, fingerprint, expiry, self._now()),
+                "UPDATE certificates SET revoked = 1 WHERE user_name = ? AND revoked = 0",
+                (user,),
             )
+            inserted = conn.execute(
+                "INSERT INTO certificates (serial, user_name, fingerprint, not_after, created)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (serial) DO NOTHING RETURNING serial",
+                (hex_serial, user, fingerprint, expiry, self._now()),
+            ).fetchall()
+            if not inserted:  # raising rolls the revocation back too
+                raise StoreError(f"certificate serial already registered: {hex_serial}")
             conn.execute("UPDATE users SET last_seq = 0 WHERE name = ?", (user,))
 
     def user_for_certificate(self, serial: int) -> str | None:
@@ -283,21 +270,19 @@ class PhoneStore:
         with self._tx(write=False) as conn:
             return self._require_user(conn, user)[5]
 
-    def apply_op(self, user: str, seq: int, op: dict[str, Any]) -> None:
-        """Apply one desktop op once (see the class docstring)."""
-        self.apply_ops(user, [(seq, op)])
-
     def apply_ops(self, user: str, batch: list[tuple[int, dict[str, Any]]]) -> None:
         """Apply a batch of desktop ops in one transaction, each at most once.
 
         Ops at or below ``last_seq`` are skipped (a resent batch); the rest must come in
         increasing order. A bad op fails the whole batch and nothing of it is stored.
+        ``last_seq`` moves by compare-and-set: if another session moved it meanwhile,
+        :class:`StoreConflict` and nothing is stored.
         """
         for seq, _op in batch:
             if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
                 raise StoreError(f"bad seq {seq!r}: want a positive integer")
         with self._tx() as conn:
-            last = self._require_user(conn, user)[5]
+            first = last = self._require_user(conn, user)[5]
             now = self._now()
             for seq, op in batch:
                 if seq <= last:
@@ -307,7 +292,12 @@ class PhoneStore:
                 except (KeyError, TypeError, ValueError) as exc:
                     raise StoreError(mailbox.one_line("bad op", exc)) from exc
                 last = seq
-            conn.execute("UPDATE users SET last_seq = ? WHERE name = ?", (last, user))
+            moved = conn.execute(
+                "UPDATE users SET last_seq = ? WHERE name = ? AND last_seq = ? RETURNING name",
+                (last, user, first),
+            ).fetchall()
+            if not moved:
+                raise StoreConflict(f"ops for {user!r} were applied concurrently; resend")
 
     def snapshot(self, user: str) -> Snapshot:
         with self._tx(write=False) as conn:
@@ -376,12 +366,6 @@ class PhoneStore:
             )
             return mailbox.collect_garbage(conn, user)
 
-    def collect_garbage(self, user: str) -> int:
-        """Run the trash garbage collector alone; returns how many entries it dropped."""
-        with self._tx() as conn:
-            self._require_user(conn, user)
-            return mailbox.collect_garbage(conn, user)
-
     def record_sync(self, user: str, summary: dict[str, Any]) -> None:
         try:
             text = json.dumps(summary, sort_keys=True)
@@ -403,6 +387,15 @@ class PhoneStore:
         if row[0] is None:
             return None
         return SyncRecord(row[0], json.loads(row[1]))
+
+    def take_sync_request(self, user: str) -> str | None:
+        """Remove and return the pending phone sync request (``DELETE … RETURNING``)."""
+        with self._tx() as conn:
+            self._require_user(conn, user)
+            rows = conn.execute(
+                "DELETE FROM sync_requests WHERE user_name = ? RETURNING requested", (user,)
+            ).fetchall()
+        return str(rows[0][0]) if rows else None
 
     # --- phone side -----------------------------------------------------------------
 
@@ -431,7 +424,7 @@ class PhoneStore:
                 (user, mailbox.message_id_arg(id)),
             ).fetchone()
         if row is None:
-            raise StoreError(f"no message {id}")
+            raise NoSuchMessage(f"no message {id}")
         return mailbox.phone_message(row[:-1], bytes(row[-1]))
 
     def trash(self, user: str, id: int) -> bool:
@@ -466,6 +459,19 @@ class PhoneStore:
             "trash": folders.get(TRASH, 0),
             "pending_actions": pending,
         }
+
+    def request_sync(self, user: str) -> str:
+        """Record a phone sync request: one row per user in ``sync_requests``; a repeated
+        request keeps the first one's time (one upsert, no read first)."""
+        with self._tx() as conn:
+            self._require_user(conn, user)
+            row = conn.execute(
+                "INSERT INTO sync_requests (user_name, requested) VALUES (?, ?)"
+                " ON CONFLICT (user_name) DO UPDATE SET requested = sync_requests.requested"
+                " RETURNING requested",
+                (user, self._now()),
+            ).fetchone()
+        return str(row[0])
 
     def _phone_change(self, user: str, id: int, kind: str) -> bool:
         """One phone-user change + its action, in one transaction; False if a no-op."""

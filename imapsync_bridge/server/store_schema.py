@@ -26,7 +26,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA_V1 = (
     """
@@ -93,7 +93,17 @@ _SCHEMA_V1 = (
     "CREATE INDEX phone_actions_user ON phone_actions (user_name, msg_key)",
 )
 
-MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SCHEMA_V1}  # target version -> statements
+# v2: the phone user's pending sync request (one row per user; see PhoneStore.request_sync)
+_SCHEMA_V2 = (
+    """
+    CREATE TABLE sync_requests (
+        user_name TEXT PRIMARY KEY REFERENCES users (name) ON DELETE CASCADE,
+        requested TEXT NOT NULL
+    )
+    """,
+)
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}  # target -> statements
 
 
 def migrate(conn: sqlite3.Connection) -> None:
