@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from measuring import Measurement, log, run_measured
-from processes import python_env
+from processes import REPO, python_env
 from scenarios import DIRTY_SYNC_PAUSE, RUNNING, RUNNING_NOOP, SCENARIOS, TOOLS, Bench
 from seeding import UNREAD_NEWEST
 
@@ -127,7 +127,20 @@ def machine_info() -> dict[str, str]:
         "python": platform.python_version(),
         "dovecot": version(["dovecot", "--version"]),
         "mbsync": version(["mbsync", "--version"]),
+        "commit": code_version(),
     }
+
+
+def code_version() -> str:
+    """The commit the product's code is at, and whether imapsync_bridge/ differs from it."""
+    git = ["git", "-C", str(REPO)]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+        changed = subprocess.run([*git, "status", "--porcelain", "--", "imapsync_bridge"],
+                                 capture_output=True, text=True, timeout=10).stdout  # fmt: skip
+        return head + (" + uncommitted changes in imapsync_bridge/" if changed.strip() else "")
+    return "unknown"
 
 
 def startup_cost() -> float:
@@ -208,7 +221,8 @@ def report_text(benches: list[Bench], large: list[Bench], startup: float, profil
     head = [
         f"- date: {info['date']}",
         f"- machine: {info['cpus']}; {info['os']}",
-        f"- Python {info['python']}; Dovecot {info['dovecot']}; {info['mbsync']}",
+        f"- Python {info['python']}; Dovecot {info['dovecot']}; {info['mbsync']}; "
+        f"code at `{info['commit']}`",
         f"- N = {args.messages:,} messages (2–5 KB each, all read except the newest "
         f"{UNREAD_NEWEST}), window W = {args.window}; profiles: "
         + ", ".join(f"`{b.server.name}`" for b in benches),
