@@ -7,10 +7,12 @@ so the CLI can print it and exit with status 2.
 from __future__ import annotations
 
 import configparser
+import difflib
 import ipaddress
 import os
 import socket
 import stat
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,89 @@ def parse_host_port(value: str, where: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"{where}: expected host:port, got {value!r}")
     return host.strip("[]"), int(port)
+
+
+# Every key each file may hold: DESIGN.md's configuration contract, plus what the code
+# reads (server_timeout, mass_delete_share, max_message_size, max_frame). Keys a later
+# version reads (IDLE, OAuth2, triggers, the phone's listeners, the relay) are accepted and
+# checked for type now, so a configuration written for the documented contract loads.
+_MAIL_KEYS = frozenset(
+    {
+        "host",
+        "port",
+        "security",
+        "username",
+        "password_file",
+        "auth",
+        "oauth2_provider",
+        "client_id",
+        "tenant",
+        "device_authorization_endpoint",
+        "token_endpoint",
+        "scopes",
+    }
+)
+AGENT_KEYS: dict[str, frozenset[str]] = {
+    "agent": frozenset(
+        {
+            "state_dir",
+            "server",
+            "server_timeout",
+            "sync_interval",
+            "idle",
+            "sync_on_change",
+            "poll_interval",
+            "mass_delete_share",
+            "max_message_size",
+        }
+    ),
+    "imap": _MAIL_KEYS | {"mailbox", "trash", "sent", "outbox"},
+    "smtp": _MAIL_KEYS | {"from_address"},
+    "trigger": frozenset({"max_age", "min_interval"}),
+}
+SERVER_KEYS: dict[str, frozenset[str]] = {
+    "server": frozenset(
+        {
+            "data_dir",
+            "hostname",
+            "sync_listen",
+            "smtp_listen",
+            "submission_listen",
+            "web_listen",
+            "default_window",
+            "max_frame",
+            "max_message_size",
+            "max_unsynced",
+        }
+    ),
+    "relay": frozenset({"host", "port", "security", "username", "password_file"}),
+}
+AUTH_MODES = ("password", "oauth2")
+OAUTH2_PROVIDERS = ("microsoft", "google", "generic")
+# configparser's [DEFAULT] would copy its keys into every section; make it an ordinary
+# (and therefore unknown) section instead, so every key is checked where it is written.
+_NO_DEFAULT_SECTION = "\x00no default section"
+
+
+def _check_keys(
+    parser: configparser.ConfigParser, path: Path, known: dict[str, frozenset[str]]
+) -> None:
+    """ConfigError for the first unknown section, unknown key or password in clear."""
+    for name in parser.sections():
+        if name not in known:
+            expected = ", ".join(f"[{n}]" for n in known)
+            raise ConfigError(f"{path}: unknown section [{name}] (expected {expected})")
+        for key in parser[name]:
+            if key == "password" and "password_file" in known[name]:
+                raise ConfigError(
+                    f"{path}: [{name}] password: a password is never read from the INI file; "
+                    f"use password_file (mode 0600), `imapsync-bridge set-password {name}` "
+                    f"(the keyring) or a systemd credential named {name}"
+                )
+            if key not in known[name]:
+                close = difflib.get_close_matches(key, sorted(known[name]), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ConfigError(f"{path}: [{name}] {key}: unknown key{hint}")
 
 
 class _Section:
@@ -83,6 +168,28 @@ class _Section:
     def host_port(self, key: str) -> tuple[str, int]:
         return parse_host_port(self.text(key), f"{self._where} {key}")
 
+    def listen(self, key: str) -> tuple[str, int] | None:
+        """host:port of a listener, or None when the key is empty or absent (= off)."""
+        raw = self.text(key, "")
+        return parse_host_port(raw, f"{self._where} {key}") if raw else None
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.text(key, default).lower() or default
+        if value not in choices:
+            raise ConfigError(
+                f"{self._where} {key} must be one of {', '.join(choices)}, got {value!r}"
+            )
+        return value
+
+    def url(self, key: str) -> str:
+        """An http(s) URL with a host, or "" when the key is empty or absent."""
+        raw = self.text(key, "")
+        if raw:
+            parts = urllib.parse.urlsplit(raw)
+            if parts.scheme not in ("https", "http") or not parts.hostname:
+                raise ConfigError(f"{self._where} {key} must be an https:// URL, got {raw!r}")
+        return raw
+
     def security(self, host: str) -> str:
         mode = self.text("security", "tls").lower()
         if mode not in SECURITY_MODES:
@@ -95,7 +202,7 @@ class _Section:
 
 
 def _read(path: Path) -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(interpolation=None)
+    parser = configparser.ConfigParser(interpolation=None, default_section=_NO_DEFAULT_SECTION)
     try:
         with path.open(encoding="utf-8") as handle:
             parser.read_file(handle)
@@ -108,20 +215,39 @@ def _read(path: Path) -> configparser.ConfigParser:
 
 
 @dataclass(frozen=True)
-class MailServer:
-    """Where and how to reach the corporate IMAP or SMTP server."""
+class OAuth2Settings:
+    """``auth = oauth2`` in [imap] or [smtp]: where the device sign-in goes (read, not yet used)."""
 
-    role: str  # "imap" or "smtp": names the secret
+    provider: str
+    client_id: str
+    tenant: str
+    device_authorization_endpoint: str
+    token_endpoint: str
+    scopes: str
+
+
+@dataclass(frozen=True)
+class MailServer:
+    """Where and how to reach the corporate IMAP or SMTP server (or the server's relay)."""
+
+    role: str  # "imap", "smtp" or "relay": names the secret
     host: str
     port: int
     security: str
     username: str
     password_file: Path | None
+    auth: str = "password"
+    oauth2: OAuth2Settings | None = None
 
     def password(self) -> str | None:
         """The secret, from the password file, the keyring or systemd credentials."""
         if not self.username:
             return None
+        if self.auth == "oauth2":
+            raise ConfigError(
+                f"[{self.role}] auth = oauth2 is not supported by this version of "
+                "imapsync-bridge; use auth = password"
+            )
         return lookup_secret(self.role, self.username, self.host, self.password_file)
 
 
@@ -150,28 +276,73 @@ class AgentConfig:
     smtp: MailServer | None
     trigger_max_age: int
     trigger_min_interval: int
+    smtp_from_address: str = ""
 
 
-def _mail_server(parser: configparser.ConfigParser, path: Path, role: str, port: int) -> MailServer:
+def _check_password_file(where: str, password_file: Path) -> None:
+    """A password file that exists must be private: checked at load, not at first use.
+
+    A missing file is reported when the password is needed (``agent status`` works
+    without one).
+    """
+    try:
+        mode = password_file.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"{where} password_file {password_file}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"{where} password_file {password_file} is readable by group or others; chmod 600 it"
+        )
+
+
+def _mail_server(
+    parser: configparser.ConfigParser, path: Path, role: str, port: int, *, oauth2: bool = True
+) -> MailServer:
     section = _Section(parser, path, role)
     host = section.text("host")
     password_file = section.text("password_file", "")
+    resolved = (path.parent / password_file) if password_file else None
+    if resolved is not None:
+        _check_password_file(f"{path}: [{role}]", resolved)
+    auth = section.choice("auth", AUTH_MODES, "password") if oauth2 else "password"
+    oauth2_settings = None
+    if oauth2:
+        provider = section.text("oauth2_provider", "")
+        oauth2_settings = OAuth2Settings(
+            provider=section.choice("oauth2_provider", OAUTH2_PROVIDERS, provider or "generic"),
+            client_id=section.text("client_id", ""),
+            tenant=section.text("tenant", ""),
+            device_authorization_endpoint=section.url("device_authorization_endpoint"),
+            token_endpoint=section.url("token_endpoint"),
+            scopes=section.text("scopes", ""),
+        )
     return MailServer(
         role=role,
         host=host,
         port=section.integer("port", port, minimum=1),
         security=section.security(host),
         username=section.text("username", ""),
-        password_file=(path.parent / password_file) if password_file else None,
+        password_file=resolved,
+        auth=auth,
+        oauth2=oauth2_settings if auth == "oauth2" else None,
     )
 
 
 def load_agent_config(path: Path) -> AgentConfig:
+    """Read and check agent.ini; the first problem is a one-line ConfigError."""
     parser = _read(path)
+    _check_keys(parser, path, AGENT_KEYS)
     agent = _Section(parser, path, "agent")
     imap_section = _Section(parser, path, "imap")
     imap_server = _mail_server(parser, path, "imap", 993)
     smtp = _mail_server(parser, path, "smtp", 587) if parser.has_section("smtp") else None
+    from_address = _Section(parser, path, "smtp").text("from_address", "") if smtp else ""
+    if from_address and "@" not in from_address:
+        raise ConfigError(
+            f"{path}: [smtp] from_address must be a mail address, got {from_address!r}"
+        )
     trigger = _Section(parser, path, "trigger") if parser.has_section("trigger") else None
     return AgentConfig(
         path=path,
@@ -194,11 +365,14 @@ def load_agent_config(path: Path) -> AgentConfig:
         smtp=smtp,
         trigger_max_age=trigger.integer("max_age", 900, minimum=1) if trigger else 900,
         trigger_min_interval=trigger.integer("min_interval", 30) if trigger else 30,
+        smtp_from_address=from_address,
     )
 
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """server.ini: every key ``server init`` writes (listeners empty = off)."""
+
     path: Path
     data_dir: Path
     hostname: str
@@ -206,13 +380,45 @@ class ServerConfig:
     default_window: int
     max_frame: int
     database: Path
+    smtp_listen: tuple[str, int] | None = None
+    submission_listen: tuple[str, int] | None = None
+    web_listen: tuple[str, int] | None = None
+    max_message_size: int = 25 * 1024 * 1024
+    max_unsynced: int = 1000
+    relay: MailServer | None = None
+
+
+def _check_data_dir(path: Path, raw: str, data_dir: Path) -> None:
+    """The CA, the server certificate and key must be in data_dir (``server init`` made them)."""
+    from imapsync_bridge.protocol import pki  # cryptography: only for server commands
+
+    where = f"{path}: [server] data_dir = {raw}"
+    if not data_dir.is_dir():
+        raise ConfigError(
+            f"{where}: {data_dir} is not a directory; point data_dir at the directory "
+            "`server init` made (relative paths are relative to server.ini)"
+        )
+    for name in (pki.CA_CRT, pki.CA_KEY, pki.SERVER_CRT, pki.SERVER_KEY):
+        if not (data_dir / name).is_file():
+            raise ConfigError(
+                f"{where}: {data_dir / name} is missing; point data_dir at the directory "
+                "`server init` made (relative paths are relative to server.ini)"
+            )
 
 
 def load_server_config(path: Path) -> ServerConfig:
+    """Read and check server.ini; the first problem is a one-line ConfigError."""
     parser = _read(path)
+    _check_keys(parser, path, SERVER_KEYS)
     server = _Section(parser, path, "server")
-    data_dir = path.parent / server.text("data_dir")
-    return ServerConfig(
+    raw_data_dir = server.text("data_dir")
+    data_dir = path.parent / raw_data_dir
+    relay = (
+        _mail_server(parser, path, "relay", 25, oauth2=False)
+        if parser.has_section("relay")
+        else None
+    )
+    config = ServerConfig(
         path=path,
         data_dir=data_dir,
         hostname=server.text("hostname"),
@@ -220,7 +426,15 @@ def load_server_config(path: Path) -> ServerConfig:
         default_window=server.integer("default_window", 50, minimum=1),
         max_frame=server.integer("max_frame", 64 * 1024 * 1024, minimum=4096),
         database=data_dir / "phone.sqlite3",
+        smtp_listen=server.listen("smtp_listen"),
+        submission_listen=server.listen("submission_listen"),
+        web_listen=server.listen("web_listen"),
+        max_message_size=server.integer("max_message_size", 25 * 1024 * 1024, minimum=1024),
+        max_unsynced=server.integer("max_unsynced", 1000, minimum=1),
+        relay=relay,
     )
+    _check_data_dir(path, raw_data_dir, data_dir)
+    return config
 
 
 def read_password_file(path: Path) -> str:

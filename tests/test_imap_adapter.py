@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 from datetime import UTC, datetime, timedelta, timezone
@@ -263,7 +264,8 @@ def test_summaries_of_8bit_nul_and_broken_mime_messages(dovecot, imap_user, mbox
     # the same key a second look (e.g. after a move) computes from the stored bytes
     assert mbox.locate("INBOX", newest.key) == [newest.uid]
     assert mbox.locate("INBOX", oldest.key) == [oldest.uid]
-    raw = mbox.fetch_raw(oldest.uid, 10_000)
+    raw = mbox.fetch_raws([oldest.uid], 10_000)[oldest.uid]
+    assert isinstance(raw, bytes)
     assert b"<broken.8bit@test.example.com>" in raw and b"caf\xe9" in raw
 
 
@@ -292,16 +294,16 @@ def test_locate_by_message_id_in_trash_confirms_the_header(dovecot, imap_user, m
     assert mbox.locate("INBOX", "<Case@Example.COM>") == []
 
 
-def test_fetch_raw_exact_bytes_limit_and_gone(dovecot, imap_user, mbox):
+def test_fetch_raws_exact_bytes_limit_and_gone(dovecot, imap_user, mbox):
     raw = dovecot.make_message(1)
     uid = dovecot.append(imap_user, raw, T0)
     mbox.select("INBOX")
-    assert mbox.fetch_raw(uid, len(raw)) == raw
+    assert mbox.fetch_raws([uid], len(raw)) == {uid: raw}
     assert mbox.flags([uid])[uid].seen is False  # BODY.PEEK
-    with pytest.raises(MessageError, match="larger"):
-        mbox.fetch_raw(uid, len(raw) - 1)
-    with pytest.raises(MessageError, match="no longer exists"):
-        mbox.fetch_raw(uid + 1, 10_000)
+    too_large = mbox.fetch_raws([uid], len(raw) - 1)[uid]
+    assert isinstance(too_large, MessageError) and re.search("larger", str(too_large))
+    gone = mbox.fetch_raws([uid + 1], 10_000)[uid + 1]
+    assert isinstance(gone, MessageError) and re.search("no longer exists", str(gone))
 
 
 # -- changing -----------------------------------------------------------------------------------
@@ -401,7 +403,7 @@ def test_append_keeps_internaldate_flags_and_returns_uid(dovecot, imap_user, mbo
     assert s.internaldate == datetime(2023, 12, 24, 23, 0, 5, tzinfo=UTC)
     assert s.flags == model.Flags(seen=True, flagged=False)
     assert s.key.startswith("<msg42.")
-    assert mbox.fetch_raw(uid, 100_000) == raw
+    assert mbox.fetch_raws([uid], 100_000) == {uid: raw}
     with pytest.raises(ValueError):
         mbox.append("INBOX", raw, datetime(2024, 1, 1), model.Flags())
 

@@ -56,7 +56,8 @@ class TLSServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ssl_object = writer.get_extra_info("ssl_object")
         serial = tls.peer_certificate_serial(ssl_object)
-        user = tls.peer_certificate_user(ssl_object)
+        der = ssl_object.getpeercert(binary_form=True)
+        user = pki.certificate_user(der) if der else None
         self.peers.append((serial, user))
         try:
             while True:

@@ -382,15 +382,6 @@ class ImapMailbox(ImapSession):
                         out.append(uid)
         return sorted(out)
 
-    def fetch_raw(self, uid: int, max_size: int) -> bytes:
-        """The whole message *uid* of the selected mailbox (``BODY.PEEK[]``: \\Seen is
-        not set). MessageError when it is gone or larger than *max_size* bytes; at most
-        ``max_size + 1`` bytes are transferred either way."""
-        result = self.fetch_raws([uid], max_size)[uid]
-        if isinstance(result, MessageError):
-            raise result
-        return result
-
     # -- changing ------------------------------------------------------------------------------
 
     def store_flags(

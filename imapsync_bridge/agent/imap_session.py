@@ -217,19 +217,14 @@ class ImapSession:
             raise ImapError(f"UID {command} failed: {text.decode('utf-8', 'replace')}")
         return text, imap.untagged_responses
 
-    def _fetch(
-        self, uid_set: str, items: str, modifiers: str | None = None
-    ) -> dict[int, dict[bytes, Any]]:
-        """``UID FETCH uid_set (items) [(modifiers)]`` keyed by UID.
+    def _fetch(self, uid_set: str, items: str) -> dict[int, dict[bytes, Any]]:
+        """``UID FETCH uid_set (items)`` keyed by UID.
 
         Not imapclient's ``fetch()``: in 4.1.0 it cannot take ``1:*`` (it runs
         ``int()`` over the set to drop unsolicited responses). Unsolicited FETCH
         responses without a UID are dropped here instead.
         """
-        args = [uid_set, f"({items})"]
-        if modifiers:
-            args.append(f"({modifiers})")
-        _text, untagged = self._uid_command("FETCH", *args)
+        _text, untagged = self._uid_command("FETCH", uid_set, f"({items})")
         data = untagged.pop("FETCH", [])
         if not data:
             return {}

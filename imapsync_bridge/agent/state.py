@@ -22,30 +22,58 @@ from typing import Any
 from imapsync_bridge.errors import StoreError
 from imapsync_bridge.model import Flags, LedgerEntry, QuarantinedMessage, Where
 
+# PRAGMA user_version of the state file. 0 is a new, empty file; each later version has
+# its statements in _MIGRATIONS. A file newer than this program is refused (see _migrate).
 SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS ledger (
-    key TEXT PRIMARY KEY,
-    desktop TEXT NOT NULL,
-    phone TEXT NOT NULL,
-    seen INTEGER NOT NULL,
-    flagged INTEGER NOT NULL,
-    uid INTEGER,
-    internaldate TEXT
-);
-CREATE TABLE IF NOT EXISTS outgoing (
-    seq INTEGER PRIMARY KEY,
-    op TEXT NOT NULL,
-    raw BLOB
-);
-CREATE TABLE IF NOT EXISTS quarantine (
-    key TEXT PRIMARY KEY,
-    uid INTEGER,
-    reason TEXT NOT NULL,
-    since TEXT NOT NULL
-);
-"""
+_SCHEMA_V1 = (
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS ledger (
+        key TEXT PRIMARY KEY,
+        desktop TEXT NOT NULL,
+        phone TEXT NOT NULL,
+        seen INTEGER NOT NULL,
+        flagged INTEGER NOT NULL,
+        uid INTEGER,
+        internaldate TEXT
+    )""",
+    """CREATE TABLE IF NOT EXISTS outgoing (
+        seq INTEGER PRIMARY KEY,
+        op TEXT NOT NULL,
+        raw BLOB
+    )""",
+    """CREATE TABLE IF NOT EXISTS quarantine (
+        key TEXT PRIMARY KEY,
+        uid INTEGER,
+        reason TEXT NOT NULL,
+        since TEXT NOT NULL
+    )""",
+)
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SCHEMA_V1}  # target version -> statements
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    """Bring the state file to SCHEMA_VERSION in one transaction; refuse a newer one.
+
+    A newer file was written by a newer imapsync-bridge: this one cannot know what its
+    tables mean, and writing to it could lose pending actions, so it stops instead.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path}: agent state version {version} was written by a newer "
+                f"imapsync-bridge (this one reads up to version {SCHEMA_VERSION}); "
+                "upgrade imapsync-bridge"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[target]:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version={int(target)}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 @dataclass(frozen=True)
@@ -62,13 +90,19 @@ class AgentState:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: cannot open agent state: {exc}") from None
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: an acknowledged action must never reappear after a power loss.
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            _migrate(self._db, path)
         except sqlite3.Error as exc:
+            self._db.close()
             raise StoreError(f"{path}: cannot open agent state: {exc}") from None
+        except StoreError:
+            self._db.close()
+            raise
         self.path = path
 
     def close(self) -> None:

@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.x509 import verification
 
 from imapsync_bridge.errors import AuthError, ConfigError, ConnectionLost
-from imapsync_bridge.protocol.pki import PemLike, certificate_user, host_name, load_certificate
+from imapsync_bridge.protocol.pki import PemLike, host_name, load_certificate
 
 PathLike = str | os.PathLike[str]
 
@@ -152,12 +152,6 @@ def peer_certificate_serial(ssl_object: ssl.SSLSocket | ssl.SSLObject | None) ->
     if not der:
         return None
     return x509.load_der_x509_certificate(der).serial_number
-
-
-def peer_certificate_user(ssl_object: ssl.SSLSocket | ssl.SSLObject | None) -> str | None:
-    """CN of the peer's certificate (the user it was issued to), or None."""
-    der = _peer_der(ssl_object)
-    return certificate_user(der) if der else None
 
 
 def connect(

@@ -15,9 +15,9 @@ contract. Portability notes (for a later PostgreSQL backend):
 
 from __future__ import annotations
 
-import base64
 import binascii
-import quopri
+import email.errors
+import email.header
 import re
 import sqlite3
 from dataclasses import dataclass, field
@@ -210,9 +210,9 @@ def _utc(moment: datetime) -> datetime:
 
 MAX_HEADER_BLOCK = 256 * 1024
 MAX_TEXT = 998
-_WORD = r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?="
+# An RFC 2047 encoded word: email.header's own pattern (``ecre``, undocumented) without
+# whitespace inside a word, as RFC 2047 requires; groups: charset, encoding, payload.
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
-_BETWEEN_WORDS = re.compile(rf"({_WORD})\s+(?={_WORD})")
 _CONTROL = re.compile(r"[\x01-\x1f\x7f]+")
 _SPACES = re.compile(r"\s+")
 
@@ -237,9 +237,7 @@ def parse_summary(raw: bytes) -> tuple[str, str]:
 def _display(value: str) -> str:
     """One raw header value (8-bit bytes as surrogate escapes) as clean one-line text."""
     try:
-        text = _bytes_text(value.encode("ascii", "surrogateescape"), None)
-        text = _BETWEEN_WORDS.sub(r"\1", text)  # RFC 2047: space between words is dropped
-        text = _ENCODED_WORD.sub(_decode_word, text)
+        text = _decode_words(_bytes_text(value.encode("ascii", "surrogateescape"), None))
         text = text.replace("\x00", "")
         text = _CONTROL.sub(" ", text)
         return _SPACES.sub(" ", text).strip()[:MAX_TEXT]
@@ -247,23 +245,44 @@ def _display(value: str) -> str:
         return ""
 
 
-def _decode_word(found: re.Match[str]) -> str:
-    charset, encoding, payload = found.group(1), found.group(2).lower(), found.group(3)
+def _decode_words(text: str) -> str:
+    """RFC 2047 encoded words decoded by :mod:`email.header`, one word at a time.
+
+    ``decode_header`` over the whole value would let one bad word spoil the rest (an
+    unknown charset or a truncated UTF-8 sequence raises for all of it) and silently drops
+    a B word that is not base64 at all; so the value is split into encoded words, each
+    is decoded by ``decode_header``, and a word it cannot decode is shown as it came.
+    Whitespace between two words is dropped (RFC 2047 6.2).
+    """
+    parts = _ENCODED_WORD.split(text)  # [text, charset, encoding, payload, text, ...]
+    out = [parts[0]]
+    for i in range(1, len(parts) - 1, 4):
+        charset, encoding, payload, between = parts[i : i + 4]
+        out.append(_decode_word(f"=?{charset}?{encoding}?{payload}?=", encoding, payload))
+        followed_by_word = i + 4 < len(parts)
+        out.append("" if followed_by_word and not between.strip() else between)
+    return "".join(out)
+
+
+def _decode_word(word: str, encoding: str, payload: str) -> str:
+    if encoding in "bB":
+        try:  # decode_header ignores characters outside the alphabet: "!!!" would be ""
+            binascii.a2b_base64(payload + "=" * (-len(payload) % 4), strict_mode=True)
+        except binascii.Error:
+            return word
     try:
-        data = payload.encode("utf-8")
-        if encoding == "b":
-            data = base64.b64decode(data + b"=" * (-len(data) % 4), validate=True)
-        else:
-            data = quopri.decodestring(data.replace(b"_", b" "), header=True)
-        return _bytes_text(data, charset.split("*", 1)[0])  # RFC 2231 language suffix
-    except (ValueError, binascii.Error):
-        return found.group(0)  # broken word: shown as it came
+        decoded = email.header.decode_header(word)
+    except email.errors.HeaderParseError:
+        return word
+    return "".join(
+        _bytes_text(data, charset) if isinstance(data, bytes) else data for data, charset in decoded
+    )
 
 
 def _bytes_text(data: bytes, charset: str | None) -> str:
     if charset and charset.lower() not in ("unknown-8bit", "x-unknown"):
         try:
-            return data.decode(charset)
+            return data.decode(charset.split("*", 1)[0])  # RFC 2231 language suffix
         except (LookupError, UnicodeDecodeError):
             pass
     try:
