@@ -35,7 +35,7 @@ from imapsync_bridge.model import (
     Where,
     message_id_of,
 )
-from imapsync_bridge.protocol import framing
+from imapsync_bridge.protocol import schema
 from imapsync_bridge.sync.breaker import check_mass_delete
 from imapsync_bridge.sync.ledger import prune
 from imapsync_bridge.sync.merge import MergePlan, keys_in_scope, merge
@@ -148,17 +148,17 @@ def phone_op(action: PhoneAction, planned_at: int = 0) -> dict[str, Any]:
     raise TypeError(f"unknown phone action {action!r}")
 
 
-def phone_facts(snapshot: dict[str, Any]) -> dict[str, PhoneFact]:
-    restored = set(snapshot["restored"])
+def phone_facts(snapshot: schema.Snapshot) -> dict[str, PhoneFact]:
+    restored = set(snapshot.restored)
     return {
-        m["key"]: PhoneFact(
-            Where(m["folder"]),
-            Flags(m["seen"], m["flagged"]),
-            m["id"],
-            datetime.fromisoformat(m["internaldate"]),
-            restored=m["key"] in restored,
+        m.key: PhoneFact(
+            Where(m.folder),
+            Flags(m.seen, m.flagged),
+            m.id,
+            m.internaldate,
+            restored=m.key in restored,
         )
-        for m in snapshot["messages"]
+        for m in snapshot.messages
     }
 
 
@@ -186,9 +186,9 @@ class SyncSession:
         self.state.skip_sequence_past(self.link.last_seq)
         if snapshot is None:
             self._resend(journal)
-            snapshot = self.link.request({"type": "snapshot"}, "snapshot")
-        window = snapshot["window"]
-        self._planned_at = snapshot["action_seq"]  # the phone's state the plan starts from
+            snapshot = self.link.snapshot()
+        window = snapshot.window
+        self._planned_at = snapshot.action_seq  # the phone's state the plan starts from
 
         before_status = self.desktop.status()
         if self._nothing_changed(last, snapshot, before_status) and (
@@ -204,9 +204,9 @@ class SyncSession:
 
         ledger = self._ledger_for(last, before_status)
         phone = phone_facts(snapshot)
-        scope = keys_in_scope(ledger, phone, snapshot["destroyed"])
+        scope = keys_in_scope(ledger, phone, snapshot.destroyed)
         facts = self.desktop.facts(scope, ledger, _uidnext_since(last, before_status))
-        plan = merge(ledger, facts, phone, snapshot["destroyed"])
+        plan = merge(ledger, facts, phone, snapshot.destroyed)
         if not self.options.allow_mass_delete:
             check_mass_delete(plan.desktop_deletions, window, self.options.mass_delete_share)
 
@@ -227,9 +227,9 @@ class SyncSession:
                 added_since = _only_added_since(last, before_status, plan.ledger)
             ledger = self._normalize_and_pull(ledger, window, held, added_since)
         # A held message's tombstone or restore must survive until its action succeeds.
-        keep_actions = held & (set(snapshot["destroyed"]) | set(snapshot["restored"]))
-        if snapshot["action_seq"] and not keep_actions:
-            self.link.request({"type": "ack_actions", "up_to": snapshot["action_seq"]}, "ok")
+        keep_actions = held & (set(snapshot.destroyed) | set(snapshot.restored))
+        if snapshot.action_seq and not keep_actions:
+            self.link.ack_actions(snapshot.action_seq)
         self.report.seconds = time.monotonic() - started
         meta = _done_meta()
         meta.update(
@@ -243,7 +243,7 @@ class SyncSession:
         )
         ledger = prune(ledger, keep=max(4 * window, LEDGER_RECORD))
         self.state.commit_session(ledger, meta, self.report.quarantined, self._acked)
-        self.link.request({"type": "complete", "summary": self.report.summary()}, "ok")
+        self.link.complete(self.report.summary())
         return self.report
 
     # -- steps -----------------------------------------------------------------------
@@ -280,13 +280,13 @@ class SyncSession:
         return ledger, held
 
     def _nothing_changed(
-        self, last: LastSession, snapshot: dict[str, Any], status: DesktopStatus
+        self, last: LastSession, snapshot: schema.Snapshot, status: DesktopStatus
     ) -> bool:
         return (
-            not snapshot["action_seq"]
-            and not snapshot["destroyed"]
+            not snapshot.action_seq
+            and not snapshot.destroyed
             and not last.held  # an action failed last time: try it again
-            and last.window == snapshot["window"]
+            and last.window == snapshot.window
             and last.status == status
         )
 
@@ -364,8 +364,7 @@ class SyncSession:
         self._acked = max(self._acked, seq)
 
     def _fetch_from_phone(self, key: str) -> bytes:
-        frame = self.link.request({"type": "fetch", "key": key}, "message")
-        return framing.b64decode_field(frame["raw"], "raw")
+        return self.link.fetch(key)
 
     def _quarantine(self, key: str, uid: int | None, reason: str) -> None:
         log.warning("quarantined %s (uid %s): %s", key, uid, reason)
