@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -95,15 +94,15 @@ class ServerLink:
         came within ``timeout`` seconds. A reply nobody asked for is a ProtocolError."""
         if self._notices:
             return self._notices.popleft()
-        deadline = time.monotonic() + timeout
-        while framing.readable(self._sock, deadline - time.monotonic()):
-            frame = self._read()
-            if isinstance(frame, schema.Changed | schema.Heartbeat):
-                return frame
-            if isinstance(frame, schema.Error):
-                raise _server_error(frame)
-            raise ProtocolError(f"unexpected '{schema.frame_type(frame)}' frame from the server")
-        return None
+        body = framing.read_payload_within(self._sock, timeout, self._max_frame)
+        if body is None:
+            return None
+        frame = schema.decode_to_agent(body)
+        if isinstance(frame, schema.Changed | schema.Heartbeat):
+            return frame
+        if isinstance(frame, schema.Error):
+            raise _server_error(frame)
+        raise ProtocolError(f"unexpected '{schema.frame_type(frame)}' frame from the server")
 
     def heartbeat(self) -> None:
         """Check the server is there: send a heartbeat, wait for one back (within the

@@ -26,7 +26,6 @@ import asyncio
 import base64
 import binascii
 import json
-import select
 import socket
 import ssl
 import struct
@@ -155,7 +154,13 @@ def _translate_ssl(exc: ssl.SSLError, doing: str) -> Exception:
     return ConnectionLost(f"TLS error while {doing}: {exc.reason or exc}")
 
 
-def _recv_exactly(sock: socket.socket, size: int, doing: str, started: bool) -> bytearray:
+class _Idle(Exception):
+    """No byte of a frame arrived in time (only with ``idle_ok``)."""
+
+
+def _recv_exactly(
+    sock: socket.socket, size: int, doing: str, started: bool, idle_ok: bool = False
+) -> bytearray:
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
@@ -171,6 +176,8 @@ def _recv_exactly(sock: socket.socket, size: int, doing: str, started: bool) -> 
                 )
             got += n
     except TimeoutError:  # socket.timeout is TimeoutError since Python 3.10
+        if idle_ok and got == 0:
+            raise _Idle from None
         raise ConnectionLost(f"timed out while {doing}") from None
     except ssl.SSLError as exc:
         raise _translate_ssl(exc, doing) from None
@@ -190,16 +197,23 @@ def read_payload(sock: socket.socket, max_size: int = MAX_FRAME) -> bytearray:
     return _recv_exactly(sock, length, "reading the frame body", started=True)
 
 
-def readable(sock: socket.socket, timeout: float) -> bool:
-    """Whether data (a frame, or TLS bytes to unwrap) is there within ``timeout`` s."""
-    pending = getattr(sock, "pending", None)
-    if pending is not None and pending():
-        return True
+def read_payload_within(
+    sock: socket.socket, timeout: float, max_size: int = MAX_FRAME
+) -> bytearray | None:
+    """Like :func:`read_payload`, but None when no frame starts within ``timeout``
+    seconds (the stream stays in step); once a frame has started, the socket's own
+    timeout applies to the rest of it."""
+    saved = sock.gettimeout()
+    sock.settimeout(max(timeout, 0.001))
     try:
-        ready, _, _ = select.select([sock], [], [], max(timeout, 0.0))
-    except (OSError, ValueError) as exc:  # ValueError: a closed socket (fd -1)
-        raise ConnectionLost(f"connection error while waiting for a frame: {exc}") from None
-    return bool(ready)
+        header = _recv_exactly(sock, HEADER_SIZE, "reading the frame header", False, idle_ok=True)
+    except _Idle:
+        return None
+    finally:
+        sock.settimeout(saved)
+    (length,) = _HEADER.unpack(header)
+    _check_length(length, max_size)
+    return _recv_exactly(sock, length, "reading the frame body", started=True)
 
 
 def read_frame(sock: socket.socket, max_size: int = MAX_FRAME) -> dict[str, Any]:
