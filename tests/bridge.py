@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -29,8 +29,25 @@ from dovecot import Dovecot
 
 from imapsync_bridge import cli
 from imapsync_bridge.config import load_server_config
-from imapsync_bridge.server.app import init_server, serve
-from imapsync_bridge.server.listener import FrameObserver
+from imapsync_bridge.protocol import schema
+from imapsync_bridge.server.app import Running, init_server, serve
+from imapsync_bridge.server.listener import SyncListener, SyncSessionHandler
+
+# Called with (user, frame as plain JSON values) before the server handles each frame.
+FrameObserver = Callable[[str | None, dict[str, Any]], None]
+
+
+def observed_handler(observer: FrameObserver) -> type[SyncSessionHandler]:
+    """A session handler that shows each frame to ``observer`` first (fault tests kill
+    or hold the agent there); it runs in the listener's worker thread."""
+
+    class Observed(SyncSessionHandler):
+        def handle(self, frame: schema.ToServer) -> schema.Frame | None:
+            observer(self.user, schema.to_builtins(frame))
+            return super().handle(frame)
+
+    return Observed
+
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,12 +76,13 @@ class Mail:
 
 
 class ServerThread:
-    """`server run`'s listener in a thread, stoppable, with a frame observer for fault tests."""
+    """`server run` in a thread, stoppable, with a frame observer for fault tests."""
 
     def __init__(self, ini: Path, observer: FrameObserver | None = None) -> None:
         self.config = load_server_config(ini)
         self.observer = observer
         self.port = 0
+        self.sync: SyncListener | None = None
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -75,12 +93,7 @@ class ServerThread:
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
-            await serve(
-                self.config,
-                stop=self._stop,
-                on_listening=self._listening,
-                observer=self.observer,
-            )
+            await serve(self.config, stop=self._stop, ready=self._listening)
 
         try:
             # asyncio.run cancels and awaits whatever is left before closing the loop:
@@ -90,9 +103,17 @@ class ServerThread:
             self._error = exc
             self._ready.set()
 
-    def _listening(self, port: int) -> None:
-        self.port = port
+    def _listening(self, running: Running) -> None:
+        self.sync = running.sync
+        if self.observer is not None:
+            self.sync.handler_class = observed_handler(self.observer)
+        self.port = running.ports["sync"]
         self._ready.set()
+
+    def call(self, coroutine: Any, timeout: float = 10) -> Any:
+        """Run a coroutine on the server's event loop (e.g. ``sync.push(...)``)."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def start(self) -> ServerThread:
         self._thread.start()

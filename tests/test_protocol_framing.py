@@ -249,3 +249,25 @@ def test_async_timeout_is_connection_lost():
     got = _server_result(b"\x00", close=False, timeout=0.2)
     assert isinstance(got["error"], ConnectionLost)
     assert "timed out" in str(got["error"])
+
+
+# --------------------------------------------------------------------------- payloads
+
+
+def test_payload_round_trip_and_limit(pair):
+    a, b = pair
+    framing.write_payload(a, b'{"type":"ok"}')
+    assert framing.read_payload(b) == b'{"type":"ok"}'
+    with pytest.raises(FrameTooLarge):
+        framing.write_payload(a, b"x" * 101, max_size=100)
+    a.sendall(struct.pack(">I", 1000))
+    with pytest.raises(FrameTooLarge, match="1000 bytes"):
+        framing.read_payload(b, max_size=100)
+
+
+def test_waiting_for_a_frame_that_does_not_come_keeps_the_stream_in_step(pair):
+    a, b = pair
+    assert framing.read_payload_within(b, 0.1) is None
+    assert b.gettimeout() == 5  # the socket's own timeout is back
+    framing.write_payload(a, b"late")
+    assert framing.read_payload_within(b, 5) == b"late"

@@ -12,7 +12,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from imapsync_bridge.agent.state import PendingOp
 from imapsync_bridge.errors import AuthError, PeerClosed, ProtocolError
@@ -23,12 +23,22 @@ AGENT_KEY, AGENT_CRT, SERVER_CA = "agent.key", "agent.crt", "server-ca.crt"
 OPS_PER_BATCH = 64  # ops per "ops" frame (the schema allows up to 256)
 BATCH_BYTES = 8 * 1024 * 1024  # message bytes per batch, before base64
 BATCHES_IN_FLIGHT = 4
+R = TypeVar("R", bound=schema.Frame)
 
 
 class ServerLink:
+    """Typed frames over one blocking TLS socket.
+
+    The server may send notices nobody asked for (:data:`schema.Notice`: ``changed``,
+    ``heartbeat``) at any time after ``welcome``. While a request waits for its reply,
+    heartbeats are skipped and ``changed`` notices are queued; :meth:`wait_notice` hands
+    them out (or waits for the next one).
+    """
+
     def __init__(self, sock: ssl.SSLSocket, max_frame: int = framing.MAX_FRAME) -> None:
         self._sock = sock
         self._max_frame = max_frame
+        self._notices: deque[schema.Changed] = deque()
         self.user = ""
         self.last_seq = 0
 
@@ -50,31 +60,64 @@ class ServerLink:
         self.close()
 
     # -- frames ----------------------------------------------------------------------
-    def send(self, frame: dict[str, Any]) -> None:
-        framing.write_frame(self._sock, frame)
+    def send(self, frame: schema.Frame) -> None:
+        framing.write_payload(self._sock, schema.encode(frame), self._max_frame)
 
-    def receive(self, expected: str) -> dict[str, Any]:
-        frame = schema.validate(framing.read_frame(self._sock, self._max_frame), "to_agent")
-        if frame["type"] == "error":
-            raise _server_error(frame)
-        if frame["type"] != expected:
-            raise ProtocolError(f"expected a '{expected}' frame, got '{frame['type']}'")
-        return frame
+    def _read(self) -> schema.ToAgent:
+        return schema.decode_to_agent(framing.read_payload(self._sock, self._max_frame))
 
-    def request(self, frame: dict[str, Any], expected: str) -> dict[str, Any]:
+    def receive(self, expected: type[R]) -> R:
+        """The next reply, which must be an ``expected`` frame (an ``error`` frame is
+        raised); notices arriving meanwhile are skipped or queued."""
+        while True:
+            frame = self._read()
+            if isinstance(frame, expected):
+                return frame
+            if isinstance(frame, schema.Error):
+                raise _server_error(frame)
+            if isinstance(frame, schema.Heartbeat):
+                continue
+            if isinstance(frame, schema.Changed):
+                self._notices.append(frame)
+                continue
+            raise ProtocolError(
+                f"expected a '{schema.frame_type(expected)}' frame, "
+                f"got '{schema.frame_type(frame)}'"
+            )
+
+    def request(self, frame: schema.Frame, expected: type[R]) -> R:
         self.send(frame)
         return self.receive(expected)
 
+    def wait_notice(self, timeout: float) -> schema.Notice | None:
+        """The next unsolicited frame (a queued ``changed`` first), or None when none
+        came within ``timeout`` seconds. A reply nobody asked for is a ProtocolError."""
+        if self._notices:
+            return self._notices.popleft()
+        body = framing.read_payload_within(self._sock, timeout, self._max_frame)
+        if body is None:
+            return None
+        frame = schema.decode_to_agent(body)
+        if isinstance(frame, schema.Changed | schema.Heartbeat):
+            return frame
+        if isinstance(frame, schema.Error):
+            raise _server_error(frame)
+        raise ProtocolError(f"unexpected '{schema.frame_type(frame)}' frame from the server")
+
+    def heartbeat(self) -> None:
+        """Check the server is there: send a heartbeat, wait for one back (within the
+        socket's timeout, else ConnectionLost)."""
+        self.request(schema.Heartbeat(), schema.Heartbeat)
+
     # -- session steps -----------------------------------------------------------------
-    def hello(self, agent_instance: str, with_snapshot: bool = False) -> dict[str, Any] | None:
+    def hello(self, agent_instance: str, with_snapshot: bool = False) -> schema.Snapshot | None:
         """Start the session; ``with_snapshot`` asks for the snapshot in the same round
         trip (when there is no journal to resend first) and returns it."""
-        hello = {"type": "hello", "protocol": schema.PROTOCOL_VERSION, "agent": agent_instance}
         try:
-            self.send(hello)
+            self.send(schema.Hello(protocol=schema.PROTOCOL_VERSION, agent=agent_instance))
             if with_snapshot:
-                self.send({"type": "snapshot"})
-            welcome = self.receive("welcome")
+                self.send(schema.SnapshotRequest())
+            welcome = self.receive(schema.Welcome)
         except PeerClosed:
             # Under TLS 1.3 the server checks our certificate after our side of the
             # handshake is done, and a refused client is dropped without an alert.
@@ -83,8 +126,20 @@ class ServerLink:
                 "refused this agent's certificate (issued by another server, expired or "
                 "revoked); pair the agent again"
             ) from None
-        self.user, self.last_seq = welcome["user"], welcome["last_seq"]
-        return self.receive("snapshot") if with_snapshot else None
+        self.user, self.last_seq = welcome.user, welcome.last_seq
+        return self.receive(schema.Snapshot) if with_snapshot else None
+
+    def snapshot(self) -> schema.Snapshot:
+        return self.request(schema.SnapshotRequest(), schema.Snapshot)
+
+    def fetch(self, key: str) -> bytes:
+        return self.request(schema.Fetch(key=key), schema.Message).raw
+
+    def ack_actions(self, up_to: int) -> None:
+        self.request(schema.AckActions(up_to=up_to), schema.Ok)
+
+    def complete(self, summary: dict[str, object]) -> None:
+        self.request(schema.Complete(summary=summary), schema.Ok)
 
     def send_ops(self, ops: Sequence[PendingOp], on_acked: Callable[[int], None]) -> None:
         """Send ops in batches, up to BATCHES_IN_FLIGHT of them unacknowledged.
@@ -97,21 +152,18 @@ class ServerLink:
         while queue or in_flight:
             while queue and len(in_flight) < BATCHES_IN_FLIGHT:
                 batch = queue.popleft()
-                self.send({"type": "ops", "ops": [_wire(pending) for pending in batch]})
+                self.send(schema.Ops(ops=[_wire(pending) for pending in batch]))
                 in_flight.append(batch[-1].seq)
-            frame = self.receive("acked")
-            if frame["up_to"] != in_flight[0]:
+            frame = self.receive(schema.Acked)
+            if frame.up_to != in_flight[0]:
                 raise ProtocolError(
-                    f"expected the ack of ops up to {in_flight[0]}, got {frame['up_to']}"
+                    f"expected the ack of ops up to {in_flight[0]}, got {frame.up_to}"
                 )
             on_acked(in_flight.popleft())
 
 
-def _wire(pending: PendingOp) -> dict[str, Any]:
-    op = dict(pending.op)
-    if pending.raw is not None:
-        op["raw"] = framing.b64encode_bytes(pending.raw)
-    return {"seq": pending.seq, "op": op}
+def _wire(pending: PendingOp) -> schema.OpItem:
+    return schema.OpItem(seq=pending.seq, op=schema.op_from_journal(pending.op, pending.raw))
 
 
 def _batches(ops: Sequence[PendingOp]) -> list[list[PendingOp]]:
@@ -128,8 +180,8 @@ def _batches(ops: Sequence[PendingOp]) -> list[list[PendingOp]]:
     return batches
 
 
-def _server_error(frame: dict[str, Any]) -> Exception:
-    message = f"server: {frame['message']} ({frame['code']})"
-    if frame["code"] == "unauthenticated":
+def _server_error(frame: schema.Error) -> Exception:
+    message = f"server: {frame.message} ({frame.code})"
+    if frame.code == "unauthenticated":
         return AuthError(message)
     return ProtocolError(message)

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from imapsync_bridge.agent.link import AGENT_CRT, AGENT_KEY, SERVER_CA, ServerLink
-from imapsync_bridge.protocol import pki, tls
+from imapsync_bridge.protocol import pki, schema, tls
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def pair(host: str, port: int, code: str, state_dir: Path, timeout: float = 30.0
 
     probe = tls.connect(host, port, tls.pairing_probe_context(), timeout)
     with ServerLink(probe) as link:
-        ca_pem = link.request({"type": "ca"}, "ca_cert")["pem"]
+        ca_pem = link.request(schema.CaRequest(), schema.CaCert).pem
         pki.check_ca_fingerprint(ca_pem, fp_prefix)
         tls.verify_leaf_issued_by(probe.getpeercert(binary_form=True), ca_pem, host)
 
@@ -34,8 +34,8 @@ def pair(host: str, port: int, code: str, state_dir: Path, timeout: float = 30.0
     key_pem, csr_pem = pki.make_key_and_csr("agent")
     sock = tls.connect(host, port, tls.server_verifying_context(ca_path), timeout)
     with ServerLink(sock) as link:
-        paired = link.request({"type": "pair", "code": code, "csr": csr_pem}, "paired")
+        paired = link.request(schema.Pair(code=code, csr=csr_pem), schema.Paired)
     pki.write_private(state_dir / AGENT_KEY, key_pem)
-    pki.write_public(state_dir / AGENT_CRT, paired["certificate"])
-    log.info("paired as %s with %s:%s", paired["user"], host, port)
-    return str(paired["user"])
+    pki.write_public(state_dir / AGENT_CRT, paired.certificate)
+    log.info("paired as %s with %s:%s", paired.user, host, port)
+    return paired.user

@@ -21,7 +21,7 @@ from imapsync_bridge.agent.desktop import DesktopSide
 from imapsync_bridge.agent.link import ServerLink
 from imapsync_bridge.agent.state import AgentState, PendingOp
 from imapsync_bridge.model import DesktopStatus, Flags, PhoneFact, Where, message_id_of
-from imapsync_bridge.protocol import framing
+from imapsync_bridge.protocol import schema
 from imapsync_bridge.sync.ops import (
     DestroyOnPhone,
     EvictFromPhone,
@@ -102,27 +102,27 @@ def phone_op(action: PhoneAction, planned_at: int = 0) -> dict[str, Any]:
     raise TypeError(f"unknown phone action {action!r}")
 
 
-def phone_facts(snapshot: dict[str, Any]) -> dict[str, PhoneFact]:
-    restored = set(snapshot["restored"])
+def phone_facts(snapshot: schema.Snapshot) -> dict[str, PhoneFact]:
+    restored = set(snapshot.restored)
     return {
-        m["key"]: PhoneFact(
-            Where(m["folder"]),
-            Flags(m["seen"], m["flagged"]),
-            m["id"],
-            datetime.fromisoformat(m["internaldate"]),
-            restored=m["key"] in restored,
+        m.key: PhoneFact(
+            Where(m.folder),
+            Flags(m.seen, m.flagged),
+            m.id,
+            m.internaldate,
+            restored=m.key in restored,
         )
-        for m in snapshot["messages"]
+        for m in snapshot.messages
     }
 
 
-def phone_snapshot(snapshot: dict[str, Any]) -> PhoneSnapshot:
+def phone_snapshot(snapshot: schema.Snapshot) -> PhoneSnapshot:
     return PhoneSnapshot(
-        window=snapshot["window"],
+        window=snapshot.window,
         facts=phone_facts(snapshot),
-        destroyed=list(snapshot["destroyed"]),
-        restored=list(snapshot["restored"]),
-        action_seq=snapshot["action_seq"],
+        destroyed=list(snapshot.destroyed),
+        restored=list(snapshot.restored),
+        action_seq=snapshot.action_seq,
     )
 
 
@@ -148,7 +148,7 @@ class SyncSession:
         self.state.skip_sequence_past(self.link.last_seq)
         if snapshot is None:
             self._resend(journal)
-            snapshot = self.link.request({"type": "snapshot"}, "snapshot")
+            snapshot = self.link.snapshot()
         flow = session(last, phone_snapshot(snapshot), self.options)
         answer: Any = None
         try:
@@ -158,7 +158,7 @@ class SyncSession:
             report: SessionReport = done.value
         report.seconds = time.monotonic() - started
         if not report.fast_path:
-            self.link.request({"type": "complete", "summary": report.summary()}, "ok")
+            self.link.complete(report.summary())
         return report
 
     def _carry_out(self, step: Step) -> Any:
@@ -195,7 +195,7 @@ class SyncSession:
         if isinstance(step, FetchRaws):
             return self.desktop.fetch_raws(step.uids, step.max_size)
         if isinstance(step, AcknowledgePhone):
-            self.link.request({"type": "ack_actions", "up_to": step.up_to}, "ok")
+            self.link.ack_actions(step.up_to)
             return None
         if isinstance(step, NothingToDo):
             self.state.set_many(self._done_meta(), durable=False)
@@ -243,5 +243,4 @@ class SyncSession:
         self._acked = max(self._acked, seq)
 
     def _fetch_from_phone(self, key: str) -> bytes:
-        frame = self.link.request({"type": "fetch", "key": key}, "message")
-        return framing.b64decode_field(frame["raw"], "raw")
+        return self.link.fetch(key)

@@ -1,5 +1,9 @@
 """Frames of the sync protocol: a 4-byte big-endian length, then one UTF-8 JSON object.
 
+Two layers: ``*_payload`` functions move frame bodies (bytes) and are what the agent and
+the server use, with the typed frames of :mod:`imapsync_bridge.protocol.schema` as the
+codec; ``*_frame`` functions add a generic JSON-object codec on top (tests, raw peers).
+
 Both ends bound what they accept: a reader refuses a length over ``max_size`` *before*
 reading (or allocating) the body, so a hostile or broken peer cannot make us buffer more
 than the limit. Writers refuse to send a frame the peer would refuse anyway.
@@ -13,7 +17,7 @@ Errors are translated at this edge (see :mod:`imapsync_bridge.errors`):
   the server checks the client certificate after the client has finished its handshake,
   so the agent learns about a refused certificate on its first read).
 
-Frame contents are checked separately, by :func:`imapsync_bridge.protocol.schema.validate`.
+Frame contents are checked by the typed decoders of :mod:`imapsync_bridge.protocol.schema`.
 """
 
 from __future__ import annotations
@@ -48,6 +52,13 @@ _CERT_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED")
 # --------------------------------------------------------------------------- encoding
 
 
+def encode_payload(payload: bytes, max_size: int = MAX_FRAME) -> bytes:
+    """Header + body. FrameTooLarge when the body exceeds ``max_size``."""
+    if len(payload) > max_size:
+        raise FrameTooLarge(f"frame of {len(payload)} bytes exceeds the limit of {max_size}")
+    return _HEADER.pack(len(payload)) + payload
+
+
 def encode_frame(obj: dict[str, Any], max_size: int = MAX_FRAME) -> bytes:
     """Header + body of one frame. FrameTooLarge when the body exceeds ``max_size``."""
     if not isinstance(obj, dict):
@@ -57,9 +68,7 @@ def encode_frame(obj: dict[str, Any], max_size: int = MAX_FRAME) -> bytes:
         payload = body.encode("utf-8")
     except (TypeError, ValueError) as exc:  # includes UnicodeEncodeError (lone surrogates)
         raise ProtocolError(f"frame cannot be encoded as JSON: {exc}") from None
-    if len(payload) > max_size:
-        raise FrameTooLarge(f"frame of {len(payload)} bytes exceeds the limit of {max_size}")
-    return _HEADER.pack(len(payload)) + payload
+    return encode_payload(payload, max_size)
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -145,7 +154,13 @@ def _translate_ssl(exc: ssl.SSLError, doing: str) -> Exception:
     return ConnectionLost(f"TLS error while {doing}: {exc.reason or exc}")
 
 
-def _recv_exactly(sock: socket.socket, size: int, doing: str, started: bool) -> bytearray:
+class _Idle(Exception):
+    """No byte of a frame arrived in time (only with ``idle_ok``)."""
+
+
+def _recv_exactly(
+    sock: socket.socket, size: int, doing: str, started: bool, idle_ok: bool = False
+) -> bytearray:
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
@@ -161,6 +176,8 @@ def _recv_exactly(sock: socket.socket, size: int, doing: str, started: bool) -> 
                 )
             got += n
     except TimeoutError:  # socket.timeout is TimeoutError since Python 3.10
+        if idle_ok and got == 0:
+            raise _Idle from None
         raise ConnectionLost(f"timed out while {doing}") from None
     except ssl.SSLError as exc:
         raise _translate_ssl(exc, doing) from None
@@ -171,18 +188,47 @@ def _recv_exactly(sock: socket.socket, size: int, doing: str, started: bool) -> 
     return buf
 
 
-def read_frame(sock: socket.socket, max_size: int = MAX_FRAME) -> dict[str, Any]:
-    """Read one frame from a blocking (TLS) socket; see the module doc for the errors."""
+def read_payload(sock: socket.socket, max_size: int = MAX_FRAME) -> bytearray:
+    """Read one frame body from a blocking (TLS) socket; the length is checked against
+    ``max_size`` before the body is read. See the module doc for the errors."""
     header = _recv_exactly(sock, HEADER_SIZE, "reading the frame header", started=False)
     (length,) = _HEADER.unpack(header)
     _check_length(length, max_size)
-    body = _recv_exactly(sock, length, "reading the frame body", started=True)
-    return decode_payload(body)
+    return _recv_exactly(sock, length, "reading the frame body", started=True)
+
+
+def read_payload_within(
+    sock: socket.socket, timeout: float, max_size: int = MAX_FRAME
+) -> bytearray | None:
+    """Like :func:`read_payload`, but None when no frame starts within ``timeout``
+    seconds (the stream stays in step); once a frame has started, the socket's own
+    timeout applies to the rest of it."""
+    saved = sock.gettimeout()
+    sock.settimeout(max(timeout, 0.001))
+    try:
+        header = _recv_exactly(sock, HEADER_SIZE, "reading the frame header", False, idle_ok=True)
+    except _Idle:
+        return None
+    finally:
+        sock.settimeout(saved)
+    (length,) = _HEADER.unpack(header)
+    _check_length(length, max_size)
+    return _recv_exactly(sock, length, "reading the frame body", started=True)
+
+
+def read_frame(sock: socket.socket, max_size: int = MAX_FRAME) -> dict[str, Any]:
+    """Read one frame from a blocking (TLS) socket as a JSON object."""
+    return decode_payload(read_payload(sock, max_size))
 
 
 def write_frame(sock: socket.socket, obj: dict[str, Any], max_size: int = MAX_FRAME) -> None:
-    """Write one frame to a blocking (TLS) socket."""
-    data = encode_frame(obj, max_size)
+    """Write one frame (a JSON object) to a blocking (TLS) socket."""
+    write_payload(sock, encode_frame(obj, max_size)[HEADER_SIZE:], max_size)
+
+
+def write_payload(sock: socket.socket, payload: bytes, max_size: int = MAX_FRAME) -> None:
+    """Write one frame body (with its header) to a blocking (TLS) socket."""
+    data = encode_payload(payload, max_size)
     try:
         sock.sendall(data)
     except TimeoutError:
@@ -215,7 +261,14 @@ async def _readexactly(reader: asyncio.StreamReader, size: int, doing: str) -> b
 async def read_frame_async(
     reader: asyncio.StreamReader, max_size: int = MAX_FRAME, timeout: float | None = None
 ) -> dict[str, Any]:
-    """Read one frame from an asyncio stream.
+    """Read one frame from an asyncio stream as a JSON object."""
+    return decode_payload(await read_payload_async(reader, max_size, timeout))
+
+
+async def read_payload_async(
+    reader: asyncio.StreamReader, max_size: int = MAX_FRAME, timeout: float | None = None
+) -> bytes:
+    """Read one frame body from an asyncio stream (length checked before the body).
 
     ``timeout`` (seconds, for the whole frame) turns a silent peer into ConnectionLost;
     without it the caller bounds the wait itself.
@@ -228,14 +281,23 @@ async def read_frame_async(
             body = await _readexactly(reader, length, "reading the frame body")
     except TimeoutError:
         raise ConnectionLost(f"timed out after {timeout} s while reading a frame") from None
-    return decode_payload(body)
+    return body
 
 
 async def write_frame_async(
     writer: asyncio.StreamWriter, obj: dict[str, Any], max_size: int = MAX_FRAME
 ) -> None:
-    """Write one frame to an asyncio stream and wait until it is flushed (back-pressure)."""
-    data = encode_frame(obj, max_size)
+    """Write one frame (a JSON object) to an asyncio stream and wait until it is flushed."""
+    await write_payload_async(writer, encode_frame(obj, max_size)[HEADER_SIZE:], max_size)
+
+
+async def write_payload_async(
+    writer: asyncio.StreamWriter, payload: bytes, max_size: int = MAX_FRAME
+) -> None:
+    """Write one frame body to an asyncio stream and wait until it is flushed
+    (back-pressure). The header and body go to the transport in one write, so frames
+    written by concurrent tasks never interleave."""
+    data = encode_payload(payload, max_size)
     try:
         writer.write(data)
         await writer.drain()

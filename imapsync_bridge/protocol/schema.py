@@ -1,6 +1,11 @@
-"""The frames of the sync protocol, and their validation.
+"""The frames of the sync protocol: one typed definition per frame, both directions.
 
-A session, agent → server (``to_server``) and server → agent (``to_agent``)::
+Each frame is a :mod:`msgspec` Struct. That one class is the frame's schema (field types
+and bounds), its encoder and its decoder: there is no second, hand-written validator to
+drift from it. Frames are tagged unions on ``"type"``; the agent's ops and the server's
+actions inside them are tagged unions on ``"kind"``.
+
+A session, agent → server (:data:`ToServer`) and server → agent (:data:`ToAgent`)::
 
     pairing (a connection without a client certificate; only these two are allowed):
       ca                                  → ca_cert   (agent checks it against the code)
@@ -9,7 +14,7 @@ A session, agent → server (``to_server``) and server → agent (``to_agent``):
 
     sync (mutual TLS, the client certificate names the user):
       hello {protocol: 1, agent}          → welcome {user, window, last_seq}
-      snapshot                            → snapshot {window, messages, destroyed,
+      snapshot                            → snapshot {window, messages, actions,
                                                       action_seq}
       ops {ops: [{seq, op}, ...]} ...     → acked {up_to}, one per batch, in order: the
         (pipelined batches)                 server applies a batch in one transaction
@@ -18,358 +23,452 @@ A session, agent → server (``to_server``) and server → agent (``to_agent``):
       fetch {key}                         → message {key, raw} | error
       ack_actions {up_to}                 → ok   (the server drops its actions <= up_to)
       complete {summary}                  → ok   (both sides commit; the server closes)
+      heartbeat                           → heartbeat   (the agent checks the server is there)
+
+    unsolicited, server → agent, at any time after welcome (never in reply to a request;
+    a reader skips or queues them while it waits for a reply):
+      changed {reason}                    something changed on the phone side: sync soon
+      heartbeat                           the server is alive (sent on a quiet connection)
 
     any request may be answered by error {code, message}; the session may then go on
     (per-request errors) or the server closes the connection.
 
 Ops (the agent's actions, ``op.kind``): ``put`` (a message the phone should hold, its raw
-bytes in base64), ``flags`` (set or clear single flags, unless the phone user changed that
-flag after the snapshot the plan came from), ``move`` (inbox <-> trash), ``evict`` (drop
-from the phone window, not a delete) and ``destroy`` (permanent). Sequence numbers are the agent's,
-increasing; ``welcome.last_seq`` is the highest one the server has applied, so a retry
-after a lost connection resends only what is newer and an op is applied once.
+bytes in base64), ``flags`` (set or clear single flags, ``null`` = leave alone, unless the
+phone user changed that flag after the snapshot ``since`` the plan came from), ``move``
+(inbox <-> trash), ``evict`` (drop from the phone window, not a delete; with ``since``,
+kept when the phone user changed it after that snapshot) and ``destroy`` (permanent).
+Sequence numbers are the agent's, increasing; ``welcome.last_seq`` is the highest one the
+server has applied, so a retry after a lost connection resends only what is newer and an
+op is applied once.
 
-Every frame is checked by :func:`validate` against the table :data:`TO_SERVER` /
-:data:`TO_AGENT` below: unknown frame types, missing fields, fields of the wrong type,
-strings over their bound and unknown extra fields are all refused with a one-line
-:class:`ProtocolError` naming the field. Validation does not decode base64 payloads; it
-checks their alphabet and padding (decode with :func:`framing.b64decode_field`).
-Timestamps (``internaldate``) are ISO 8601 with a UTC offset (naive ones are refused).
+Actions (the server's, in ``snapshot.actions``, ``kind``): ``destroy`` (the phone user
+destroyed a message: a tombstone until acknowledged), ``restore`` (the phone user
+restored it from the trash) and ``deliver`` (an outgoing message for the desktop to send;
+defined, not yet produced). They are acknowledged together by ``ack_actions``.
+
+Decoding refuses, with a one-line :class:`ProtocolError` naming the field: unknown frame
+types, missing fields, fields of the wrong type (a JSON boolean is not an integer),
+strings and lists over their bound, unknown extra fields, invalid base64, timestamps
+without a UTC offset. Raw message bytes are ``bytes`` fields (standard base64 in JSON).
+Duplicate keys inside an object are not refused: the last one wins (one parser reads the
+frame, so no validator and reader can disagree about it).
 """
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta, Struct
 
 from imapsync_bridge.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Literal[1] = 1
 MAX_INT = 2**63 - 1  # what SQLite stores
+MAX_BATCH = 256  # ops in one "ops" frame
+MAX_SUMMARY_BYTES = 64 * 1024
+
+# --------------------------------------------------------------------------- field types
+
+Seq = Annotated[int, Meta(ge=0, le=MAX_INT)]
+Window = Annotated[int, Meta(ge=0, le=1_000_000)]
+Key = Annotated[str, Meta(min_length=1, max_length=1000)]  # Message-ID, or sha256:<hash>
+MessageId = Annotated[str, Meta(min_length=1, max_length=1000)] | None
+User = Annotated[str, Meta(min_length=1, max_length=200)]
+Pem = Annotated[str, Meta(min_length=1, max_length=20000)]
+Address = Annotated[str, Meta(min_length=1, max_length=1000)]
+Folder = Literal["inbox", "trash"]
+Timestamp = Annotated[datetime, Meta(tz=True)]  # ISO 8601 with a UTC offset
+Raw = bytes  # standard base64 in JSON
 
 
-class _Invalid(Exception):
-    """A field is wrong: path + what it must be (turned into a ProtocolError)."""
+class Frame(Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
+    """Base of every frame; the subclass's ``tag`` is its ``"type"``."""
 
-    def __init__(self, path: str, problem: str) -> None:
-        super().__init__(path, problem)
-        self.path = path
-        self.problem = problem
+
+class Op(Struct, tag_field="kind", forbid_unknown_fields=True, omit_defaults=True):
+    """Base of the agent's ops (``kind``)."""
+
+
+class Action(Struct, tag_field="kind", forbid_unknown_fields=True):
+    """Base of the server's actions (``kind``)."""
+
+
+# --------------------------------------------------------------------------- ops
+
+
+class Put(Op, tag="put"):
+    key: Key
+    message_id: MessageId
+    raw: Raw
+    internaldate: Timestamp
+    seen: bool
+    flagged: bool
+    folder: Folder
+
+
+class SetFlags(Op, tag="flags"):
+    """Only the flags that change (``None``: leave alone); ``since`` is the snapshot's
+    ``action_seq`` the plan was made from: a flag the phone user changed later stays."""
+
+    key: Key
+    seen: bool | None
+    flagged: bool | None
+    since: Seq
+
+
+class Move(Op, tag="move"):
+    key: Key
+    folder: Folder
+
+
+class Evict(Op, tag="evict"):
+    """``since`` (optional): kept on the phone when its user changed it after that
+    snapshot; without it the eviction is unconditional."""
+
+    key: Key
+    since: Seq | None = None
+
+
+class Destroy(Op, tag="destroy"):
+    key: Key
+
+
+AnyOp = Put | SetFlags | Move | Evict | Destroy
+OP_KINDS = ("put", "flags", "move", "evict", "destroy")
+
+
+class OpItem(Struct, forbid_unknown_fields=True):
+    seq: Seq
+    op: AnyOp
+
+
+# --------------------------------------------------------------------------- actions
+
+
+class Destroyed(Action, tag="destroy"):
+    key: Key
+
+
+class Restored(Action, tag="restore"):
+    key: Key
+
+
+class Deliver(Action, tag="deliver"):
+    """An outgoing message the phone queued "send via desktop" (no delivery logic yet)."""
+
+    id: Seq
+    message_id: Key
+    sender: Address
+    to: Annotated[list[Address], Meta(min_length=1, max_length=100)]
+    raw: Raw
+
+
+AnyAction = Destroyed | Restored | Deliver
+ACTION_KINDS = ("destroy", "restore", "deliver")
+
+
+# --------------------------------------------------------------------------- agent → server
+
+
+class Hello(Frame, tag="hello"):
+    protocol: Literal[1]
+    agent: Annotated[str, Meta(min_length=1, max_length=64)]
+
+
+class CaRequest(Frame, tag="ca"):
+    pass
+
+
+class Pair(Frame, tag="pair"):
+    code: Annotated[str, Meta(min_length=1, max_length=200)]
+    csr: Annotated[str, Meta(min_length=1, max_length=10000)]
+
+
+class SnapshotRequest(Frame, tag="snapshot"):
+    pass
+
+
+class Ops(Frame, tag="ops"):
+    ops: Annotated[list[OpItem], Meta(min_length=1, max_length=MAX_BATCH)]
+
+
+class Fetch(Frame, tag="fetch"):
+    key: Key
+
+
+class AckActions(Frame, tag="ack_actions"):
+    up_to: Seq
+
+
+class Complete(Frame, tag="complete"):
+    summary: dict[Annotated[str, Meta(max_length=64)], Any]
+
+    def __post_init__(self) -> None:
+        if len(msgspec.json.encode(self.summary)) > MAX_SUMMARY_BYTES:
+            raise ValueError(f"summary: must be at most {MAX_SUMMARY_BYTES} bytes of JSON")
+
+
+class Heartbeat(Frame, tag="heartbeat"):
+    """Both ways: the agent's check that the server is there (answered with one), and the
+    server's unsolicited sign of life on a quiet connection."""
+
+
+# --------------------------------------------------------------------------- server → agent
+
+
+class Welcome(Frame, tag="welcome"):
+    user: User
+    window: Window
+    last_seq: Seq
+
+
+class CaCert(Frame, tag="ca_cert"):
+    pem: Pem
+
+
+class Paired(Frame, tag="paired"):
+    user: User
+    certificate: Pem
+    window: Window
+
+
+class SnapshotMessage(Struct, forbid_unknown_fields=True):
+    id: Seq
+    key: Key
+    message_id: MessageId
+    folder: Folder
+    seen: bool
+    flagged: bool
+    internaldate: Timestamp
+
+
+class Snapshot(Frame, tag="snapshot"):
+    window: Window
+    messages: list[SnapshotMessage]
+    actions: list[AnyAction]
+    action_seq: Seq
+
+    @property
+    def destroyed(self) -> list[str]:
+        """Keys the phone user destroyed (tombstones until acknowledged), oldest first."""
+        return [a.key for a in self.actions if isinstance(a, Destroyed)]
+
+    @property
+    def restored(self) -> list[str]:
+        """Keys the phone user restored since the last acknowledgement."""
+        return [a.key for a in self.actions if isinstance(a, Restored)]
+
+
+class Acked(Frame, tag="acked"):
+    up_to: Seq
+
+
+class Message(Frame, tag="message"):
+    key: Key
+    raw: Raw
+
+
+class Ok(Frame, tag="ok"):
+    pass
+
+
+class Error(Frame, tag="error"):
+    code: Annotated[str, Meta(min_length=1, max_length=64)]
+    message: Annotated[str, Meta(max_length=2000)]
+
+
+class Changed(Frame, tag="changed"):
+    """Unsolicited: something changed on the phone side, a sync would carry it over."""
+
+    reason: Literal["phone_action", "inbound_mail", "outgoing", "sync_request"]
+
+
+ToServer = (
+    Hello | CaRequest | Pair | SnapshotRequest | Ops | Fetch | AckActions | Complete | Heartbeat
+)
+ToAgent = Welcome | CaCert | Paired | Snapshot | Acked | Message | Ok | Error | Changed | Heartbeat
+Notice = Changed | Heartbeat  # what the server sends unasked
+TO_SERVER: tuple[type[Frame], ...] = ToServer.__args__
+TO_AGENT: tuple[type[Frame], ...] = ToAgent.__args__
+
+Direction = Literal["to_server", "to_agent"]
+F = TypeVar("F", bound=Frame)
+
+
+def frame_type(frame: Frame | type[Frame]) -> str:
+    """The ``"type"`` tag of a frame (or frame class)."""
+    cls = frame if isinstance(frame, type) else type(frame)
+    return str(cls.__struct_config__.tag)
+
+
+# --------------------------------------------------------------------------- codec
+
+_ENCODER = msgspec.json.Encoder()
+_DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
+    "to_server": msgspec.json.Decoder(ToServer),
+    "to_agent": msgspec.json.Decoder(ToAgent),
+}
+_OP_DECODER = msgspec.json.Decoder(AnyOp)
+
+
+class _Head(Struct):
+    type: str
+
+
+_HEAD = msgspec.json.Decoder(_Head)
+
+
+def encode(frame: Frame) -> bytes:
+    """The JSON body of one frame (UTF-8)."""
+    return _ENCODER.encode(frame)
+
+
+def decode(body: bytes | bytearray | memoryview, direction: Direction) -> Any:
+    """One frame sent in ``direction`` from its JSON body; ProtocolError when invalid."""
+    decoder = _DECODERS.get(direction)
+    if decoder is None:
+        raise ValueError(f"direction must be 'to_server' or 'to_agent', not {direction!r}")
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(_explain(str(exc), body, direction)) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(_malformed(str(exc))) from None
+    except RecursionError:
+        raise ProtocolError("frame is nested too deeply") from None
+
+
+def decode_to_server(body: bytes | bytearray | memoryview) -> ToServer:
+    frame: ToServer = decode(body, "to_server")
+    return frame
+
+
+def decode_to_agent(body: bytes | bytearray | memoryview) -> ToAgent:
+    frame: ToAgent = decode(body, "to_agent")
+    return frame
+
+
+def op_from_journal(op: dict[str, Any], raw: bytes | None) -> AnyOp:
+    """A typed op from its journaled JSON form (raw bytes travel beside it)."""
+    fields = dict(op)
+    if raw is not None:
+        fields["raw"] = raw
+    try:
+        converted: AnyOp = msgspec.convert(fields, AnyOp)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"journaled op: {_field_problem(str(exc))}") from None
+    return converted
+
+
+def op_fields(op: AnyOp) -> dict[str, Any]:
+    """An op as the store applies it: its fields plus ``kind`` (raw stays bytes, the
+    internaldate a datetime)."""
+    fields = msgspec.structs.asdict(op)
+    fields["kind"] = op.__struct_config__.tag
+    return fields
+
+
+def to_builtins(frame: Frame) -> dict[str, Any]:
+    """A frame as plain JSON-like values (bytes as base64, timestamps as text)."""
+    value: dict[str, Any] = msgspec.to_builtins(frame)
+    return value
+
+
+# --------------------------------------------------------------------------- messages
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>.*)`)?$", re.DOTALL)
+_TYPES = {
+    "int": "an integer",
+    "str": "a string",
+    "str | null": "a string or null",
+    "bool": "true or false",
+    "bool | null": "true, false or null",
+    "bytes": "a base64 string",
+    "object": "an object",
+    "array": "a list",
+    "datetime": "an ISO 8601 timestamp with a UTC offset",
+    "int | null": "an integer or null",
+}
+_ENUMS = {"folder": '"inbox" or "trash"', "protocol": str(PROTOCOL_VERSION), "reason": None}
+_KINDS = {"kind": " or ".join(OP_KINDS + ACTION_KINDS)}
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-# --------------------------------------------------------------------------- field specs
+def _field_problem(message: str) -> str:
+    """``field 'PATH' PROBLEM`` from one msgspec ValidationError message."""
+    match = _AT.match(message)
+    assert match is not None  # the pattern matches any text
+    msg, path = match["msg"], _short((match["path"] or "").lstrip("."), 120)
+    if not path and (m := re.fullmatch(r"(\w+): (.*)", msg, re.DOTALL)):  # __post_init__
+        return f"field {m[1]!r} {_short(m[2], 200)}"
+    leaf = re.sub(r"\[\d+\]$", "", path.rsplit(".", 1)[-1])
+    if m := re.fullmatch(r"Object missing required field `(.*)`", msg, re.DOTALL):
+        return f"field {_join(path, _short(m[1]))!r} is missing"
+    if m := re.fullmatch(r"Object contains unknown field `(.*)`", msg, re.DOTALL):
+        return f"field {_join(path, _short(m[1]))!r} is not allowed (unknown field)"
+    if m := re.fullmatch(r"Expected `(str|array)` of length ([<>]=) (\d+)", msg):
+        kind, op, n = m[1], m[2], int(m[3])
+        if kind == "str":
+            if op == ">=":
+                return f"field {path!r} must not be empty"
+            return f"field {path!r} must be at most {n} characters"
+        word = "at least" if op == ">=" else "at most"
+        return f"field {path!r} must have {word} {n} item(s)"
+    if m := re.fullmatch(r"Expected `int` ([<>]=) (\d+)", msg):
+        bound = "at most" if m[1] == "<=" else "at least"
+        return f"field {path!r} must be an integer of {bound} {m[2]}"
+    if re.fullmatch(r"Expected `datetime`.*|Invalid RFC3339 encoded datetime", msg):
+        return f"field {path!r} must be an ISO 8601 timestamp with a UTC offset"
+    if msg == "Invalid base64 encoded string":
+        return f"field {path!r} must be valid base64"
+    if m := re.fullmatch(r"Expected `([^`]*)`(?:, got `[^`]*`)?", msg):
+        return f"field {path!r} must be {_TYPES.get(m[1], m[1])}"
+    if msg.startswith("Invalid enum value"):
+        allowed = _ENUMS.get(leaf)
+        return f"field {path!r} must be {allowed}" if allowed else f"field {path!r} is invalid"
+    if msg.startswith("Invalid value") and leaf in _KINDS:
+        return f"field {path!r} must be {_KINDS[leaf]}"
+    return f"field {path!r} {_short(msg, 200)}"
 
 
-class Spec:
-    """One field's expected type. ``check`` raises _Invalid(path, problem)."""
-
-    def check(self, value: Any, path: str) -> None:
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class Str(Spec):
-    max_len: int
-    min_len: int = 0
-
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, str):
-            raise _Invalid(path, "must be a string")
-        _check_text(value, path, self.min_len, self.max_len)
-
-
-def _check_text(value: str, path: str, min_len: int, max_len: int) -> None:
-    if len(value) > max_len:
-        raise _Invalid(path, f"must be at most {max_len} characters (got {len(value)})")
-    if len(value) < min_len:
-        raise _Invalid(path, "must not be empty" if min_len == 1 else f"must be >= {min_len}")
+def _explain(message: str, body: bytes | bytearray | memoryview, direction: Direction) -> str:
+    match = _AT.match(message)
+    assert match is not None
+    msg, path = match["msg"], match["path"]
+    where = direction.replace("_", " ")
+    if path is None:
+        if m := re.fullmatch(r"Expected `object`, got `(\w+)`", msg):
+            return f"frame is a JSON {_JSON_KINDS.get(m[1], m[1])}, not an object"
+        if msg == "Object missing required field `type`":
+            return "frame has no 'type' string"
+    elif path == ".type":
+        if m := re.fullmatch(r"Invalid value '(.*)'", msg, re.DOTALL):
+            return f"unknown frame type {_short(m[1])!r} ({where})"
+        return "frame has no 'type' string"
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _Invalid(path, "must be valid Unicode text (lone surrogate)") from None
+        ftype = _short(_HEAD.decode(body).type)
+    except (msgspec.MsgspecError, RecursionError):
+        ftype = "?"
+    return f"frame {ftype!r}: {_field_problem(message)}"
 
 
-@dataclass(frozen=True)
-class OptStr(Spec):
-    """A string or null."""
-
-    max_len: int
-    min_len: int = 0
-
-    def check(self, value: Any, path: str) -> None:
-        if value is None:
-            return
-        if not isinstance(value, str):
-            raise _Invalid(path, "must be a string or null")
-        _check_text(value, path, self.min_len, self.max_len)
+_JSON_KINDS = {"str": "string", "int": "number", "float": "number", "bool": "boolean"}
 
 
-@dataclass(frozen=True)
-class Int(Spec):
-    """A non-negative integer (a JSON boolean is not an integer)."""
-
-    maximum: int = MAX_INT
-
-    def check(self, value: Any, path: str) -> None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(path, "must be an integer")
-        if value < 0 or value > self.maximum:
-            raise _Invalid(path, f"must be an integer from 0 to {self.maximum}")
-
-
-@dataclass(frozen=True)
-class Bool(Spec):
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, bool):
-            raise _Invalid(path, "must be true or false")
-
-
-@dataclass(frozen=True)
-class OptBool(Spec):
-    """true, false or null (null: leave as it is)."""
-
-    def check(self, value: Any, path: str) -> None:
-        if value is not None and not isinstance(value, bool):
-            raise _Invalid(path, "must be true, false or null")
-
-
-@dataclass(frozen=True)
-class OneOf(Spec):
-    """One of a few fixed values (JSON strings or numbers)."""
-
-    values: tuple[Any, ...]
-
-    def check(self, value: Any, path: str) -> None:
-        ok = any(value == v and type(value) is type(v) for v in self.values)
-        if not ok:
-            allowed = " or ".join(json.dumps(v) for v in self.values)
-            raise _Invalid(path, f"must be {allowed}")
-
-
-_ISO_SHAPE = re.compile(
-    r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:?\d{2})"
-)
-
-
-@dataclass(frozen=True)
-class Timestamp(Spec):
-    """An ISO 8601 date-time with a UTC offset, e.g. ``2024-05-01T09:30:00+00:00``."""
-
-    def check(self, value: Any, path: str) -> None:
-        problem = "must be an ISO 8601 timestamp with a UTC offset"
-        if not isinstance(value, str) or len(value) > 40 or not _ISO_SHAPE.fullmatch(value):
-            raise _Invalid(path, problem)
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            raise _Invalid(path, problem) from None
-        if parsed.tzinfo is None:
-            raise _Invalid(path, problem)
-
-
-_B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
-
-
-@dataclass(frozen=True)
-class B64(Spec):
-    """Standard base64 (with padding) of raw bytes; checked, not decoded."""
-
-    max_len: int | None = None  # in base64 characters; None = bounded by the frame size
-
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, str):
-            raise _Invalid(path, "must be a base64 string")
-        if self.max_len is not None and len(value) > self.max_len:
-            raise _Invalid(path, f"must be at most {self.max_len} characters")
-        if len(value) % 4 or not _B64.fullmatch(value):
-            raise _Invalid(path, "must be valid base64")
-
-
-@dataclass(frozen=True)
-class Obj(Spec):
-    """A nested object with its own fields (all required unless listed in optional)."""
-
-    fields: Mapping[str, Spec]
-    optional: frozenset[str] = frozenset()
-
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, dict):
-            raise _Invalid(path, "must be an object")
-        check_fields(value, self.fields, self.optional, path)
-
-
-@dataclass(frozen=True)
-class Tagged(Spec):
-    """An object whose shape depends on its ``tag`` field (a discriminated union)."""
-
-    tag: str
-    variants: Mapping[str, Mapping[str, Spec]]
-    optional: Mapping[str, frozenset[str]] = field(default_factory=dict)
-
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, dict):
-            raise _Invalid(path, "must be an object")
-        kind = value.get(self.tag)
-        tag_path = _join(path, self.tag)
-        if self.tag not in value:
-            raise _Invalid(tag_path, "is missing")
-        OneOf(tuple(self.variants)).check(kind, tag_path)
-        rest = {k: v for k, v in value.items() if k != self.tag}
-        check_fields(
-            rest, self.variants[str(kind)], self.optional.get(str(kind), frozenset()), path
-        )
-
-
-@dataclass(frozen=True)
-class ListOf(Spec):
-    item: Spec
-    max_items: int | None = None  # None = bounded by the frame size
-    min_items: int = 0
-
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, list):
-            raise _Invalid(path, "must be a list")
-        if len(value) < self.min_items:
-            raise _Invalid(path, f"must have at least {self.min_items} item(s)")
-        if self.max_items is not None and len(value) > self.max_items:
-            raise _Invalid(path, f"must have at most {self.max_items} items")
-        for index, item in enumerate(value):
-            self.item.check(item, f"{path}[{index}]")
-
-
-@dataclass(frozen=True)
-class AnyObj(Spec):
-    """Any JSON object whose encoding is at most ``max_bytes`` (e.g. a summary)."""
-
-    max_bytes: int = 64 * 1024
-
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, dict):
-            raise _Invalid(path, "must be an object")
-        try:
-            size = len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
-        except (TypeError, ValueError):
-            raise _Invalid(path, "must be plain JSON text") from None
-        if size > self.max_bytes:
-            raise _Invalid(path, f"must be at most {self.max_bytes} bytes of JSON")
-
-
-def check_fields(
-    value: Mapping[str, Any], fields: Mapping[str, Spec], optional: frozenset[str], path: str
-) -> None:
-    for name, spec in fields.items():
-        if name not in value:
-            if name in optional:
-                continue
-            raise _Invalid(_join(path, name), "is missing")
-        spec.check(value[name], _join(path, name))
-    for name in value:
-        if name not in fields:
-            shown = name if len(name) <= 40 else name[:40] + "..."
-            raise _Invalid(_join(path, shown), "is not allowed (unknown field)")
-
-
-# --------------------------------------------------------------------------- the protocol
-
-KEY = Str(1000, min_len=1)  # a message key: its Message-ID, or sha256:<hash>
-MESSAGE_ID = OptStr(1000, min_len=1)
-FOLDER = OneOf(("inbox", "trash"))
-SEQ = Int()
-USER = Str(200, min_len=1)
-PEM = Str(20000, min_len=1)
-WINDOW = Int(maximum=1_000_000)
-MAX_BATCH = 256  # ops in one "ops" frame
-
-OP_KINDS: dict[str, dict[str, Spec]] = {
-    "put": {
-        "key": KEY,
-        "message_id": MESSAGE_ID,
-        "raw": B64(),
-        "internaldate": Timestamp(),
-        "seen": Bool(),
-        "flagged": Bool(),
-        "folder": FOLDER,
-    },
-    # only the flags that change (null: leave alone); "since" is the snapshot's
-    # action_seq the plan was made from: a flag the phone user changed later is kept
-    "flags": {"key": KEY, "seen": OptBool(), "flagged": OptBool(), "since": SEQ},
-    "move": {"key": KEY, "folder": FOLDER},
-    # "since" (optional): kept on the phone when its user changed it after that snapshot
-    "evict": {"key": KEY, "since": SEQ},
-    "destroy": {"key": KEY},
-}
-
-OP_OPTIONAL = {"evict": frozenset({"since"})}
-OP = Tagged("kind", OP_KINDS, OP_OPTIONAL)
-
-TO_SERVER: dict[str, dict[str, Spec]] = {
-    "hello": {"protocol": OneOf((PROTOCOL_VERSION,)), "agent": Str(64, min_len=1)},
-    "ca": {},
-    "pair": {"code": Str(200, min_len=1), "csr": Str(10000, min_len=1)},
-    "snapshot": {},
-    "ops": {"ops": ListOf(Obj({"seq": SEQ, "op": OP}), MAX_BATCH, min_items=1)},
-    "fetch": {"key": KEY},
-    "ack_actions": {"up_to": SEQ},
-    "complete": {"summary": AnyObj()},
-}
-
-SNAPSHOT_MESSAGE: dict[str, Spec] = {
-    "id": Int(),
-    "key": KEY,
-    "message_id": MESSAGE_ID,
-    "folder": FOLDER,
-    "seen": Bool(),
-    "flagged": Bool(),
-    "internaldate": Timestamp(),
-}
-
-TO_AGENT: dict[str, dict[str, Spec]] = {
-    "welcome": {"user": USER, "window": WINDOW, "last_seq": SEQ},
-    "ca_cert": {"pem": PEM},
-    "paired": {"user": USER, "certificate": PEM, "window": WINDOW},
-    "snapshot": {
-        "window": WINDOW,
-        "messages": ListOf(Obj(SNAPSHOT_MESSAGE)),
-        "destroyed": ListOf(KEY),
-        "restored": ListOf(KEY),
-        "action_seq": SEQ,
-    },
-    "acked": {"up_to": SEQ},
-    "message": {"key": KEY, "raw": B64()},
-    "ok": {},
-    "error": {"code": Str(64, min_len=1), "message": Str(2000)},
-}
-
-TABLES: dict[str, dict[str, dict[str, Spec]]] = {"to_server": TO_SERVER, "to_agent": TO_AGENT}
-
-Direction = Literal["to_server", "to_agent"]
-
-
-def validate(frame: Any, direction: Direction) -> dict[str, Any]:
-    """Check one decoded frame sent in ``direction``; return it unchanged when valid."""
-    table = TABLES.get(direction)
-    if table is None:
-        raise ValueError(f"direction must be 'to_server' or 'to_agent', not {direction!r}")
-    if not isinstance(frame, dict):
-        raise ProtocolError("frame must be a JSON object")
-    ftype = frame.get("type")
-    if not isinstance(ftype, str):
-        raise ProtocolError("frame has no 'type' string")
-    fields = table.get(ftype)
-    if fields is None:
-        shown = ftype if len(ftype) <= 40 else ftype[:40] + "..."
-        raise ProtocolError(f"unknown frame type {shown!r} ({direction.replace('_', ' ')})")
-    body = {k: v for k, v in frame.items() if k != "type"}
-    try:
-        check_fields(body, fields, frozenset(), "")
-    except _Invalid as exc:
-        raise ProtocolError(f"frame {ftype!r}: field {exc.path!r} {exc.problem}") from None
-    return frame
+def _malformed(message: str) -> str:
+    if "truncated" in message:
+        return "frame is not valid JSON: it ends too early"
+    if "utf-8" in message.lower() and "surrogate" not in message:
+        return f"frame is not valid UTF-8: {_short(message, 200)}"
+    return f"frame is not valid JSON: {_short(message.removeprefix('JSON is malformed: '), 200)}"

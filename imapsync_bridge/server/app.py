@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from imapsync_bridge.config import ServerConfig
 from imapsync_bridge.errors import ConfigError
 from imapsync_bridge.protocol import pki
-from imapsync_bridge.server.listener import FrameObserver, SyncListener
+from imapsync_bridge.server.listener import SyncListener
 from imapsync_bridge.server.store import PhoneStore
 
 log = logging.getLogger(__name__)
@@ -67,32 +69,86 @@ def open_store(config: ServerConfig) -> PhoneStore:
     return PhoneStore(config.database)
 
 
+class Listener(Protocol):
+    """What the composition root runs: one network listener over the shared store."""
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on host:port (port 0: any free one); return the bound port."""
+        ...
+
+    async def close(self) -> None:
+        """Stop listening and end the open connections."""
+        ...
+
+
+@dataclass(frozen=True)
+class ListenerEntry:
+    """One listener ``serve`` may start: its name, where the config says it listens
+    (None: off) and how to make it over the shared store."""
+
+    name: str
+    address: Callable[[ServerConfig], tuple[str, int] | None]
+    make: Callable[[ServerConfig, PhoneStore], Listener]
+
+
+def _sync_listener(config: ServerConfig, store: PhoneStore) -> Listener:
+    return SyncListener(store, config.data_dir, config.max_frame)
+
+
+# The listeners `server run` starts, in order. SMTP in, submission and the web page come
+# here as entries of their own (smtp_listen, submission_listen, web_listen).
+LISTENERS: tuple[ListenerEntry, ...] = (
+    ListenerEntry("sync", lambda config: config.sync_listen, _sync_listener),
+)
+
+
+@dataclass
+class Running:
+    """What ``serve`` started, handed to its ``ready`` callback (on the event loop)."""
+
+    store: PhoneStore
+    stop: asyncio.Event
+    listeners: dict[str, Listener] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def sync(self) -> SyncListener:
+        listener = self.listeners["sync"]
+        assert isinstance(listener, SyncListener)
+        return listener
+
+
 async def serve(
     config: ServerConfig,
     *,
     stop: asyncio.Event | None = None,
-    on_listening: Callable[[int], None] | None = None,
-    observer: FrameObserver | None = None,
+    ready: Callable[[Running], None] | None = None,
+    entries: Sequence[ListenerEntry] = LISTENERS,
 ) -> None:
-    """Run the sync listener until ``stop`` is set, or else until SIGTERM or SIGINT."""
+    """Start every listener the config enables, over one store, and run until ``stop`` is
+    set (without one: until SIGTERM or SIGINT). ``ready`` is called once all of them
+    listen; a listener that fails to start stops the ones already started."""
     store = open_store(config)
-    listener = SyncListener(store, config.data_dir, config.max_frame, observer)
-    host, port = config.sync_listen
-    server = await listener.start(host, port)
-    bound = server.sockets[0].getsockname()
-    log.info("sync listener on %s:%s", bound[0], bound[1])
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-    if on_listening is not None:
-        on_listening(bound[1])
+    running = Running(store, stop)
     try:
+        for entry in entries:
+            address = entry.address(config)
+            if address is None:
+                continue
+            listener = entry.make(config, store)
+            running.ports[entry.name] = await listener.start(*address)
+            running.listeners[entry.name] = listener
+            log.info("%s listener on %s:%s", entry.name, address[0], running.ports[entry.name])
+        if ready is not None:
+            ready(running)
         await stop.wait()
     finally:
-        server.close()
-        await listener.close_sessions()
-        await server.wait_closed()
+        for listener in reversed(running.listeners.values()):
+            await listener.close()
         store.close()
         log.info("server stopped")
