@@ -50,7 +50,7 @@ def worker_main(ini: Path, profile_dir: Path | None) -> int:
     started = time.perf_counter()
     config = load_agent_config(ini)
     state = runner.open_state(config)
-    imap = runner.connect_imap(config)
+    imap = runner.connect_imap(config, count_traffic=True)
     desktop = runner.open_desktop(config, imap)
     link = runner.open_link(config)
     options = runner.session_options(config, False)

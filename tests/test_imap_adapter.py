@@ -138,11 +138,17 @@ def test_missing_mailbox_is_imap_error_and_session_goes_on(mbox):
     assert mbox.select("INBOX").messages == 0
 
 
-def test_round_trip_and_byte_counters(mbox):
-    before_rt, before_bytes = mbox.round_trips, mbox.bytes_read
+def test_round_trip_and_byte_counters_only_when_asked(dovecot, imap_user, mbox):
     mbox.status("INBOX")
-    assert mbox.round_trips == before_rt + 1
-    assert mbox.bytes_read > before_bytes
+    assert (mbox.round_trips, mbox.bytes_read) == (0, 0)  # production: not instrumented
+    with ImapMailbox.connect(
+        dovecot.host, dovecot.port, security="none", username=imap_user,
+        password=dovecot.password, count_traffic=True,
+    ) as counted:  # fmt: skip
+        before_rt, before_bytes = counted.round_trips, counted.bytes_read
+        counted.status("INBOX")
+        assert counted.round_trips == before_rt + 1
+        assert counted.bytes_read > before_bytes
 
 
 # -- mailboxes ---------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def test_no_change_without_condstore_is_three_round_trips_and_sees_a_flag(
     config = load_agent_config(bridge.agent_ini)
     state = runner.open_state(config)
     options = runner.session_options(config, False)
-    with runner.open_link(config) as link, runner.connect_imap(config) as imap:
+    with runner.open_link(config) as link, runner.connect_imap(config, count_traffic=True) as imap:
         desktop = runner.open_desktop(config, imap)
         assert SyncSession(state, desktop, link, options).run().fast_path is False
         SyncSession(state, desktop, link, options).run()  # after our own writes

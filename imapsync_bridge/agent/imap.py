@@ -80,8 +80,9 @@ class ImapMailbox(ImapSession):
         One message cannot be handled (gone, larger than allowed, unparseable FETCH
         data). The session is still usable: quarantine or skip that message and go on.
 
-    Counters for benchmarks: :attr:`round_trips` (commands sent, including login) and
-    :attr:`bytes_read` (bytes received from the server, after TLS).
+    Counters for benchmarks and tests, kept only when asked (``connect(count_traffic=
+    True)``): :attr:`round_trips` (commands sent, including login) and :attr:`bytes_read`
+    (bytes received from the server, after TLS).
 
     Where imapclient 4.1 has no public way, this class and its base
     :class:`~imapsync_bridge.agent.imap_session.ImapSession` — and nothing else — use the

@@ -37,7 +37,14 @@ SECURITY_MODES = ("tls", "starttls", "none")
 class ImapSession:
     """A logged-in connection; errors are translated by :meth:`_guard`."""
 
-    def __init__(self, client: imapclient.IMAPClient, *, host: str, port: int) -> None:
+    def __init__(
+        self,
+        client: imapclient.IMAPClient,
+        *,
+        host: str,
+        port: int,
+        count_traffic: bool = False,
+    ) -> None:
         self._client: Any = client  # None once closed
         self._host = host
         self._port = port
@@ -49,7 +56,8 @@ class ImapSession:
         self.round_trips = 0
         self.bytes_read = 0
         client.normalise_times = False  # aware datetimes, converted to UTC here
-        self._instrument(client._imap)
+        if count_traffic:  # benchmarks and tests only: wraps imaplib's private methods
+            self._instrument(client._imap)
 
     # -- connecting ------------------------------------------------------------------
 
@@ -64,9 +72,12 @@ class ImapSession:
         password: str,
         ssl_context: ssl.SSLContext | None = None,
         timeout: float = 30.0,
+        count_traffic: bool = False,
     ) -> Self:
         """Connect, secure (``tls`` | ``starttls`` | ``none``) and log in (unless
-        *username* is empty). ``none`` is allowed only to a loopback host."""
+        *username* is empty). ``none`` is allowed only to a loopback host.
+        ``count_traffic``: keep :attr:`round_trips` and :attr:`bytes_read` (benchmarks,
+        tests); production connections are not instrumented."""
         if security not in SECURITY_MODES:
             raise ConfigError(f"IMAP security must be one of {SECURITY_MODES}, not {security!r}")
         if security == "none" and not is_loopback(host):
@@ -90,8 +101,9 @@ class ImapSession:
             raise AuthError(f"IMAP server {where}: TLS certificate not trusted: {exc}") from exc
         except (OSError, imaplib.IMAP4.error) as exc:
             raise ConnectionLost(f"cannot connect to IMAP server {where}: {exc}") from exc
-        self = cls(client, host=host, port=port)
-        self.round_trips += 1  # the greeting + CAPABILITY at connect time
+        self = cls(client, host=host, port=port, count_traffic=count_traffic)
+        if count_traffic:
+            self.round_trips += 1  # the greeting + CAPABILITY at connect time
         try:
             with self._guard("connect"):
                 if security == "starttls":

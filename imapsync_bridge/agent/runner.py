@@ -27,7 +27,7 @@ def open_state(config: AgentConfig) -> AgentState:
     return AgentState(config.state_dir / STATE_FILE)
 
 
-def connect_imap(config: AgentConfig) -> ImapMailbox:
+def connect_imap(config: AgentConfig, count_traffic: bool = False) -> ImapMailbox:
     server = config.imap.server
     return ImapMailbox.connect(
         server.host,
@@ -35,6 +35,7 @@ def connect_imap(config: AgentConfig) -> ImapMailbox:
         security=server.security,
         username=server.username,
         password=server.password() or "",
+        count_traffic=count_traffic,
     )
 
 
