@@ -28,7 +28,7 @@ from pathlib import Path
 
 from imapsync_bridge.errors import AuthError, BridgeError, ConnectionLost, ProtocolError, StoreError
 from imapsync_bridge.protocol import framing, pki, schema, tls
-from imapsync_bridge.server.store import PhoneStore
+from imapsync_bridge.server.store_api import ListenerStore
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class SyncSessionHandler:
     """Per-connection state; one ``on_<type>`` method per frame type (blocking: it runs
     in a worker thread)."""
 
-    def __init__(self, store: PhoneStore, data_dir: Path, user: str | None, peer: str):
+    def __init__(self, store: ListenerStore, data_dir: Path, user: str | None, peer: str):
         self.store = store
         self.data_dir = data_dir
         self.user = user
@@ -179,7 +179,7 @@ class SyncListener:
     handler_class: type[SyncSessionHandler] = SyncSessionHandler
     heartbeat_interval: float = HEARTBEAT_INTERVAL
 
-    def __init__(self, store: PhoneStore, data_dir: Path, max_frame: int) -> None:
+    def __init__(self, store: ListenerStore, data_dir: Path, max_frame: int) -> None:
         self.store = store
         self.data_dir = data_dir
         self.max_frame = max_frame

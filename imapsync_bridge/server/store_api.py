@@ -163,6 +163,11 @@ class SyncStore(Protocol):
         ...
 
 
+class ListenerStore(AccountStore, SyncStore, Protocol):
+    """What the sync listener needs: pairing (accounts and certificates) and the agent's
+    sync; nothing of the phone user's mailbox operations."""
+
+
 class MailboxStore(Protocol):
     """The phone user's view: the bounded mailbox, its changes and sync requests."""
 
