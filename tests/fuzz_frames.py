@@ -50,7 +50,7 @@ SEEDS: list[tuple[schema.Direction, dict]] = [
     ("to_server", {"type": "ack_actions", "up_to": 12}),
     ("to_server", {"type": "complete", "summary": {"pulled": 3, "fast_path": False}}),
     ("to_server", {"type": "heartbeat"}),
-    ("to_agent", {"type": "welcome", "user": "alice", "window": 6, "last_seq": 0}),
+    ("to_agent", {"type": "welcome", "user": "alice", "last_seq": 0}),
     (
         "to_agent",
         {

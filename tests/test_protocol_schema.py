@@ -54,7 +54,7 @@ OTHER_OPS = [
 ]
 
 VALID_TO_AGENT = {
-    "welcome": {"type": "welcome", "user": "alice", "window": 6, "last_seq": 0},
+    "welcome": {"type": "welcome", "user": "alice", "last_seq": 0},
     "ca_cert": {"type": "ca_cert", "pem": "-----BEGIN CERTIFICATE-----\n..."},
     "paired": {"type": "paired", "user": "alice", "certificate": "-----BEGIN...", "window": 6},
     "snapshot": {

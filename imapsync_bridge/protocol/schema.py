@@ -13,7 +13,7 @@ A session, agent → server (:data:`ToServer`) and server → agent (:data:`ToAg
                                             | error
 
     sync (mutual TLS, the client certificate names the user):
-      hello {protocol: 1, agent}          → welcome {user, window, last_seq}
+      hello {protocol: 1, agent}          → welcome {user, last_seq}
       snapshot                            → snapshot {window, messages, actions,
                                                       action_seq}
       ops {ops: [{seq, op}, ...]} ...     → acked {up_to}, one per batch, in order: the
@@ -222,7 +222,6 @@ class Heartbeat(Frame, tag="heartbeat"):
 
 class Welcome(Frame, tag="welcome"):
     user: User
-    window: Window
     last_seq: Seq
 
 

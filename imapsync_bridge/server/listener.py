@@ -82,11 +82,9 @@ class SyncSessionHandler:
     def on_hello(self, frame: schema.Hello) -> Reply:
         assert self.user is not None
         self.greeted = True
-        user = self.store.get_user(self.user)
         log.info("%s: session for %s from %s", self.user, frame.agent, self.peer)
-        return schema.Welcome(
-            user=self.user, window=user.window, last_seq=self.store.last_seq(self.user)
-        )
+        # The window travels in the snapshot, which the session plans from.
+        return schema.Welcome(user=self.user, last_seq=self.store.last_seq(self.user))
 
     def on_snapshot(self, frame: schema.SnapshotRequest) -> Reply:
         assert self.user is not None
