@@ -16,7 +16,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 # Debian packages the tests run against. The package would start a system-wide Dovecot;
-# a temporary policy-rc.d stops that (tests start their own on loopback).
+# a temporary policy-rc.d stops that (tests start their own on loopback). --no-remove:
+# installing never removes another package (dovecot-imapd conflicts with cyrus-imapd
+# and courier-imap); apt-get stops instead, and so does make, with a clear message.
 system-deps:
 	@missing=""; \
 	for pkg in $(DEB_PACKAGES) $(EXTRA_DEB); do \
@@ -30,8 +32,14 @@ system-deps:
 	    $(SUDO) chmod +x /usr/sbin/policy-rc.d; created=1; \
 	  fi; \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; status=$$?; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-remove $$missing; \
+	  status=$$?; \
 	  [ -n "$$created" ] && $(SUDO) rm -f /usr/sbin/policy-rc.d; \
+	  if [ $$status -ne 0 ]; then \
+	    echo "could not install$$missing (apt-get said why above); nothing was removed:" \
+	      "installs never remove packages (dovecot-imapd conflicts with cyrus-imapd" \
+	      "and courier-imap)" >&2; \
+	  fi; \
 	  exit $$status; \
 	fi
 
