@@ -93,6 +93,17 @@ class World:
         return self.phone.locate(key)[0]
 
 
+def synced_world(dates: list[int], window: int, condstore: bool = True) -> World:
+    """A desktop inbox with one message per date (minutes after T0), synced once."""
+    w = World(window)
+    w.desktop.condstore = condstore
+    for minute in dates:
+        w.desktop.deliver(w.new_key(), T0 + timedelta(minutes=minute))
+    w.clock = max(dates)
+    w.ledger = sync(w.desktop, w.phone, w.ledger, window)
+    return w
+
+
 def pick(keys, n: int) -> str | None:
     keys = sorted(keys)
     return keys[n % len(keys)] if keys else None
@@ -293,12 +304,7 @@ rounds = st.lists(
 def test_invariants_hold_after_every_sync(dates, window, rounds, condstore) -> None:
     """``condstore``: the desktop offers MODSEQs, or the session compares the window's
     flags to see that nothing changed (servers without CONDSTORE)."""
-    w = World(window)
-    w.desktop.condstore = condstore
-    for minute in dates:
-        w.desktop.deliver(w.new_key(), T0 + timedelta(minutes=minute))
-    w.clock = max(dates)
-    w.ledger = sync(w.desktop, w.phone, w.ledger, window)
+    w = synced_world(dates, window, condstore)
     check_all(w)
     check_idle(w)
 
@@ -350,11 +356,7 @@ def test_lost_agent_state_neither_loses_nor_doubles(dates, window, rounds) -> No
 
     Nothing may double (matched by key) and nothing held anywhere may be lost.
     """
-    w = World(window)
-    for minute in dates:
-        w.desktop.deliver(w.new_key(), T0 + timedelta(minutes=minute))
-    w.clock = max(dates)
-    w.ledger = sync(w.desktop, w.phone, w.ledger, window)
+    w = synced_world(dates, window)
     for ops, _ in rounds:
         for name, n in ops:
             do_op(w, name, n)
@@ -390,11 +392,7 @@ def test_flag_changes_made_while_a_session_runs_are_never_lost(
     carrying flag changes. A flag changed mid-session on one side only (and by nobody
     else in that round) ends, one sync later, with that value on both sides; and every
     invariant holds after that sync."""
-    w = World(window)
-    for minute in dates:
-        w.desktop.deliver(w.new_key(), T0 + timedelta(minutes=minute))
-    w.clock = max(dates)
-    w.ledger = sync(w.desktop, w.phone, w.ledger, window)
+    w = synced_world(dates, window)
     for name, n in before:
         do_op(w, name, n)
     touched_before = {

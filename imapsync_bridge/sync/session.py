@@ -257,8 +257,9 @@ def session(last: LastSession, snapshot: PhoneSnapshot, options: SessionOptions)
     report = SessionReport()
     window = snapshot.window
     status: DesktopStatus = yield ReadDesktopStatus()
+    saved: dict[str, LedgerEntry] | None = None
     if nothing_changed(last, snapshot, status):
-        saved: dict[str, LedgerEntry] = yield ReadLedger()
+        saved = yield ReadLedger()
         unchanged = phone_as_agreed(snapshot, saved) and (
             status.inbox.highestmodseq is not None or (yield CheckWindowFlags(saved))
         )
@@ -267,7 +268,7 @@ def session(last: LastSession, snapshot: PhoneSnapshot, options: SessionOptions)
             yield NothingToDo()
             return report
 
-    ledger = ledger_for(last, status, (yield ReadLedger()))
+    ledger = ledger_for(last, status, saved if saved is not None else (yield ReadLedger()))
     # The phone may hold what the last session meant to evict (the phone user changed it
     # meanwhile, so the server kept it): then the window must be made again.
     phone_agreed = phone_as_agreed(snapshot, ledger)
