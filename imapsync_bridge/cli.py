@@ -98,6 +98,18 @@ def cmd_agent_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent_run(args: argparse.Namespace) -> int:
+    import signal
+
+    from imapsync_bridge.agent.service import AgentService
+
+    service = AgentService(load_agent_config(Path(args.config)))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: service.stop())
+    service.run()
+    return 0
+
+
 def cmd_agent_status(args: argparse.Namespace) -> int:
     from imapsync_bridge.agent.runner import status
 
@@ -225,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="carry out a mass delete the breaker stopped",
     )
     p.set_defaults(func=cmd_agent_sync)
+    p = agent.add_parser(
+        "run", help="the service: periodic sync, IMAP IDLE and server push, trigger mail"
+    )
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_agent_run)
     p = agent.add_parser("status", help="pairing, last sync, quarantine")
     p.add_argument("--config", required=True)
     p.add_argument("--json", action="store_true")

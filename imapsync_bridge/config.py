@@ -349,10 +349,10 @@ def load_agent_config(path: Path) -> AgentConfig:
         state_dir=path.parent / agent.text("state_dir"),
         server=agent.host_port("server"),
         server_timeout=agent.integer("server_timeout", 60, minimum=1),
-        sync_interval=agent.integer("sync_interval", 300, minimum=10),
+        sync_interval=agent.integer("sync_interval", 300, minimum=1),
         idle=agent.boolean("idle", True),
         sync_on_change=agent.boolean("sync_on_change", True),
-        poll_interval=agent.integer("poll_interval", 60, minimum=5),
+        poll_interval=agent.integer("poll_interval", 60, minimum=1),
         mass_delete_share=agent.number("mass_delete_share", 0.5, 0.0, 1.0),
         max_message_size=agent.integer("max_message_size", 25 * 1024 * 1024, minimum=1024),
         imap=ImapSettings(

@@ -205,6 +205,19 @@ class Bridge:
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
 
+    def run_agent(self, ini: Path | None = None) -> subprocess.Popen[bytes]:
+        """`agent run` as a real process; its log goes to ``agent-run.log`` beside the ini."""
+        ini = ini or self.agent_ini
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        log = (ini.parent / "agent-run.log").open("ab")
+        return subprocess.Popen(
+            [sys.executable, "-m", "imapsync_bridge.cli", "agent", "run", "--config", str(ini)],
+            env=env, stdout=log, stderr=log,
+        )  # fmt: skip
+
+    def agent_log(self, ini: Path | None = None) -> str:
+        return ((ini or self.agent_ini).parent / "agent-run.log").read_text(errors="replace")
+
     def phone(self, *argv: str) -> str:
         rc, out, err = run_cli(
             "phone", "--config", str(self.server_ini), "--user", self.phone_user, *argv

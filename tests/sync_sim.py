@@ -68,6 +68,7 @@ from imapsync_bridge.sync.session import (
     PhoneSnapshot,
     ReadDesktopStatus,
     ReadLedger,
+    ReadPhoneSnapshot,
     SendToPhone,
     SessionOptions,
     Step,
@@ -381,6 +382,7 @@ def sync(
     crash_after: str | None = None,
     mass_delete_share: float | None = None,
     during: Callable[[str], None] | None = None,
+    phone_vouched: bool = False,
 ) -> Ledger:
     """One session of the real flow (:func:`imapsync_bridge.sync.session.session`),
     answered by the in-memory mailboxes; returns the committed ledger (a
@@ -389,17 +391,22 @@ def sync(
     With ``crash_after`` (one of CRASH_POINTS) the session stops at that point and
     returns the *old* ledger, as a crash before the ledger commit would leave it.
     ``during(step)`` is called at each of SESSION_STEPS: users acting mid-session.
+    ``phone_vouched``: start without the phone's snapshot, as ``agent run`` does when its
+    push link says the phone has not changed; the flow asks for it if it needs it.
     """
     assert crash_after in (None, *CRASH_POINTS)
     last = getattr(ledger, "last", None) or LastSession(None, None, 0, False)
     last = replace(last, interrupted=getattr(ledger, "interrupted", False))
-    snapshot = PhoneSnapshot(
-        window=window,
-        facts=phone.facts(),
-        destroyed=sorted(phone.destroyed),
-        restored=sorted(phone.restored),
-        action_seq=phone.action_seq if phone.action_seq > phone.acked else 0,
-    )
+
+    def phone_now() -> PhoneSnapshot:
+        return PhoneSnapshot(
+            window=window,
+            facts=phone.facts(),
+            destroyed=sorted(phone.destroyed),
+            restored=sorted(phone.restored),
+            action_seq=phone.action_seq if phone.action_seq > phone.acked else 0,
+        )
+
     options = SessionOptions(
         mass_delete_share=mass_delete_share or 0.5, allow_mass_delete=mass_delete_share is None
     )
@@ -421,6 +428,8 @@ def sync(
         match step:
             case ReadDesktopStatus():
                 return desktop.status()
+            case ReadPhoneSnapshot():
+                return phone_now()
             case ReadLedger():
                 return dict(ledger)
             case CheckWindowFlags(saved):
@@ -459,7 +468,7 @@ def sync(
                 return None
         raise AssertionError(f"unknown step {step!r}")
 
-    flow = session(last, snapshot, options)
+    flow = session(last, None if phone_vouched else phone_now(), options)
     reply: Any = None
     try:
         while True:

@@ -435,3 +435,31 @@ def _flag_differs(w: World, key: str, which: str) -> bool:
     entry = w.ledger[key]
     fd, fp = flags_of(w, key)
     return any(f is not None and getattr(f, which) != getattr(entry.flags, which) for f in (fd, fp))
+
+
+desktop_op = st.tuples(st.sampled_from(DESKTOP_OPS), st.integers(0, 1000))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dates=st.lists(st.integers(0, 100_000), min_size=1, max_size=20, unique=True),
+    window=st.integers(1, 8),
+    rounds=st.lists(st.lists(desktop_op, max_size=4), min_size=1, max_size=5),
+    condstore=st.booleans(),
+)
+def test_a_session_vouched_by_the_push_link_ends_as_a_full_one(
+    dates, window, rounds, condstore
+) -> None:
+    """`agent run` starts a session without the phone's snapshot when its push link says
+    the phone has not changed since the last session: when only the desktop changed,
+    that ends exactly where a session that read the snapshot first would."""
+    w = synced_world(dates, window, condstore)
+    for ops in rounds:
+        for name, n in ops:
+            do_op(w, name, n)
+        reference = copy.deepcopy(w)
+        reference.ledger = sync(reference.desktop, reference.phone, reference.ledger, window)
+        w.ledger = sync(w.desktop, w.phone, w.ledger, window, phone_vouched=True)
+        assert state_of(w) == state_of(reference)
+        check_all(w)
+        check_idle(w)

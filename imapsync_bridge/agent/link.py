@@ -104,6 +104,14 @@ class ServerLink:
             raise _server_error(frame)
         raise ProtocolError(f"unexpected '{schema.frame_type(frame)}' frame from the server")
 
+    def fileno(self) -> int:
+        """The socket, for ``select`` in the service loop."""
+        return self._sock.fileno()
+
+    def has_buffered(self) -> bool:
+        """A notice is queued, or TLS holds decrypted bytes ``select`` cannot see."""
+        return bool(self._notices) or self._sock.pending() > 0
+
     def heartbeat(self) -> None:
         """Check the server is there: send a heartbeat, wait for one back (within the
         socket's timeout, else ConnectionLost)."""

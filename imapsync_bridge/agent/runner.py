@@ -87,7 +87,10 @@ def sync_once(config: AgentConfig, allow_mass_delete: bool = False) -> SessionRe
 
 
 def status(config: AgentConfig) -> dict[str, Any]:
-    """What `agent status --json` prints (stable field names, see README)."""
+    """What `agent status --json` prints (stable field names, see README); ``running``,
+    ``connections`` and ``next_sync`` come from a running `agent run`."""
+    from imapsync_bridge.agent.service import service_status
+
     state = open_state(config)
     try:
         ledger = state.ledger()
@@ -109,6 +112,7 @@ def status(config: AgentConfig) -> dict[str, Any]:
             ],
             "sync_phrase": state.get("sync_phrase"),
             "folders": json.loads(folders) if (folders := state.get("folders")) else None,
+            **service_status(config),
         }
     finally:
         state.close()

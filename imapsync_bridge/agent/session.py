@@ -45,6 +45,7 @@ from imapsync_bridge.sync.session import (
     PhoneSnapshot,
     ReadDesktopStatus,
     ReadLedger,
+    ReadPhoneSnapshot,
     SendToPhone,
     SessionOptions,
     SessionReport,
@@ -133,23 +134,25 @@ class SyncSession:
         desktop: DesktopSide,
         link: ServerLink,
         options: SessionOptions,
+        *,
+        phone_vouched: bool = False,
     ) -> None:
+        """``phone_vouched``: the caller knows the phone has not changed since the last
+        session (``agent run``'s push link said nothing), so the session greets the
+        server only if the desktop moved."""
         self.state = state
         self.desktop = desktop
         self.link = link
         self.options = options
+        self.phone_vouched = phone_vouched
         self._acked = 0  # highest op the server acknowledged; retired with the ledger
 
     def run(self) -> SessionReport:
         started = time.monotonic()
         last = last_session(self.state)
         journal = self.state.pending()
-        snapshot = self.link.hello(self.state.agent_instance(), with_snapshot=not journal)
-        self.state.skip_sequence_past(self.link.last_seq)
-        if snapshot is None:
-            self._resend(journal)
-            snapshot = self.link.snapshot()
-        flow = session(last, phone_snapshot(snapshot), self.options)
+        snapshot = None if self.phone_vouched and not journal else self._greet(journal)
+        flow = session(last, snapshot, self.options)
         answer: Any = None
         try:
             while True:
@@ -161,10 +164,21 @@ class SyncSession:
             self.link.complete(report.summary())
         return report
 
+    def _greet(self, journal: list[PendingOp]) -> PhoneSnapshot:
+        """Hello, the resend of what an earlier session journaled, and the snapshot."""
+        snapshot = self.link.hello(self.state.agent_instance(), with_snapshot=not journal)
+        self.state.skip_sequence_past(self.link.last_seq)
+        if snapshot is None:
+            self._resend(journal)
+            snapshot = self.link.snapshot()
+        return phone_snapshot(snapshot)
+
     def _carry_out(self, step: Step) -> Any:
         """One step of the flow, with I/O; returns its answer."""
         if isinstance(step, ReadDesktopStatus):
             return self.desktop.status()
+        if isinstance(step, ReadPhoneSnapshot):
+            return self._greet([])
         if isinstance(step, ReadLedger):
             return self.state.ledger()
         if isinstance(step, CheckWindowFlags):

@@ -14,6 +14,7 @@ from imapsync_bridge.config import ServerConfig
 from imapsync_bridge.errors import ConfigError
 from imapsync_bridge.protocol import pki
 from imapsync_bridge.server.listener import SyncListener
+from imapsync_bridge.server.notify import ChangeNotifier, MailTrigger
 from imapsync_bridge.server.store import PhoneStore
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,11 @@ LISTENERS: tuple[ListenerEntry, ...] = (
 )
 
 
+def mail_trigger(config: ServerConfig, store: PhoneStore) -> MailTrigger | None:
+    """How the notifier mails a user's trigger (None without a ``[relay]``)."""
+    return None
+
+
 @dataclass
 class Running:
     """What ``serve`` started, handed to its ``ready`` callback (on the event loop)."""
@@ -135,6 +141,7 @@ async def serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
     running = Running(store, stop)
+    notifier: ChangeNotifier | None = None
     try:
         for entry in entries:
             address = entry.address(config)
@@ -144,10 +151,17 @@ async def serve(
             running.ports[entry.name] = await listener.start(*address)
             running.listeners[entry.name] = listener
             log.info("%s listener on %s:%s", entry.name, address[0], running.ports[entry.name])
+        if "sync" in running.listeners:
+            notifier = ChangeNotifier(
+                config.database, store, running.sync, mail_trigger(config, store)
+            )
+            await notifier.start()
         if ready is not None:
             ready(running)
         await stop.wait()
     finally:
+        if notifier is not None:
+            await notifier.close()
         for listener in reversed(running.listeners.values()):
             await listener.close()
         store.close()

@@ -33,6 +33,9 @@ from imapsync_bridge.server.store_api import ListenerStore
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = 300.0  # seconds a connection may stay silent between frames
+# ... and one whose agent sends heartbeats (`agent run`'s push link beats every 20 s):
+# then a dead agent is noticed within a minute and no longer counts as connected.
+BEATING_TIMEOUT = 60.0
 CLOSE_TIMEOUT = 5.0  # seconds to wait for a peer to acknowledge the end of a session
 HEARTBEAT_INTERVAL = 30.0  # seconds of quiet after which the server sends a heartbeat
 UNAUTHENTICATED_FRAMES = (schema.CaRequest, schema.Pair)
@@ -214,6 +217,10 @@ class SyncListener:
         """How many greeted connections ``user``'s agents hold open."""
         return len(self._agents.get(user, ()))
 
+    def connected_users(self) -> frozenset[str]:
+        """The users with at least one greeted connection open."""
+        return frozenset(self._agents)
+
     async def push(self, user: str, frame: schema.Frame) -> int:
         """Send an unsolicited frame to each connection of ``user``; returns how many got
         it (0: no agent connected; the trigger mail or the next periodic sync carries it)."""
@@ -253,13 +260,16 @@ class SyncListener:
                 if user is None:
                     log.warning("%s: refused certificate %x (unknown or revoked)", peer, serial)
             handler = self.handler_class(self.store, self.data_dir, user, peer)
+            timeout = IDLE_TIMEOUT
             while True:
                 try:
-                    body = await framing.read_payload_async(reader, self.max_frame, IDLE_TIMEOUT)
+                    body = await framing.read_payload_async(reader, self.max_frame, timeout)
                 except ConnectionLost:  # the peer left, or stayed silent too long
                     return
                 try:
                     frame = schema.decode_to_server(body)
+                    if isinstance(frame, schema.Heartbeat):
+                        timeout = BEATING_TIMEOUT
                     reply = await asyncio.to_thread(handler.handle, frame)
                 except BridgeError as exc:
                     log.warning("%s (%s): %s", peer, user or "no certificate", exc)

@@ -7,7 +7,10 @@ adapter, SQLite state and server link; ``tests/sync_sim.py`` drives it with in-m
 mailboxes, so the property tests run the very decisions users run — fast paths, held
 keys and the pull retries included. The patent's figures, by name:
 
-1. the phone's snapshot is given (the driver's hello/resend came first);
+1. the phone's snapshot is given (the driver's hello/resend came first), or, when the
+   driver knows the phone has not changed since the last session (the push link of
+   ``agent run`` says so), asked for only once the desktop has moved
+   (:class:`ReadPhoneSnapshot`);
 2. :func:`nothing_changed` — the fast path: nothing moved on either side, stop;
 3. **initial or update sync** (FIGs. 4-8) — :func:`~.merge.merge` over the ledger and
    both sides' facts; an empty ledger makes it the initial sync; the mass-delete breaker;
@@ -100,6 +103,12 @@ class PhoneSnapshot:
 @dataclass(frozen=True)
 class ReadDesktopStatus:
     """Answer: the :class:`DesktopStatus` now."""
+
+
+@dataclass(frozen=True)
+class ReadPhoneSnapshot:
+    """Answer: the :class:`PhoneSnapshot` now (asked only when the flow was started
+    without one and the desktop moved)."""
 
 
 @dataclass(frozen=True)
@@ -214,6 +223,7 @@ class NothingToDo:
 
 Step = (
     ReadDesktopStatus
+    | ReadPhoneSnapshot
     | ReadLedger
     | CheckWindowFlags
     | FindDesktopFacts
@@ -252,13 +262,28 @@ class SessionReport:
 
 
 # -- the flow --------------------------------------------------------------------------
-def session(last: LastSession, snapshot: PhoneSnapshot, options: SessionOptions) -> Flow:
-    """One session, from the phone's snapshot to the commit (see the module docstring)."""
+def session(last: LastSession, snapshot: PhoneSnapshot | None, options: SessionOptions) -> Flow:
+    """One session, from the phone's snapshot to the commit (see the module docstring).
+
+    ``snapshot`` None: the driver vouches that the phone has not changed since the last
+    completed session, so the flow reads it only if the desktop moved.
+    """
     report = SessionReport()
-    window = snapshot.window
     status: DesktopStatus = yield ReadDesktopStatus()
     saved: dict[str, LedgerEntry] | None = None
-    if nothing_changed(last, snapshot, status):
+    if snapshot is None:
+        if desktop_unchanged(last, status):
+            if status.inbox.highestmodseq is None:
+                saved = yield ReadLedger()
+                unchanged = yield CheckWindowFlags(saved)
+            else:
+                unchanged = True  # HIGHESTMODSEQ would have moved with any flag
+            if unchanged:
+                report.fast_path = True
+                yield NothingToDo()
+                return report
+        snapshot = yield ReadPhoneSnapshot()
+    elif nothing_changed(last, snapshot, status):
         saved = yield ReadLedger()
         unchanged = phone_as_agreed(snapshot, saved) and (
             status.inbox.highestmodseq is not None or (yield CheckWindowFlags(saved))
@@ -267,6 +292,7 @@ def session(last: LastSession, snapshot: PhoneSnapshot, options: SessionOptions)
             report.fast_path = True
             yield NothingToDo()
             return report
+    window = snapshot.window
 
     ledger = ledger_for(last, status, saved if saved is not None else (yield ReadLedger()))
     # The phone may hold what the last session meant to evict (the phone user changed it
@@ -399,9 +425,17 @@ def nothing_changed(last: LastSession, snapshot: PhoneSnapshot, status: DesktopS
     return (
         not snapshot.action_seq
         and not snapshot.destroyed
-        and not last.held  # an action failed last time: try it again
-        and not last.interrupted  # both sides may have moved past the ledger
         and last.window == snapshot.window
+        and desktop_unchanged(last, status)
+    )
+
+
+def desktop_unchanged(last: LastSession, status: DesktopStatus) -> bool:
+    """The desktop's counts are those the last completed session started from, and that
+    session left nothing to retry."""
+    return (
+        not last.held  # an action failed last time: try it again
+        and not last.interrupted  # both sides may have moved past the ledger
         and last.status == status
     )
 

@@ -1,0 +1,432 @@
+"""`agent run`: the agent as a service — periodic syncs, push both ways, trigger mail.
+
+One thread runs every sync session, so there is never more than one at a time; what
+asks for a sync only adds a *reason* to :class:`Wakeup` and wakes that thread, so
+requests arriving while a session runs (IDLE wake-ups, pushes, triggers, the timer)
+merge into one following session. Around it:
+
+- the periodic timer (the ``schedule`` package) adds "timer" every ``sync_interval``;
+- :class:`~.idle.InboxWatcher` (its own IMAP connection, IDLE) adds the inbox's changes;
+- the push link (:mod:`.push`), owned by this thread once connected, brings the
+  server's ``changed`` notices, and carries the sessions themselves (no TLS handshake
+  per session). While it is up and said nothing, the phone has not changed since the
+  last session, so a session starts from the desktop's counts alone and asks the server
+  nothing unless the desktop moved;
+- with ``idle = false``, "poll" every ``poll_interval`` looks for trigger mail.
+
+A session that fails is retried with backoff; the service itself keeps running. SIGTERM
+or SIGINT end it: a session in progress may finish for a few seconds, then it is
+abandoned, which the journal makes safe (the next run carries on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import queue
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import schedule
+
+from imapsync_bridge.agent.desktop import DesktopSide
+from imapsync_bridge.agent.imap import ImapMailbox
+from imapsync_bridge.agent.link import ServerLink
+from imapsync_bridge.agent.push import PushConnector, PushTiming
+from imapsync_bridge.agent.runner import (
+    connect_imap,
+    open_desktop,
+    open_link,
+    open_state,
+    session_options,
+)
+from imapsync_bridge.agent.session import SyncSession
+from imapsync_bridge.config import AgentConfig
+from imapsync_bridge.errors import AuthError, BridgeError, TransientError
+from imapsync_bridge.protocol import schema
+from imapsync_bridge.sync.session import SessionReport
+
+log = logging.getLogger(__name__)
+
+SERVICE_FILE = "agent-run.json"  # what `agent status` shows of a running service
+LOCK_FILE = "agent.lock"  # held around every session: one at a time, also with `agent sync`
+STOP_GRACE = 8.0  # seconds a session may go on after SIGTERM before it is abandoned
+# Reasons that start a sync; IDLE's inbox changes do when sync_on_change is true.
+SYNC_REASONS = frozenset({"start", "timer", "phone", "trigger", "retry", "push", "reconnected"})
+INBOX_CHANGES = frozenset({"new", "flags", "expunge"})
+# Reasons after which new inbox mail may hold a trigger.
+SCAN_REASONS = frozenset({"start", "new", "reconnected", "poll"})
+
+
+@dataclass(frozen=True)
+class ServiceTiming:
+    push: PushTiming = field(default_factory=PushTiming)
+    retry_initial: float = 5.0  # a failed session is retried after this, doubling
+    retry_max: float = 300.0
+
+
+class Wakeup:
+    """Reasons to act, added from any thread; a socket pair wakes the service's select."""
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+        self._lock = threading.Lock()
+        self._reasons: set[str] = set()
+
+    def add(self, reason: str) -> None:
+        with self._lock:
+            self._reasons.add(reason)
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._writer.send(b"\0")
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def take(self) -> set[str]:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while self._reader.recv(4096):
+                pass
+        with self._lock:
+            reasons, self._reasons = self._reasons, set()
+        return reasons
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+
+class AgentService:
+    def __init__(self, config: AgentConfig, timing: ServiceTiming | None = None) -> None:
+        self.config = config
+        self.timing = timing or ServiceTiming()
+        self.wake = Wakeup()
+        self.state = open_state(config)
+        self.scheduler = schedule.Scheduler()
+        self.scheduler.every(config.sync_interval).seconds.do(self.wake.add, "timer")
+        if not config.idle:
+            self.scheduler.every(config.poll_interval).seconds.do(self.wake.add, "poll")
+        self._handover: queue.SimpleQueue[ServerLink] = queue.SimpleQueue()
+        self.connector = PushConnector(self._connect_push, self._handed_over, self.timing.push)
+        self.push: ServerLink | None = None
+        self._push_since: str | None = None
+        self._push_heard = self._push_said = 0.0
+        self._push_generation = 0
+        self._phone_clean = False  # the push link vouches: no phone change since the last session
+        self._imap: ImapMailbox | None = None
+        self._desktop: DesktopSide | None = None
+        self._pending: set[str] = set()
+        self._failures = 0
+        self._retry_at: float | None = None
+        self._stopping = threading.Event()
+        self._started = datetime.now(UTC)
+        self._syncs = 0
+        self._shown: dict[str, Any] = {}
+        self._instance = self.state.agent_instance()
+
+    # -- life cycle ----------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the loop to end (safe from a signal handler); a session in progress gets
+        STOP_GRACE seconds, then the process leaves it (the journal makes that safe)."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self.wake.add("stop")
+        abandon = threading.Timer(STOP_GRACE, self._abandon)
+        abandon.daemon = True
+        abandon.start()
+
+    def _abandon(self) -> None:
+        log.warning("stopping: abandoning the session in progress; the next run carries on")
+        os._exit(0)
+
+    def run(self) -> None:
+        log.info(
+            "agent run: sync every %d s, IMAP IDLE %s, push link to %s:%s",
+            self.config.sync_interval,
+            "on" if self.config.idle else f"off (trigger poll every {self.config.poll_interval} s)",
+            *self.config.server,
+        )
+        self.connector.start()
+        self.wake.add("start")
+        try:
+            while not self._stopping.is_set():
+                self._turn()
+        finally:
+            self._shut_down()
+        log.info("agent run stopped")
+
+    def _shut_down(self) -> None:
+        self.connector.stop()
+        self._drop_push(None)
+        self._drop_desktop()
+        self._write_service_file(running=False)
+        self.state.close()
+        self.wake.close()
+
+    # -- one turn of the loop ------------------------------------------------------------
+    def _turn(self) -> None:
+        readable: list[Any] = [self.wake]
+        timeout = self._seconds_to_next_event()
+        if self.push is not None:
+            readable.append(self.push)
+            if self.push.has_buffered():
+                timeout = 0.0
+        ready, _, _ = select.select(readable, [], [], timeout)
+        self._pending |= self.wake.take()
+        self._take_handed_over()
+        if self.push is not None and (self.push in ready or self.push.has_buffered()):
+            self._read_push()
+        self._keep_push_alive()
+        self.scheduler.run_pending()
+        self._pending |= self.wake.take()
+        self._pending.discard("stop")
+        if not self._stopping.is_set():
+            self._act()
+        self._write_service_file(running=True)
+
+    def _seconds_to_next_event(self) -> float:
+        waits = [self.scheduler.idle_seconds or 60.0, 60.0]
+        now = time.monotonic()
+        if self._retry_at is not None:
+            waits.append(self._retry_at - now)
+        if self.push is not None:
+            push = self.timing.push
+            waits.append(self._push_said + push.heartbeat_every - now)
+            waits.append(self._push_heard + push.quiet_limit - now)
+        return max(0.0, min(waits))
+
+    def _act(self) -> None:
+        if self._retry_at is not None and time.monotonic() >= self._retry_at:
+            self._retry_at = None
+            self._pending.add("retry")
+        reasons, self._pending = self._pending, set()
+        if not reasons:
+            return
+        wanted = reasons & SYNC_REASONS
+        if self.config.sync_on_change:
+            wanted |= reasons & INBOX_CHANGES
+        if wanted and self._retry_at is not None and wanted <= {"timer", *INBOX_CHANGES}:
+            return  # a failed session waits for its retry; only a user's request jumps it
+        if wanted:
+            self._sync(wanted)
+
+    # -- sessions ------------------------------------------------------------------------
+    def _sync(self, reasons: set[str]) -> None:
+        vouched = self._phone_clean and self.push is not None
+        generation = self._push_generation
+        try:
+            with self._session_lock():
+                report = self._session_retrying_stale(vouched)
+        except BridgeError as exc:
+            self._session_failed(exc)
+            return
+        self._syncs += 1
+        self._failures = 0
+        self._retry_at = None
+        # The phone is as the session left it unless the link said otherwise meanwhile.
+        self._phone_clean = (
+            self.push is not None
+            and self._push_generation == generation
+            and not self.push.has_buffered()
+        )
+        if not report.fast_path:
+            why = ",".join(sorted(reasons))
+            log.info("sync (%s): %s in %.2f s", why, report.summary(), report.seconds)
+
+    def _session_retrying_stale(self, vouched: bool) -> SessionReport:
+        """A session; once more at once on fresh connections when a kept one had died
+        while the service waited (a server drops idle connections after a while)."""
+        reused = self._desktop is not None
+        try:
+            return self._session(vouched)
+        except TransientError as exc:
+            if not reused:
+                raise
+            log.info("a kept connection had gone (%s); reconnecting", exc)
+            self._drop_desktop()
+            self._drop_push("it failed under a session")
+            return self._session(False)
+
+    def _session(self, vouched: bool) -> SessionReport:
+        options = session_options(self.config, allow_mass_delete=False)
+        desktop = self._desktop_side()
+        if self.push is None:
+            with open_link(self.config) as link:
+                return SyncSession(self.state, desktop, link, options).run()
+        report = SyncSession(self.state, desktop, self.push, options, phone_vouched=vouched).run()
+        self._push_said = self._push_heard = time.monotonic()
+        return report
+
+    def _session_failed(self, exc: BridgeError) -> None:
+        self._failures += 1
+        delay = min(self.timing.retry_initial * 2 ** (self._failures - 1), self.timing.retry_max)
+        if isinstance(exc, AuthError):
+            delay = self.timing.retry_max
+        self._retry_at = time.monotonic() + delay
+        self._phone_clean = False
+        self.state.set_many({"last_result": "failed", "last_error": str(exc)})
+        log.warning("sync failed: %s; retrying in %.0f s", exc, delay)
+        # Whatever the session's connections were doing, start them afresh.
+        self._drop_desktop()
+        if self.push is not None:
+            self._drop_push("the session on it failed")
+
+    @contextlib.contextmanager
+    def _session_lock(self) -> Iterator[None]:
+        with (self.config.state_dir / LOCK_FILE).open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _desktop_side(self) -> DesktopSide:
+        if self._desktop is None:
+            self._imap = connect_imap(self.config)
+            self._desktop = open_desktop(self.config, self._imap)
+        return self._desktop
+
+    def _drop_desktop(self) -> None:
+        if self._imap is not None:
+            with contextlib.suppress(Exception):
+                self._imap.close()
+        self._imap = self._desktop = None
+
+    # -- the push link -------------------------------------------------------------------
+    def _connect_push(self) -> ServerLink:
+        """In the connector's thread: a new link, greeted (the server registers it)."""
+        link = open_link(self.config)
+        try:
+            link.hello(self._instance)
+        except BaseException:
+            link.close()
+            raise
+        return link
+
+    def _handed_over(self, link: ServerLink) -> None:
+        self._handover.put(link)
+        self.wake.add("push")
+
+    def _take_handed_over(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                link = self._handover.get_nowait()
+                if self._stopping.is_set():
+                    link.close()
+                    continue
+                self._drop_push(None)
+                self.push = link
+                self._push_generation += 1
+                self._push_heard = self._push_said = time.monotonic()
+                self._push_since = datetime.now(UTC).isoformat(timespec="seconds")
+                self._phone_clean = False  # what changed while it was down: sync
+                log.info("push link to the server is up")
+
+    def _read_push(self) -> None:
+        assert self.push is not None
+        try:
+            while self.push is not None:
+                notice = self.push.wait_notice(0.0)
+                if notice is None:
+                    return
+                self._push_heard = time.monotonic()
+                if isinstance(notice, schema.Changed):
+                    log.info("server: changed (%s)", notice.reason)
+                    self._phone_clean = False
+                    self._pending.add("phone")
+        except BridgeError as exc:
+            self._drop_push(str(exc))
+
+    def _keep_push_alive(self) -> None:
+        if self.push is None:
+            return
+        now = time.monotonic()
+        if now - self._push_heard > self.timing.push.quiet_limit:
+            self._drop_push(f"nothing heard for {now - self._push_heard:.0f} s")
+            return
+        if now - self._push_said >= self.timing.push.heartbeat_every:
+            try:
+                self.push.send(schema.Heartbeat())
+            except BridgeError as exc:
+                self._drop_push(str(exc))
+                return
+            self._push_said = now
+
+    def _drop_push(self, reason: str | None) -> None:
+        if self.push is None:
+            return
+        self.push.close()
+        self.push = None
+        self._push_since = None
+        self._phone_clean = False
+        if reason is not None:
+            log.warning("push link to the server lost: %s; reconnecting", reason)
+            if not self._stopping.is_set():
+                self.connector.reconnect()
+
+    # -- what `agent status` shows -------------------------------------------------------
+    def _write_service_file(self, running: bool) -> None:
+        next_run = self.scheduler.next_run
+        shown = {
+            "pid": os.getpid(),
+            "running": running,
+            "started": self._started.isoformat(timespec="seconds"),
+            "connections": {
+                "push": {
+                    "state": "connected" if self.push is not None else "connecting",
+                    "since": self._push_since,
+                    "last_error": self.connector.last_error,
+                },
+            },
+            # schedule keeps naive local times
+            "next_sync": (
+                next_run.astimezone(UTC).isoformat(timespec="seconds")
+                if running and next_run is not None
+                else None
+            ),
+            "syncs": self._syncs,
+        }
+        if shown == self._shown:
+            return
+        self._shown = shown
+        path = self.config.state_dir / SERVICE_FILE
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(shown, indent=2))
+        os.replace(temporary, path)
+
+
+def service_status(config: AgentConfig) -> dict[str, Any]:
+    """The running service as its file says, if its process is alive."""
+    try:
+        shown = json.loads((config.state_dir / SERVICE_FILE).read_text())
+    except (OSError, ValueError):
+        return {"running": False, "connections": None, "next_sync": None}
+    alive = bool(shown.get("running")) and _process_alive(int(shown.get("pid", 0)))
+    return {
+        "running": alive,
+        "connections": shown.get("connections") if alive else None,
+        "next_sync": shown.get("next_sync") if alive else None,
+    }
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,114 @@
+"""Tell a user's agent that the phone side changed: the server's half of the push.
+
+Phone-side changes are written by whichever process serves the phone user (the `phone`
+CLI, the web page, SMTP in), so the notifier watches the database rather than the
+callers: SQLite's ``PRAGMA data_version`` changes when any other connection commits,
+which costs microseconds to ask, so it is asked every ``poll`` seconds. When it moved,
+the notifier compares each connected user's newest phone action with what it last
+pushed and sends ``changed`` over that user's agent connections.
+
+A phone "sync now" request is taken here too: pushed when the user's agent is
+connected, otherwise sent as the trigger mail through ``[relay]``. The notifier keeps no
+sync state: after a restart, an agent that reconnects syncs anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from imapsync_bridge.errors import BridgeError
+from imapsync_bridge.protocol import schema
+from imapsync_bridge.server.listener import SyncListener
+from imapsync_bridge.server.store_api import SyncStore
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.05
+
+# The newest phone-side change per user; each is a mark that only grows.
+_PHONE_ACTIONS = "SELECT user_name, MAX(seq) FROM phone_actions GROUP BY user_name"
+_SYNC_REQUESTS = "SELECT user_name FROM sync_requests"
+
+MailTrigger = Callable[[str], Awaitable[None]]
+
+
+class ChangeNotifier:
+    """Pushes ``changed`` to connected agents; routes sync requests (push or mail)."""
+
+    def __init__(
+        self,
+        database: Path,
+        store: SyncStore,
+        sync: SyncListener,
+        mail_trigger: MailTrigger | None,
+        poll: float = POLL_SECONDS,
+    ) -> None:
+        self.database = database
+        self.store = store
+        self.sync = sync
+        self.mail_trigger = mail_trigger
+        self.poll = poll
+        self._task: asyncio.Task[None] | None = None
+        self._pushed: dict[str, int] = {}  # user -> newest phone action already told
+        self._unmailable: set[str] = set()  # users whose request could not be mailed (logged)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        conn = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)
+        try:
+            self._pushed = dict(conn.execute(_PHONE_ACTIONS).fetchall())
+            version = None
+            connected: frozenset[str] = frozenset()
+            while True:
+                now_version = conn.execute("PRAGMA data_version").fetchone()[0]
+                now_connected = self.sync.connected_users()
+                if now_version != version or now_connected != connected:
+                    version, connected = now_version, now_connected
+                    await self._look(conn, connected)
+                await asyncio.sleep(self.poll)
+        finally:
+            conn.close()
+
+    async def _look(self, conn: sqlite3.Connection, connected: frozenset[str]) -> None:
+        for user, newest in conn.execute(_PHONE_ACTIONS).fetchall():
+            if newest > self._pushed.get(user, 0):
+                self._pushed[user] = newest
+                if user in connected:
+                    await self.sync.push(user, schema.Changed(reason="phone_action"))
+        for (user,) in conn.execute(_SYNC_REQUESTS).fetchall():
+            await self._route_sync_request(user, user in connected)
+
+    async def _route_sync_request(self, user: str, connected: bool) -> None:
+        if connected and await self.sync.push(user, schema.Changed(reason="sync_request")):
+            await asyncio.to_thread(self.store.take_sync_request, user)
+            log.info("%s: sync request pushed to the agent", user)
+            return
+        if self.mail_trigger is None:
+            if user not in self._unmailable:
+                self._unmailable.add(user)
+                log.warning(
+                    "%s: sync request waits: the agent is not connected and no [relay] "
+                    "is configured to mail the trigger",
+                    user,
+                )
+            return
+        try:
+            await self.mail_trigger(user)
+        except BridgeError as exc:  # the request stays; the next change tries again
+            log.warning("%s: could not mail the trigger: %s", user, exc)
+            return
+        await asyncio.to_thread(self.store.take_sync_request, user)
+        log.info("%s: agent not connected; trigger mail sent", user)
