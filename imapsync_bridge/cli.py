@@ -101,11 +101,18 @@ def cmd_agent_sync(args: argparse.Namespace) -> int:
 def cmd_agent_run(args: argparse.Namespace) -> int:
     import signal
 
+    # A stop asked for while the service starts up ends it as soon as it can run.
+    stop_asked: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, _frame: stop_asked.append(signum))
+
     from imapsync_bridge.agent.service import AgentService
 
     service = AgentService(load_agent_config(Path(args.config)))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda _signum, _frame: service.stop())
+    if stop_asked:
+        return 0
     service.run()
     return 0
 

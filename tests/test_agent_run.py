@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import re
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from bridge import Bridge
+from bridge import REPO, Bridge
 from dovecot import Dovecot
+from test_bridge_crash import Killer
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
@@ -107,3 +112,154 @@ def test_a_phone_change_reaches_the_desktop_by_push(bridge: Bridge) -> None:
     finally:
         stop_agent(bridge, agent)
     assert took < 5
+
+
+def test_a_burst_of_phone_changes_gives_a_handful_of_syncs(bridge: Bridge) -> None:
+    ids = [bridge.deliver(n) for n in range(1, 7)]
+    agent = start_agent(bridge, idle="false", sync_interval="3600")
+    try:
+        wait_for(lambda: len(bridge.phone_inbox_ids()) == 6, 10, "the first sync")
+        wait_for(lambda: bridge.agent_status()["connections"], 10, "the push link")
+        phone_ids = [bridge.phone_id(m) for m in ids]
+        for round_ in range(100):  # flag, then unflag, each message in turn
+            verb = "flag" if round_ % 2 == 0 else "unflag"
+            bridge.phone(verb, str(phone_ids[(round_ // 2) % 6]))
+        # 100 changes, each flag undone by the next change: all flags end clear.
+        wait_for(
+            lambda: (
+                not any(m.flagged for m in bridge.mails())
+                and not bridge.phone_list()["inbox"][0]["flagged"]
+            ),
+            10,
+            "the burst carried over",
+        )
+        time.sleep(1)
+        bridge.assert_in_sync()
+    finally:
+        stop_agent(bridge, agent)
+    syncs = bridge.agent_log().count("sync (phone")
+    assert 1 <= syncs <= 25, f"{syncs} syncs for a burst of 100 phone changes"
+
+
+def test_request_sync_goes_over_the_push_link_when_the_agent_is_connected(
+    bridge: Bridge,
+) -> None:
+    agent = start_agent(bridge, idle="false", sync_interval="3600")
+    try:
+        wait_for(lambda: bridge.agent_status()["connections"], 10, "the push link")
+        wait_for(lambda: bridge.agent_status()["last_sync"], 10, "the first sync")
+        new = bridge.deliver(1)  # no IDLE, long timer: only the request brings it
+        bridge.phone("request-sync")
+        wait_for(lambda: new in bridge.phone_inbox_ids(), 5, "the requested sync")
+        assert bridge.mails() and all(m.message_id == new for m in bridge.mails()), (
+            "a trigger mail reached the desktop although the push link was up"
+        )
+    finally:
+        stop_agent(bridge, agent)
+    assert "changed (sync_request)" in bridge.agent_log()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def server_process(bridge: Bridge) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    log = (bridge.server_dir / "server-run.log").open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "imapsync_bridge.cli", "server", "run",
+         "--config", str(bridge.server_ini)],
+        env=env, stdout=log, stderr=log,
+    )  # fmt: skip
+    wait_for(
+        lambda: "sync listener on" in (bridge.server_dir / "server-run.log").read_text(),
+        15,
+        "server run",
+    )
+    return process
+
+
+def test_the_hosted_server_killed_and_restarted_under_a_running_agent(bridge: Bridge) -> None:
+    """`server run` as a process of its own on a fixed port, SIGKILLed and started again:
+    the agent notices, reconnects with backoff, and the next phone change still syncs."""
+    port = free_port()
+    bridge.stop()
+    ini = bridge.server_ini.read_text()
+    bridge.server_ini.write_text(
+        re.sub(r"sync_listen = .*", f"sync_listen = 127.0.0.1:{port}", ini)
+    )
+    first, second = bridge.deliver(1), bridge.deliver(2)
+    server = server_process(bridge)
+    agent = None
+    try:
+        bridge.write_agent_config(
+            bridge.agent_ini, server=f"127.0.0.1:{port}", idle="false", sync_interval="3600"
+        )
+        bridge.pair()
+        agent = bridge.run_agent()
+        wait_for(lambda: len(bridge.phone_inbox_ids()) == 2, 10, "the first sync")
+        wait_for(lambda: bridge.agent_status()["connections"], 10, "the push link")
+        server.kill()
+        server.wait(5)
+        bridge.phone("delete", str(bridge.phone_id(first)))  # made while the server is down
+        wait_for(
+            lambda: "push link to the server lost" in bridge.agent_log(), 5, "the loss noticed"
+        )
+        time.sleep(2)  # a few reconnect attempts against a closed port
+        server = server_process(bridge)
+        wait_for(lambda: first in bridge.desktop_ids(bridge.trash), 70, "the change made meanwhile")
+        bridge.phone("read", str(bridge.phone_id(second)))
+        wait_for(
+            lambda: next(m for m in bridge.mails() if m.message_id == second).seen,
+            5,
+            "the next change, by push",
+        )
+        bridge.assert_in_sync()
+        assert agent.poll() is None, "agent run died"
+    finally:
+        if agent is not None:
+            stop_agent(bridge, agent)
+        server.kill()
+        server.wait(5)
+    attempts = bridge.agent_log().count("push link to the server: ")
+    assert attempts <= 8, f"{attempts} reconnect attempts in a few seconds: a storm"
+
+
+@pytest.mark.parametrize("frame_type", ["ops", "ack_actions", "complete"])
+def test_sigkill_of_agent_run_mid_session(
+    dovecot: Dovecot, tmp_path: Path, frame_type: str
+) -> None:
+    """The running service SIGKILLed at a frame of an update session (the server takes
+    the frame; the agent never reads the answer); a new `agent run` converges, with
+    nothing lost or doubled."""
+    killer = Killer()
+    bridge = Bridge(dovecot, tmp_path, window=6).start(observer=killer)
+    try:
+        for n in range(1, 8):
+            bridge.deliver(n)
+        agent = start_agent(bridge, idle="false", sync_interval="3600")
+        wait_for(lambda: len(bridge.phone_inbox_ids()) == 6, 10, "the first sync")
+        wait_for(lambda: bridge.agent_status()["connections"], 10, "the push link")
+        before = set(bridge.desktop_ids())
+        killer.arm(agent.pid, frame_type, 1)
+        new = [bridge.deliver(n) for n in (20, 21)]  # pulled by the session: ops
+        victim = bridge.phone_inbox_ids()[-1]
+        bridge.phone("delete", str(bridge.phone_id(victim)))  # pushed: the session starts
+        wait_for(killer.fired.is_set, 10, f"the kill at {frame_type}")
+        assert agent.wait(5) == -signal.SIGKILL
+        agent = bridge.run_agent()
+        wait_for(lambda: bridge.agent_status()["connections"], 10, "the restarted agent")
+        wait_for(
+            lambda: victim in bridge.desktop_ids(bridge.trash), 10, "the delete, after restart"
+        )
+        wait_for(
+            lambda: set(new) <= set(bridge.phone_inbox_ids()), 10, "the new mail, after restart"
+        )
+        stop_agent(bridge, agent)
+        bridge.assert_in_sync()
+        alive = set(bridge.desktop_ids()) | set(bridge.desktop_ids(bridge.trash))
+        assert before | set(new) <= alive, f"lost: {sorted(before | set(new) - alive)}"
+    finally:
+        bridge.stop()
