@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bridge import ServerThread, run_cli
+from bridge import Bridge, ServerThread, run_cli
 from dovecot import Dovecot
 
 from imapsync_bridge import cli
@@ -170,7 +170,7 @@ def test_several_recipients_of_several_users_get_one_copy_each(hosted: Hosted) -
 
 
 def test_too_large_is_552_declared_or_not(hosted: Hosted) -> None:
-    big = message(6, body="x" * 70 + "\r\n") * 1  # fits
+    big = message(6, body="x" * 70 + "\r\n")  # fits
     huge = message(7, body=("y" * 76 + "\r\n") * (MAX_SIZE // 78 + 10))
     with hosted.smtp() as client:
         client.ehlo()
@@ -288,3 +288,104 @@ def test_message_identity_is_the_key_the_agent_sees_on_the_desktop(
         mailbox.select("INBOX")
         keys = {m.uid: m.key for m in mailbox.summaries([u for u in uids if u is not None])}
     assert [keys[uid] for uid in uids if uid is not None] == [message_identity(r)[0] for r in raws]
+
+
+# -- end to end: SMTP -> phone at once -> desktop after a sync, once ------------------------
+@pytest.fixture
+def linked(dovecot: Dovecot, tmp_path: Path) -> Iterator[Bridge]:
+    """The product with a paired agent; window 6, at most 7 unsynced inbound messages."""
+    b = Bridge(dovecot, tmp_path, window=6).start()
+    assert b.server is not None
+    b.server.stop()
+    set_options(b.server_ini, max_unsynced=7, max_message_size=MAX_SIZE)
+    b.server = ServerThread(b.server_ini).start()
+    b.write_agent_config(b.agent_ini)
+    b.pair()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def next_second() -> None:
+    """Wait for the wall clock's next second: arrival times are whole seconds (as IMAP
+    INTERNALDATEs are), and two mails of one second may list in either order."""
+    time.sleep(1.02 - time.time() % 1)
+
+
+def send(b: Bridge, raw: bytes) -> dict[str, tuple[int, bytes]]:
+    assert b.server is not None
+    with smtplib.SMTP("127.0.0.1", b.server.ports["smtp"], timeout=10) as client:
+        return client.sendmail("carol@example.net", ["alice@phone.example"], raw)
+
+
+def desktop_raw(b: Bridge, uid: int) -> bytes:
+    with b.imap() as client:
+        raw: bytes = client.fetch([uid], ["BODY.PEEK[]"])[uid][b"BODY[]"]
+    return raw
+
+
+def test_inbound_mail_reaches_the_desktop_once_after_a_sync(linked: Bridge) -> None:
+    desktop = [linked.deliver(n) for n in range(1, 4)]
+    linked.sync_ok()
+    with_id = message(50)
+    without_id = b"From: carol@example.net\r\nSubject: no id, no date\r\n\r\nhi\r\n"
+    next_second()
+    assert send(linked, with_id) == {}
+    next_second()
+    assert send(linked, without_id) == {}
+    inbox = linked.phone_list()["inbox"]
+    assert [m["subject"] for m in inbox[:2]] == ["no id, no date", "inbound 50"]  # at once
+    assert [m["message_id"] for m in inbox[2:]] == desktop[::-1]
+    linked.phone("read", str(inbox[1]["id"]))  # read on the phone before the desktop has it
+
+    linked.sync_ok()
+    mails = linked.mails()
+    assert (mails[0].seen, mails[1].seen) == (False, True)
+    assert [m.subject for m in mails[:2]] == ["no id, no date", "inbound 50"]
+    assert len(mails) == 5
+    assert desktop_raw(linked, mails[0].uid) == without_id  # byte-exact on the desktop too
+    assert desktop_raw(linked, mails[1].uid) == with_id
+    assert mails[0].date == dt.datetime.fromisoformat(inbox[0]["date"])  # its arrival time
+    linked.assert_in_sync()
+    linked.sync_ok()
+    linked.sync_ok()
+    assert len(linked.mails()) == 5  # no second APPEND, with or without Message-ID
+    linked.assert_in_sync()
+
+
+def test_window_bound_holds_and_nothing_is_lost_with_more_inbound_than_the_window(
+    linked: Bridge,
+) -> None:
+    desktop = [linked.deliver(n) for n in range(1, 9)]
+    linked.sync_ok()
+    assert linked.phone_inbox_ids() == desktop[::-1][:6]
+    inbound: list[str] = []
+    for n in range(7):
+        next_second()
+        raw = message(60 + n)
+        assert send(linked, raw) == {}
+        inbound.append(message_identity(raw)[0])
+        phone = linked.phone_inbox_ids()
+        assert phone[0] == inbound[-1]  # in the phone inbox at once
+        # the oldest synced messages made room; unsynced ones are never evicted
+        assert phone == (inbound[::-1] + desktop[::-1])[: max(6, len(inbound))]
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as full:
+        send(linked, message(67))
+    assert full.value.recipients["alice@phone.example"] == (452, b"4.2.2 mailbox full, try later")
+
+    linked.sync_ok()
+    assert set(inbound) <= set(linked.desktop_ids())
+    assert len(linked.desktop_ids()) == 8 + 7  # nothing lost, nothing doubled
+    assert linked.phone_inbox_ids() == inbound[::-1][:6]
+    linked.assert_in_sync()
+
+    next_second()
+    late = message(67)
+    assert send(linked, late) == {}  # the desktop took the others: room again
+    assert linked.phone_inbox_ids() == [message_identity(late)[0], *inbound[::-1][:5]]
+    linked.sync_ok()
+    linked.sync_ok()
+    assert len(linked.desktop_ids()) == 8 + 7 + 1
+    assert set(desktop) | set(inbound) <= set(linked.desktop_ids())
+    linked.assert_in_sync()
