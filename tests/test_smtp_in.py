@@ -29,6 +29,7 @@ from imapsync_bridge.agent.imap import ImapMailbox
 from imapsync_bridge.protocol import pki
 from imapsync_bridge.server.app import init_server
 from imapsync_bridge.server.smtp_in import message_identity
+from imapsync_bridge.server.store import Delivery, PhoneStore
 
 MAX_SIZE = 64 * 1024
 
@@ -273,6 +274,46 @@ def test_the_same_message_twice_is_stored_once(hosted: Hosted) -> None:
         for raw in (with_id, with_id, without_id, without_id):
             assert client.sendmail("carol@example.net", ["alice@phone.example"], raw) == {}
     assert sorted(m["subject"] for m in hosted.inbox()) == ["inbound 30", "twice"]
+
+
+# -- the store's part (real SQLite) -----------------------------------------------------------
+def test_delivery_evicts_only_synced_unchanged_messages_and_ack_makes_it_synced(
+    tmp_path: Path,
+) -> None:
+    store = PhoneStore(tmp_path / "phone.sqlite3")
+    store.add_user("alice", "alice@phone.example", "alice@corp.example", 3)
+    puts = [
+        {"kind": "put", "key": f"<d{n}@corp>", "message_id": f"<d{n}@corp>", "raw": b"x\r\n",
+         "internaldate": f"2024-01-0{n}T00:00:00+00:00", "seen": False, "flagged": False}
+        for n in (1, 2, 3)
+    ]  # fmt: skip
+    store.apply_ops("alice", list(enumerate(puts, start=1)))  # three synced messages
+    oldest = next(m for m in store.list_folder("alice", "inbox") if m.key == "<d1@corp>")
+    store.set_seen("alice", oldest.id, True)  # a phone change the desktop has not got
+
+    first = store.deliver("alice", "<in1@x>", "<in1@x>", b"Subject: 1\r\n\r\n")
+    assert (first.duplicate, first.evicted) == (False, 1)
+    keys = [m.key for m in store.list_folder("alice", "inbox")]
+    assert keys == ["<in1@x>", "<d3@corp>", "<d1@corp>"]  # d2 went, not the changed d1
+    again = store.deliver("alice", "<in1@x>", "<in1@x>", b"other bytes")
+    assert again == Delivery(first.id, duplicate=True, evicted=0)
+    store.deliver("alice", "<in2@x>", "<in2@x>", b"Subject: 2\r\n\r\n")
+    store.deliver("alice", "<in3@x>", "<in3@x>", b"Subject: 3\r\n\r\n")
+    keys = [m.key for m in store.list_folder("alice", "inbox")]
+    assert set(keys) == {"<in1@x>", "<in2@x>", "<in3@x>", "<d1@corp>"}  # over the window
+    assert store.unsynced_count("alice") == 3
+    snapshot = store.snapshot("alice")
+    assert set(snapshot.restored) == {"<in1@x>", "<in2@x>", "<in3@x>"}  # the desktop lacks them
+
+    store.ack_actions("alice", snapshot.action_seq)  # a session appended them
+    assert store.unsynced_count("alice") == 0
+    fourth = store.deliver("alice", "<in4@x>", "<in4@x>", b"Subject: 4\r\n\r\n")
+    assert fourth.evicted == 2  # back to the window: the oldest synced ones went
+    assert len(store.list_folder("alice", "inbox")) == 3
+    destroyed = store.list_folder("alice", "inbox")[0]
+    store.destroy("alice", destroyed.id)  # a tombstone until the desktop acknowledges
+    assert store.deliver("alice", destroyed.key, destroyed.message_id, b"again").duplicate
+    store.close()
 
 
 # -- the key, as the agent computes it from the desktop's copy (real Dovecot) --------------
