@@ -430,3 +430,17 @@ def test_window_bound_holds_and_nothing_is_lost_with_more_inbound_than_the_windo
     assert len(linked.desktop_ids()) == 8 + 7 + 1
     assert set(desktop) | set(inbound) <= set(linked.desktop_ids())
     linked.assert_in_sync()
+
+
+def test_server_stops_with_a_connection_open_mid_transaction(hosted: Hosted) -> None:
+    client = hosted.smtp()
+    client.ehlo()
+    client.mail("carol@example.net")
+    client.rcpt("alice@phone.example")
+    started = time.monotonic()
+    hosted.thread.stop()
+    assert time.monotonic() - started < 5
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        client.data(message(90))
+    client.close()
+    assert phone_list(hosted.ini, "alice")["inbox"] == []  # never acknowledged, not stored
