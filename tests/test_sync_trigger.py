@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from imapsync_bridge.server.trigger_mail import PHRASE_ALPHABET, new_sync_phrase
 from imapsync_bridge.sync.trigger import (
     FUTURE_SKEW,
     TriggerMail,
@@ -169,3 +170,32 @@ def test_an_accepted_key_is_never_accepted_twice(nonce: bytes, offset: int) -> N
 def test_carries_phrase(subject: str, carries: bool) -> None:
     assert carries_phrase(subject, PHRASE) is carries
     assert not carries_phrase(subject, "")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(max_size=20),
+    st.text(max_size=20),
+    st.lists(st.sampled_from(["", " ", "  ", "\t", "-", "\u2013"]), min_size=19, max_size=19),
+    st.lists(st.booleans(), min_size=20, max_size=20),
+)
+def test_phrase_matches_whatever_case_spacing_and_surroundings(
+    before: str, after: str, separators: list[str], upper: list[bool]
+) -> None:
+    phrase = new_sync_phrase()
+    letters = phrase.replace("-", "")
+    chars = [c.upper() if u else c.lower() for c, u in zip(letters, upper, strict=True)]
+    typed = chars[0] + "".join(s + c for s, c in zip(separators, chars[1:], strict=True))
+    assert carries_phrase(f"{before}{typed}{after}", phrase)
+    assert not carries_phrase(f"{before}{typed[:-1]}", phrase)
+
+
+def test_new_phrases_are_unambiguous_and_distinct() -> None:
+    phrases = {new_sync_phrase() for _ in range(200)}
+    assert len(phrases) == 200
+    for phrase in phrases:
+        word, *groups = phrase.split("-")
+        assert word == "sync" and [len(g) for g in groups] == [4, 4, 4, 4]
+        assert set("".join(groups)) <= set(PHRASE_ALPHABET)
+    assert not set("01IOL") & set(PHRASE_ALPHABET)
+    assert not carries_phrase("anything", "")
