@@ -12,15 +12,13 @@ from imapsync_bridge.agent.desktop import DesktopSide
 from imapsync_bridge.agent.imap import ImapMailbox
 from imapsync_bridge.agent.link import AGENT_CRT, ServerLink
 from imapsync_bridge.agent.session import SyncSession
-from imapsync_bridge.agent.state import AgentState
+from imapsync_bridge.agent.state import STATE_FILE, AgentState
 from imapsync_bridge.config import AgentConfig
 from imapsync_bridge.errors import BridgeError, ConfigError, TransientError
 from imapsync_bridge.model import Where
 from imapsync_bridge.sync.session import SessionOptions, SessionReport
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "agent.sqlite3"
 
 
 def open_state(config: AgentConfig) -> AgentState:

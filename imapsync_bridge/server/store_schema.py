@@ -23,7 +23,7 @@ from typing import Any
 # The display summary of a stored mail (kept importable from here).
 from imapsync_bridge.headers import parse_summary as parse_summary
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = (
     """
@@ -100,7 +100,23 @@ _SCHEMA_V2 = (
     """,
 )
 
-MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}  # target -> statements
+# v3: the user's trigger secret, made at each pairing (see PhoneStore.set_trigger_secret)
+_SCHEMA_V3 = (
+    """
+    CREATE TABLE trigger_secrets (
+        user_name   TEXT PRIMARY KEY REFERENCES users (name) ON DELETE CASCADE,
+        phrase      TEXT NOT NULL,
+        trigger_key TEXT NOT NULL,
+        created     TEXT NOT NULL
+    )
+    """,
+)
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: _SCHEMA_V1,
+    2: _SCHEMA_V2,
+    3: _SCHEMA_V3,
+}  # target version -> statements
 
 
 def migrate(conn: sqlite3.Connection) -> None:
