@@ -30,14 +30,21 @@ def parse_summary(raw: bytes) -> tuple[str, str]:
     words (left as they are), NUL and control bytes (dropped), a missing header.
     """
     try:
-        head = bytes(raw[:MAX_HEADER_BLOCK])
-        msg = BytesHeaderParser(policy=compat32).parsebytes(head)
-        found: dict[str, str] = {}
-        for name, value in msg.raw_items():  # raw: no Header objects, 8-bit kept as-is
-            found.setdefault(name.lower(), value)
+        found = raw_fields(raw)
         return display_text(found.get("subject", "")), display_text(found.get("from", ""))
     except Exception:  # a display summary must never stop a store
         return "", ""
+
+
+def raw_fields(raw: bytes) -> dict[str, str]:
+    """The first value of each header field (lower-case name) of a message or header
+    block, raw: 8-bit bytes kept as surrogate escapes, never a ``Header`` object (which
+    ``compat32``'s ``get`` returns for 8-bit values)."""
+    msg = BytesHeaderParser(policy=compat32).parsebytes(bytes(raw[:MAX_HEADER_BLOCK]))
+    found: dict[str, str] = {}
+    for name, value in msg.raw_items():
+        found.setdefault(name.lower(), value)
+    return found
 
 
 def display_text(value: str) -> str:

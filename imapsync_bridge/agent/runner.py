@@ -37,11 +37,15 @@ def connect_imap(config: AgentConfig, count_traffic: bool = False) -> ImapMailbo
     )
 
 
-def open_desktop(config: AgentConfig, imap: ImapMailbox) -> DesktopSide:
+def open_desktop(
+    config: AgentConfig, imap: ImapMailbox, sync_phrase: str | None = None
+) -> DesktopSide:
+    """The desktop side of a session; with the ``sync_phrase`` of the agent state, mail
+    carrying it (trigger mail) never enters the phone window."""
     found = imap.resolve_folders(
         {"trash": config.imap.trash, "sent": config.imap.sent, "outbox": config.imap.outbox}
     )
-    return DesktopSide(imap, config.imap.mailbox, found["trash"], found)
+    return DesktopSide(imap, config.imap.mailbox, found["trash"], found, sync_phrase)
 
 
 def open_link(config: AgentConfig) -> ServerLink:
@@ -67,7 +71,8 @@ def session_options(config: AgentConfig, allow_mass_delete: bool) -> SessionOpti
 )
 def _attempt(config: AgentConfig, state: AgentState, options: SessionOptions) -> SessionReport:
     with open_link(config) as link, connect_imap(config) as imap:
-        return SyncSession(state, open_desktop(config, imap), link, options).run()
+        desktop = open_desktop(config, imap, state.get("sync_phrase"))
+        return SyncSession(state, desktop, link, options).run()
 
 
 def sync_once(config: AgentConfig, allow_mass_delete: bool = False) -> SessionReport:
