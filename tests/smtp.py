@@ -8,6 +8,10 @@ really arrives where the agent looks, as the trigger mail does in production.
     with CorporateSmtp(dovecot) as smtp:
         smtplib.SMTP(smtp.host, smtp.port).sendmail(...)
         smtp.delivered  # [(user, raw bytes), ...]
+
+Keyword options go to aiosmtpd's ``SMTP`` (``tls_context``, ``require_starttls``,
+``authenticator``, ...); :attr:`CorporateSmtp.rcpt_reply` set to e.g. ``"452 4.2.2 full"``
+refuses every recipient with that reply.
 """
 
 from __future__ import annotations
@@ -35,6 +39,14 @@ class _Deliver:
     def __init__(self, owner: CorporateSmtp) -> None:
         self.owner = owner
 
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        if self.owner.rcpt_reply is not None:
+            return self.owner.rcpt_reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or b""
         now = dt.datetime.now(dt.UTC)
@@ -59,11 +71,14 @@ class CorporateSmtp:
 
     host = "127.0.0.1"
 
-    def __init__(self, dovecot: Dovecot) -> None:
+    def __init__(self, dovecot: Dovecot, **smtp_options: Any) -> None:
         self.dovecot = dovecot
         self.port = _free_port()
         self.delivered: list[tuple[str, bytes]] = []
-        self._controller = Controller(_Deliver(self), hostname=self.host, port=self.port)
+        self.rcpt_reply: str | None = None
+        self._controller = Controller(
+            _Deliver(self), hostname=self.host, port=self.port, **smtp_options
+        )
 
     def start(self) -> CorporateSmtp:
         self._controller.start()  # raises when the listener does not come up
