@@ -71,7 +71,7 @@ class TriggerMail:
     date: datetime | None  # the Date header, timezone-aware; None when missing/unreadable
     token: str | None  # the X-Bridge-Trigger value, None when absent
     message_id: str | None
-    header_digest: str  # hex digest of the mail's raw header block
+    header_digest: str  # hex digest of its raw header fields as fetched (copies agree)
 
 
 @dataclass(frozen=True)
