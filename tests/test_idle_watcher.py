@@ -341,3 +341,31 @@ def test_idle_watching_costs_almost_no_cpu(dovecot, imap_user, watch):
     # The product target is < 0.5 CPU s per 60 s for the whole agent: 0.0125 s per 1.5 s.
     assert used < 0.004, f"{used:.4f} CPU s in 1.5 s"
     assert watcher.state == "idle"
+
+
+def test_a_failing_on_change_does_not_end_the_watching(dovecot, imap_user):
+    changes = Changes()
+
+    def on_change(reason: str) -> None:
+        changes(reason)
+        raise RuntimeError("the caller's bug")
+
+    watcher = InboxWatcher(connector(dovecot.port, imap_user), "INBOX", on_change, timing=FAST)
+    watcher.start()
+    try:
+        changes.wait_for("reconnected", 5)
+        mark = changes.mark()
+        append(dovecot, imap_user, 1)
+        changes.wait_for("new", 1.0, mark)
+        assert watcher.state == "idle" and watcher.reconnects == 0
+    finally:
+        watcher.stop()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"probe_after": 0}, {"reply_timeout": -1}, {"backoff_max": 0.5}, {"keepalive": (0, 1, 1)}],
+)
+def test_unusable_timings_are_refused(bad):
+    with pytest.raises(ValueError):
+        IdleTiming(**bad)
