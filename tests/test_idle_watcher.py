@@ -369,3 +369,13 @@ def test_a_failing_on_change_does_not_end_the_watching(dovecot, imap_user):
 def test_unusable_timings_are_refused(bad):
     with pytest.raises(ValueError):
         IdleTiming(**bad)
+
+
+def test_the_backoff_stays_capped_after_days_of_outage():
+    from tenacity import RetryCallState, Retrying
+
+    watcher = InboxWatcher(lambda: None, "INBOX", print)  # type: ignore[arg-type,return-value]
+    state = RetryCallState(Retrying(), None, (), {})
+    state.set_exception((OSError, OSError("refused"), None))
+    watcher._failures = 10_000  # a day and more of failed attempts (2**9999 overflows a float)
+    assert 30.0 <= watcher._backoff(state) <= 60.0

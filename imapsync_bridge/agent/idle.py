@@ -259,7 +259,8 @@ class InboxWatcher:
         if isinstance(exc, _LASTING):
             nominal = t.auth_backoff
         else:
-            nominal = min(t.backoff_initial * 2 ** max(self._failures - 1, 0), t.backoff_max)
+            doublings = min(max(self._failures - 1, 0), 30)  # days of outage: no overflow
+            nominal = min(t.backoff_initial * 2**doublings, t.backoff_max)
         return nominal * random.uniform(0.5, 1.0)
 
     def _report_failure(self, retry_state: RetryCallState) -> None:
