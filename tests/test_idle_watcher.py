@@ -322,6 +322,22 @@ def test_stop_while_idle_is_quick_and_logs_out(dovecot, imap_user, watch):
     )
 
 
+def test_stop_while_a_probe_waits_on_a_dead_path_cuts_it(dovecot, imap_user, watch):
+    proxy = BlackholeProxy(dovecot.port)
+    try:
+        timing = IdleTiming(probe_after=0.2, reply_timeout=10.0, check_interval=0.1)
+        watcher, changes = watch(connector(proxy.port, imap_user), timing)
+        changes.wait_for("reconnected", 5)
+        proxy.blackhole()
+        time.sleep(0.5)  # the probe's DONE is out, its answer would take 10 s to give up on
+        started = time.monotonic()
+        watcher.stop()
+        assert time.monotonic() - started < 1.5
+        assert watcher.state == "stopped"
+    finally:
+        proxy.close()
+
+
 def test_stop_before_start_and_twice_is_harmless():
     watcher = InboxWatcher(lambda: None, "INBOX", print)  # type: ignore[arg-type,return-value]
     watcher.stop()
