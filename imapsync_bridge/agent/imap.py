@@ -33,7 +33,7 @@ from imapsync_bridge.agent.imap_data import (
     raw_or_error,
     utc,
 )
-from imapsync_bridge.agent.imap_session import ImapSession
+from imapsync_bridge.agent.imap_idle import ImapWatching
 from imapsync_bridge.errors import (
     ImapError,
     MessageError,
@@ -53,7 +53,7 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 _MODIFIED = re.compile(rb"\[MODIFIED ([\d:,]+)\]", re.I)
 
 
-class ImapMailbox(ImapSession):
+class ImapMailbox(ImapWatching):
     """One logged-in IMAP session to the desktop mail server.
 
     Work on the *selected* mailbox (:meth:`select`; :meth:`inbox_order` and
