@@ -15,8 +15,8 @@ merge into one following session. Around it:
 - with ``idle = false``, "poll" every ``poll_interval`` looks for trigger mail.
 
 A session that fails is retried with backoff; the service itself keeps running. SIGTERM
-or SIGINT end it: a session in progress may finish for a few seconds, then it is
-abandoned, which the journal makes safe (the next run carries on).
+or SIGINT end it after the session in progress (``agent run`` abandons one that takes
+more than a few seconds, which the journal makes safe: the next run carries on).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from imapsync_bridge.agent.runner import (
     session_options,
 )
 from imapsync_bridge.agent.session import SyncSession
+from imapsync_bridge.agent.state import AgentState
 from imapsync_bridge.agent.trigger import TriggerWatch
 from imapsync_bridge.config import AgentConfig
 from imapsync_bridge.errors import AuthError, BridgeError, TransientError
@@ -61,7 +62,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_FILE = "agent-run.json"  # what `agent status` shows of a running service
 LOCK_FILE = "agent.lock"  # held around every session: one at a time, also with `agent sync`
-STOP_GRACE = 8.0  # seconds a session may go on after SIGTERM before it is abandoned
 # Reasons that start a sync; IDLE's inbox changes do when sync_on_change is true.
 SYNC_REASONS = frozenset({"start", "timer", "phone", "trigger", "retry", "push", "reconnected"})
 INBOX_CHANGES = frozenset({"new", "flags", "expunge"})
@@ -114,7 +114,7 @@ class AgentService:
         self.config = config
         self.timing = timing or ServiceTiming()
         self.wake = Wakeup()
-        self.state = open_state(config)
+        self.state: AgentState  # opened by run(), in the thread that uses it
         self.scheduler = schedule.Scheduler()
         self.scheduler.every(config.sync_interval).seconds.do(self.wake.add, "timer")
         if not config.idle:
@@ -148,23 +148,14 @@ class AgentService:
         self._started = datetime.now(UTC)
         self._syncs = 0
         self._shown: dict[str, Any] = {}
-        self._instance = self.state.agent_instance()
+        self._instance = ""
 
     # -- life cycle ----------------------------------------------------------------------
     def stop(self) -> None:
-        """Ask the loop to end (safe from a signal handler); a session in progress gets
-        STOP_GRACE seconds, then the process leaves it (the journal makes that safe)."""
-        if self._stopping.is_set():
-            return
+        """Ask the loop to end after the session in progress (safe from a signal
+        handler; ``agent run`` leaves a session that takes too long, see cli.py)."""
         self._stopping.set()
         self.wake.add("stop")
-        abandon = threading.Timer(STOP_GRACE, self._abandon)
-        abandon.daemon = True
-        abandon.start()
-
-    def _abandon(self) -> None:
-        log.warning("stopping: abandoning the session in progress; the next run carries on")
-        os._exit(0)
 
     def run(self) -> None:
         log.info(
@@ -173,6 +164,8 @@ class AgentService:
             "on" if self.config.idle else f"off (trigger poll every {self.config.poll_interval} s)",
             *self.config.server,
         )
+        self.state = open_state(self.config)
+        self._instance = self.state.agent_instance()
         self.connector.start()
         if self.watcher is not None:
             self.watcher.start()
@@ -238,6 +231,10 @@ class AgentService:
         reasons, self._pending = self._pending, set()
         if not reasons:
             return
+        if "reconnected" in reasons:
+            # IDLE had to reconnect: the path may have been broken under the kept
+            # connection too, which would only show as a timeout in the next session.
+            self._drop_desktop()
         if reasons & SCAN_REASONS and self._scan_for_triggers():
             reasons.add("trigger")
         if "trigger" in reasons and not self._trigger_allowed():
@@ -357,8 +354,11 @@ class AgentService:
         return self._desktop
 
     def _drop_desktop(self) -> None:
+        """Cut the kept IMAP connection without a LOGOUT: it is dropped because it
+        failed or may have, and a LOGOUT on a dead path would wait for its timeout."""
         if self._imap is not None:
             with contextlib.suppress(Exception):
+                self._imap.abort()
                 self._imap.close()
         self._imap = self._desktop = self._triggers = None
 
