@@ -65,6 +65,10 @@ LOCK_FILE = "agent.lock"  # held around every session: one at a time, also with 
 # Reasons that start a sync; IDLE's inbox changes do when sync_on_change is true.
 SYNC_REASONS = frozenset({"start", "timer", "phone", "trigger", "retry", "push", "reconnected"})
 INBOX_CHANGES = frozenset({"new", "flags", "expunge"})
+# A change notice within this long of the last session's start waits for its end, so a
+# stream of changes gives a few sessions, not one per change; the first after a quiet
+# spell goes at once.
+MERGE_WINDOW = 0.25
 # Reasons after which new inbox mail may hold a trigger.
 SCAN_REASONS = frozenset({"start", "new", "reconnected", "poll"})
 
@@ -144,6 +148,8 @@ class AgentService:
         self._pending: set[str] = set()
         self._failures = 0
         self._retry_at: float | None = None
+        self._last_started = float("-inf")  # monotonic start of the last session
+        self._deferred: set[str] = set()  # sync reasons waiting for MERGE_WINDOW's end
         self._stopping = threading.Event()
         self._started = datetime.now(UTC)
         self._syncs = 0
@@ -211,6 +217,8 @@ class AgentService:
     def _seconds_to_next_event(self) -> float:
         waits = [self.scheduler.idle_seconds or 60.0, 60.0]
         now = time.monotonic()
+        if self._deferred:
+            waits.append(self._last_started + MERGE_WINDOW - now)
         for due in (self._retry_at, self._trigger_at):
             if due is not None:
                 waits.append(due - now)
@@ -229,7 +237,7 @@ class AgentService:
             self._trigger_at = None
             self._pending.add("trigger")
         reasons, self._pending = self._pending, set()
-        if not reasons:
+        if not reasons and not self._deferred:
             return
         if "reconnected" in reasons:
             # IDLE had to reconnect: the path may have been broken under the kept
@@ -244,7 +252,13 @@ class AgentService:
             wanted |= reasons & INBOX_CHANGES
         if wanted and self._retry_at is not None and wanted <= {"timer", *INBOX_CHANGES}:
             return  # a failed session waits for its retry; only a user's request jumps it
+        wanted |= self._deferred
+        if wanted and now - self._last_started < MERGE_WINDOW:
+            self._deferred = wanted
+            return  # merged into the session due at the window's end
+        self._deferred = set()
         if wanted:
+            self._last_started = now
             self._sync(wanted)
 
     # -- trigger mail --------------------------------------------------------------------
