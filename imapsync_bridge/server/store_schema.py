@@ -26,7 +26,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA_V1 = (
     """
@@ -113,10 +113,44 @@ _SCHEMA_V3 = (
     "CREATE INDEX users_address ON users (lower(address))",
 )
 
+# v4: the outgoing queue (``server/outbox_store.py``, docs/mail-flow.md "Outgoing").
+# One row per message the phone sent, keyed by its Message-ID per user. ``state`` is what
+# the phone sees; ``in_data`` = 1 once the relay began DATA (a crash after that must not
+# resend); ``filed`` = 1 once the desktop Sent folder holds the send-now copy;
+# ``next_attempt`` holds a deferred message back (backoff).
+_SCHEMA_V4 = (
+    """
+    CREATE TABLE outbox (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_name    TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+        message_id   TEXT NOT NULL,
+        via_desktop  INTEGER NOT NULL CHECK (via_desktop IN (0, 1)),
+        sender       TEXT NOT NULL,
+        recipients   TEXT NOT NULL,
+        subject      TEXT NOT NULL DEFAULT '',
+        from_addr    TEXT NOT NULL DEFAULT '',
+        created      TEXT NOT NULL,
+        date         TEXT NOT NULL,
+        raw          BLOB NOT NULL,
+        state        TEXT NOT NULL CHECK (state IN
+                         ('queued', 'claimed', 'submitted', 'sent', 'failed')),
+        reason       TEXT,
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        next_attempt TEXT NOT NULL,
+        claimed_at   TEXT,
+        in_data      INTEGER NOT NULL DEFAULT 0 CHECK (in_data IN (0, 1)),
+        filed        INTEGER NOT NULL DEFAULT 0 CHECK (filed IN (0, 1)),
+        UNIQUE (user_name, message_id)
+    )
+    """,
+    "CREATE INDEX outbox_state ON outbox (user_name, state, next_attempt)",
+)
+
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: _SCHEMA_V1,
     2: _SCHEMA_V2,
     3: _SCHEMA_V3,
+    4: _SCHEMA_V4,
 }  # target -> statements
 
 
@@ -199,6 +233,26 @@ class Delivery:
     # only a destroy tombstone of the key is left)
     duplicate: bool  # the phone already held this key (or its tombstone): nothing stored
     evicted: int  # synced inbox messages evicted (unmapped, not deleted) to keep the window
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """One row of the outgoing queue (``raw`` only where a caller needs the bytes)."""
+
+    user: str
+    id: int
+    message_id: str  # as in the header, with angle brackets
+    via_desktop: bool
+    sender: str  # the envelope sender (the From address)
+    recipients: list[str]
+    subject: str
+    from_addr: str
+    date: str  # ISO 8601 UTC, when it was queued
+    state: str  # queued, claimed, submitted, sent, failed
+    reason: str | None
+    attempts: int
+    filed: bool
+    raw: bytes | None = None
 
 
 @dataclass(frozen=True)
