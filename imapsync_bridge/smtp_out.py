@@ -124,7 +124,7 @@ def send(
             code, message = conn.rcpt(rcpt)
             if code not in (250, 251):
                 conn.rset()
-                return Result(classify(code, False), code, _reply(code, f"<{rcpt}>: {message!s}"))
+                return Result(classify(code, False), code, _reply(code, message))
         if before_data is not None:
             before_data()
         data_started = True

@@ -24,7 +24,7 @@ import pytest
 from bridge import REPO, Bridge, kill, run_cli
 from dovecot import Dovecot
 from smtp_servers import MailServer, free_port
-from test_agent_run import start_agent, stop_agent, wait_for
+from test_agent_run import stop_agent, wait_for
 
 EXTERNAL = "carol@example.net"
 
@@ -327,7 +327,8 @@ def test_with_agent_run_a_via_desktop_message_reaches_the_smtp_server_by_push(
     out: Outgoing,
 ) -> None:
     bridge = out.bridge
-    agent = start_agent(bridge, sync_interval="3600")
+    bridge.write_agent_config(bridge.agent_ini, sync_interval="3600")
+    agent = bridge.run_agent()
     try:
         wait_for(lambda: bridge.agent_status().get("last_result") == "ok", 15, "first sync")
         started = time.monotonic()
