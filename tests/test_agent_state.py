@@ -12,7 +12,7 @@ from imapsync_bridge.agent.runner import STATE_FILE
 from imapsync_bridge.agent.state import SCHEMA_VERSION, AgentState
 from imapsync_bridge.errors import StoreError
 
-TABLES = {"meta", "ledger", "outgoing", "quarantine"}
+TABLES = {"meta", "ledger", "outgoing", "quarantine", "deliveries"}
 
 
 def _version_and_tables(path: Path) -> tuple[int, set[str]]:
@@ -90,3 +90,20 @@ def test_not_a_database_is_a_store_error(tmp_path: Path) -> None:
     path.write_bytes(b"this is not SQLite" * 100)
     with pytest.raises(StoreError, match="cannot open agent state"):
         AgentState(path)
+
+
+def test_a_version_1_file_gains_the_deliveries_table_and_keeps_its_data(tmp_path: Path) -> None:
+    from imapsync_bridge.agent.state import _SCHEMA_V1
+
+    path = tmp_path / STATE_FILE
+    conn = sqlite3.connect(path)
+    for statement in _SCHEMA_V1:
+        conn.execute(statement)
+    conn.execute("INSERT INTO meta (name, value) VALUES ('user', 'alice')")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    state = AgentState(path)
+    assert state.get("user") == "alice" and state.deliveries() == []
+    state.close()
+    assert _version_and_tables(path) == (SCHEMA_VERSION, TABLES)
