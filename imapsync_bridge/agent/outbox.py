@@ -132,10 +132,13 @@ class Outbox:
 
     def _carry_on(self, record: DeliveryRecord) -> None:
         """Take a delivery from its recorded step to its report, one step at a time."""
+        step = Step(record.step)
+        # Where it is: looked up once (what a crash or a lost state left); after that
+        # each step's own effect says it.
+        in_sent = step not in _FINAL and bool(self._find(self._sent, record))
+        in_outbox = step not in _FINAL and not in_sent and bool(self._find(self._outbox, record))
         while True:
             step = Step(record.step)
-            in_sent = bool(self._find(self._sent, record)) if step not in _FINAL else False
-            in_outbox = bool(self._find(self._outbox, record)) if step not in _FINAL else False
             action = next_action(step, in_sent, in_outbox)
             if action is Next.REPORT:
                 if step not in _FINAL:  # found in Sent: it was sent
@@ -145,11 +148,14 @@ class Outbox:
             if action is Next.APPEND:
                 self.desktop.imap.append(self._outbox, record.raw, datetime.now(UTC), SEEN)
                 record = self._record(record, Step.OUTBOX)
+                in_outbox = True
             elif action is Next.SEND:
                 record = self._send(record)
+                in_outbox = Step(record.step) is Step.SUBMITTED  # else taken out again
             elif action is Next.FILE:
                 self._move_to_sent(record)
                 record = self._record(record, Step.SENT, record.reply)
+                in_sent, in_outbox = True, False
 
     def _send(self, record: DeliveryRecord) -> DeliveryRecord:
         assert self.settings.smtp is not None

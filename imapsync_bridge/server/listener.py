@@ -321,11 +321,14 @@ class SyncListener:
                     log.warning("%s (%s): %s", peer, user or "no certificate", exc)
                     await connection.send(_error_frame(exc))
                     return
-                if reply is not None:
-                    await connection.send(reply)
+                # Registered before the welcome goes out: an agent that has its welcome
+                # counts as connected, and no push made after that is missed (a notice
+                # ahead of the welcome is queued by the agent's reader).
                 if handler.greeted and heartbeat is None and user is not None:
                     self._register(connection, user)
                     heartbeat = asyncio.create_task(self._heartbeat(connection))
+                if reply is not None:
+                    await connection.send(reply)
         except BridgeError as exc:  # e.g. an oversized frame
             log.warning("%s (%s): %s", peer, user or "no certificate", exc)
             await connection.send(_error_frame(exc))
