@@ -286,3 +286,18 @@ def test_inbound_mail_reaches_the_desktop_by_push(bridge: Bridge) -> None:
     finally:
         stop_agent(bridge, agent)
     assert "changed (inbound_mail)" in bridge.agent_log()
+
+
+def test_agent_sync_beside_agent_run_takes_its_turn(bridge: Bridge) -> None:
+    for n in range(1, 4):
+        bridge.deliver(n)
+    agent = start_agent(bridge, idle="false", sync_interval="1")
+    try:
+        wait_for(lambda: len(bridge.phone_inbox_ids()) == 3, 10, "the first sync")
+        for n in range(4, 7):
+            bridge.deliver(n)
+            bridge.sync_ok()  # one session at a time: the lock, never two at once
+        bridge.assert_in_sync()
+        assert len(bridge.phone_inbox_ids()) == 6
+    finally:
+        stop_agent(bridge, agent)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
@@ -57,6 +60,21 @@ def open_link(config: AgentConfig) -> ServerLink:
     return ServerLink.open(host, port, config.state_dir, config.server_timeout)
 
 
+LOCK_FILE = "agent.lock"  # held around every session: one at a time (agent sync, agent run)
+
+
+@contextlib.contextmanager
+def session_lock(config: AgentConfig) -> Iterator[None]:
+    """Exclusive use of the agent state for one session; a second waits for the first."""
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    with (config.state_dir / LOCK_FILE).open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def session_options(config: AgentConfig, allow_mass_delete: bool) -> SessionOptions:
     return SessionOptions(
         mass_delete_share=config.mass_delete_share,
@@ -89,7 +107,8 @@ def sync_once(config: AgentConfig, allow_mass_delete: bool = False) -> SessionRe
     """One complete session (retried on connection loss); records the outcome."""
     state = open_state(config)
     try:
-        report = _attempt(config, state, session_options(config, allow_mass_delete))
+        with session_lock(config):
+            report = _attempt(config, state, session_options(config, allow_mass_delete))
     except BridgeError as exc:
         state.set_many({"last_result": "failed", "last_error": str(exc)})
         raise

@@ -22,7 +22,6 @@ more than a few seconds, which the journal makes safe: the next run carries on).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -31,7 +30,6 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -49,6 +47,7 @@ from imapsync_bridge.agent.runner import (
     open_link,
     open_state,
     outgoing_settings,
+    session_lock,
     session_options,
 )
 from imapsync_bridge.agent.session import SyncSession
@@ -62,7 +61,6 @@ from imapsync_bridge.sync.session import SessionReport
 log = logging.getLogger(__name__)
 
 SERVICE_FILE = "agent-run.json"  # what `agent status` shows of a running service
-LOCK_FILE = "agent.lock"  # held around every session: one at a time, also with `agent sync`
 # Reasons that start a sync; IDLE's inbox changes do when sync_on_change is true.
 SYNC_REASONS = frozenset({"start", "timer", "phone", "trigger", "retry", "push", "reconnected"})
 INBOX_CHANGES = frozenset({"new", "flags", "expunge"})
@@ -297,7 +295,7 @@ class AgentService:
         vouched = self._phone_clean and self.push is not None
         generation = self._push_generation
         try:
-            with self._session_lock():
+            with session_lock(self.config):
                 report = self._session_retrying_stale(vouched)
         except BridgeError as exc:
             self._session_failed(exc)
@@ -357,15 +355,6 @@ class AgentService:
         self._drop_desktop()
         if self.push is not None:
             self._drop_push("the session on it failed")
-
-    @contextlib.contextmanager
-    def _session_lock(self) -> Iterator[None]:
-        with (self.config.state_dir / LOCK_FILE).open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _desktop_side(self) -> DesktopSide:
         if self._desktop is None:
