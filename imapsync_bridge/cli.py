@@ -207,7 +207,10 @@ def _phone_verb(service: PhoneService, args: argparse.Namespace) -> int:
         return 0
     if verb == "request-sync":
         request = service.request_sync(user)
-        print(f"sync requested (pending since {request.requested_at})")
+        print(
+            f"sync requested (pending since {request.requested_at}): `server run` pushes it "
+            "to the agent when it is connected, else mails the trigger through [relay]"
+        )
         return 0
     if verb == "compose":
         item = service.compose(
@@ -303,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true")
     for verb in ("delete", "restore", "destroy", "read", "unread", "flag", "unflag"):
         verbs.add_parser(verb).add_argument("id", type=int)
-    verbs.add_parser("request-sync", help="ask for a sync (the server acts on it later)")
+    verbs.add_parser(
+        "request-sync", help="ask for a sync: pushed to a connected agent, else the trigger mail"
+    )
     v = verbs.add_parser(
         "compose", help="write a message: sent now through [relay], or via the desktop"
     )
