@@ -5,7 +5,9 @@ implements all of them, and a later PostgreSQL backend implements the same. Call
 the narrowest one they need: the ``server add-user`` / ``pair-code`` commands an
 :class:`AccountStore`, the sync listener a :class:`SyncStore` (plus the pairing half of
 :class:`AccountStore`), the phone service (:mod:`.phone`) a :class:`MailboxStore`, the
-inbound SMTP listener (:mod:`.smtp_in`) an :class:`InboundStore`.
+inbound SMTP listener (:mod:`.smtp_in`) an :class:`InboundStore`, password checks
+(:mod:`.credentials`) a :class:`CredentialStore`, the submission listener
+(:mod:`.submission`) a :class:`SubmissionStore`.
 
 Rules every implementation keeps:
 
@@ -52,11 +54,13 @@ from imapsync_bridge.server.store_schema import (
 
 __all__ = [
     "AccountStore",
+    "CredentialStore",
     "InboundStore",
     "MailboxStore",
     "NoSuchMessage",
     "NoSuchUser",
     "StoreConflict",
+    "SubmissionStore",
     "SyncStore",
 ]
 
@@ -262,3 +266,24 @@ class InboundStore(Protocol):
         an empty key or non-bytes ``raw`` (no retry helps); database errors (retry may
         help: nothing was stored)."""
         ...
+
+
+class CredentialStore(Protocol):
+    """The phone users' password hashes (:mod:`.credentials` makes and checks them; the
+    store only keeps the opaque strings)."""
+
+    def set_password_hash(self, user: str, encoded: str) -> None:
+        """Store the user's password hash, replacing any earlier one. Raises
+        :class:`NoSuchUser`, ``StoreError("bad …")`` for an empty or over-long string."""
+        ...
+
+    def password_hash(self, login: str) -> tuple[str, str] | None:
+        """``(user, hash)`` of the user whose name is ``login``, else whose phone address
+        it is (case-insensitively; an address of two users names neither); None when
+        there is no such user or they have no password. Raises only database errors."""
+        ...
+
+
+class SubmissionStore(CredentialStore, MailboxStore, Protocol):
+    """What the submission listener needs: check passwords, know the user's addresses,
+    and what :class:`.phone.PhoneService` needs to take the message."""

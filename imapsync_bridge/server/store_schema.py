@@ -26,7 +26,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA_V1 = (
     """
@@ -113,10 +113,23 @@ _SCHEMA_V3 = (
     "CREATE INDEX users_address ON users (lower(address))",
 )
 
+# v4: the phone user's password (``server set-password``) as an scrypt hash string that
+# carries its own parameters (``server/credentials.py``); one row per user, none until set.
+_SCHEMA_V4 = (
+    """
+    CREATE TABLE passwords (
+        user_name TEXT PRIMARY KEY REFERENCES users (name) ON DELETE CASCADE,
+        hash      TEXT NOT NULL,
+        changed   TEXT NOT NULL
+    )
+    """,
+)
+
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: _SCHEMA_V1,
     2: _SCHEMA_V2,
     3: _SCHEMA_V3,
+    4: _SCHEMA_V4,
 }  # target -> statements
 
 
