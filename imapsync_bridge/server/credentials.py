@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from imapsync_bridge.errors import ConfigError
 from imapsync_bridge.server.store_api import CredentialStore
+from imapsync_bridge.server.throttle import Throttle
 
 MAX_PASSWORD = 256  # characters: longer is a paste accident, not a password
 SALT_BYTES = 16
@@ -155,6 +156,40 @@ def check_password(store: CredentialStore, login: str, password: str) -> str | N
     if parsed is not None and parsed[0].weaker_than(PARAMETERS):
         store.set_password_hash(user, hash_password(password))
     return user
+
+
+@dataclass(frozen=True)
+class Login:
+    """What :meth:`Logins.check` found: the user on a good password, else None;
+    ``refused`` when the throttle refused the attempt unchecked."""
+
+    user: str | None
+    refused: bool = False
+
+
+class Logins:
+    """Every password check of one server process, behind one :class:`.throttle.Throttle`
+    (submission now; the web page and the API later share the same instance)."""
+
+    def __init__(self, store: CredentialStore, throttle: Throttle | None = None) -> None:
+        self.store = store
+        self.throttle = throttle or Throttle()
+
+    def check(self, login: str, password: str, address: str | None) -> Login:
+        """Check ``password`` for ``login`` from client ``address`` (an IP), counting a
+        bad one against the user (or the unknown login name) and the address. Blocking
+        (scrypt): run it in a worker thread."""
+        found = self.store.password_hash(login) if 0 < len(login) <= 320 else None
+        user_subject = f"user:{found[0]}" if found else f"login:{login.lower()[:320]}"
+        subjects = [user_subject] + ([f"address:{address}"] if address else [])
+        if self.throttle.refused(*subjects):
+            return Login(None, refused=True)
+        user = check_password(self.store, login, password)
+        if user is None:
+            self.throttle.failed(*subjects)
+        else:
+            self.throttle.succeeded(user_subject)
+        return Login(user)
 
 
 # -- the rows (inside PhoneStore's transactions) ----------------------------------------
