@@ -83,6 +83,7 @@ class ServerThread:
         self.observer = observer
         self.port = 0
         self.ports: dict[str, int] = {}  # every listener's bound port, by name
+        self.running: Running | None = None  # what serve started (listeners, logins)
         self.sync: SyncListener | None = None
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -110,6 +111,7 @@ class ServerThread:
             self.sync.handler_class = observed_handler(self.observer)
         self.port = running.ports["sync"]
         self.ports = dict(running.ports)
+        self.running = running
         self._ready.set()
 
     def call(self, coroutine: Any, timeout: float = 10) -> Any:
@@ -146,7 +148,7 @@ class Bridge:
 
     # -- set-up ----------------------------------------------------------------------
     def start(self, observer: FrameObserver | None = None) -> Bridge:
-        init_server(self.server_dir, "127.0.0.1", sync_port=0, smtp_port=0)
+        init_server(self.server_dir, "127.0.0.1", sync_port=0, smtp_port=0, submission_port=0)
         code, out, err = run_cli(
             "server", "add-user", "--config", str(self.server_ini), self.phone_user,
             "--address", "alice@phone.example", "--desktop-address", f"{self.user}@corp.example",
