@@ -19,7 +19,8 @@ plumbing it shares). DESIGN.md "Outgoing mail" is the contract; ``docs/mail-flow
   them (552, 554, 500).
 * Accepted: ``X-Bridge-Via: desktop`` → via the desktop, no such header → send now; the
   header is taken out, and the bytes go to ``PhoneService.submit(user, raw,
-  via_desktop=…)`` in a worker thread (it may talk SMTP to the relay).
+  via_desktop=…, recipients=<the envelope's>)`` in a worker thread (it may talk SMTP to
+  the relay).
 """
 
 from __future__ import annotations
@@ -66,10 +67,6 @@ AUTH_FIRST = "530 5.7.0 authentication required"
 NOT_YOURS = "553 5.7.1 <{address}>: not one of your addresses"
 FROM_NOT_YOURS = "550 5.7.1 the From: header must name only your own addresses"
 NO_FROM = "550 5.6.0 the message has no From: header"
-RECIPIENTS_DIFFER = (
-    "554 5.5.0 the recipients must be those of the To:, Cc: and Bcc: headers"
-    " (no blind copies outside the headers)"
-)
 BAD_VIA = '550 5.6.0 X-Bridge-Via: only "desktop" is understood'
 TOO_MANY_RECIPIENTS = smtp_in.TOO_MANY_RECIPIENTS
 TRY_LATER = smtp_in.TRY_LATER
@@ -81,8 +78,10 @@ _REWORDED = {
     "530 5.7.0 Authentication required": AUTH_FIRST,
 }
 
-#: the hand-off: (user, message bytes, via_desktop) → the outbox entry; blocking
-Submit = Callable[[str, bytes, bool], OutboxItem]
+#: the hand-off: (user, message bytes, via_desktop, envelope recipients) → the outbox
+#: entry; blocking. The envelope's recipients, not the headers', are where it goes: a
+#: blind copy is in the envelope only.
+Submit = Callable[[str, bytes, bool, list[str]], OutboxItem]
 
 
 def phone_submit(store: SubmissionStore) -> Submit:
@@ -90,9 +89,9 @@ def phone_submit(store: SubmissionStore) -> Submit:
     desktop (``PhoneService.submit``, on the ``outgoing`` branch)."""
     service = PhoneService(store)
 
-    def submit(user: str, raw: bytes, via_desktop: bool) -> OutboxItem:
+    def submit(user: str, raw: bytes, via_desktop: bool, recipients: list[str]) -> OutboxItem:
         method = service.submit  # type: ignore[attr-defined]  # until `outgoing` merges
-        item: OutboxItem = method(user, raw, via_desktop=via_desktop)
+        item: OutboxItem = method(user, raw, via_desktop=via_desktop, recipients=recipients)
         return item
 
     return submit
@@ -220,7 +219,9 @@ class SubmissionHandler:
         raw, via = take_via(raw)
         via_desktop = bool(via)
         try:
-            item = await asyncio.to_thread(self.submit, user, raw, via_desktop)
+            item = await asyncio.to_thread(
+                self.submit, user, raw, via_desktop, list(envelope.rcpt_tos)
+            )
         except (MessageError, ConfigError) as exc:
             log.warning("submission: %d bytes from %s not taken: %s", len(raw), user, exc)
             return "554 5.6.0 " + " ".join(str(exc).split())
@@ -255,9 +256,6 @@ class SubmissionHandler:
             return TRY_LATER
         if any(sender not in own for sender in senders):
             return FROM_NOT_YOURS
-        envelope_to = {address.lower() for address in envelope.rcpt_tos}
-        if envelope_to != set(header_addresses(raw, "To", "Cc", "Bcc")):
-            return RECIPIENTS_DIFFER
         return None
 
     def _own_addresses(self, user: str) -> set[str]:
