@@ -14,8 +14,9 @@ re-hashed with the current ones at that login. The check derives with the stored
 parameters and compares in constant time (``Scrypt.verify``); an unknown login costs one
 derivation too, so timing does not tell whether a user exists.
 
-The rows live in the ``passwords`` table (schema v4); :class:`.store.PhoneStore` runs the
-row functions here inside its own transactions (:class:`.store_api.CredentialStore`).
+The rows live in the ``passwords`` table (a migration of its own in :mod:`.store_schema`);
+:class:`.store.PhoneStore` runs the row functions here inside its own transactions
+(:class:`.store_api.CredentialStore`).
 """
 
 from __future__ import annotations
