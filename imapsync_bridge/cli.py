@@ -9,7 +9,9 @@ import argparse
 import getpass
 import json
 import logging
+import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -138,12 +140,29 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     from imapsync_bridge.agent.service import AgentService
 
     service = AgentService(load_agent_config(Path(args.config)))
+
+    def stop(_signum: int, _frame: object) -> None:
+        service.stop()
+        # A session still running after STOP_GRACE is left: the journal makes it safe.
+        abandon = threading.Timer(STOP_GRACE, _abandon_session)
+        abandon.daemon = True
+        abandon.start()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda _signum, _frame: service.stop())
+        signal.signal(signum, stop)
     if stop_asked:
         return 0
     service.run()
     return 0
+
+
+STOP_GRACE = 8.0  # seconds a session may go on after SIGTERM; the contract is 10
+
+
+def _abandon_session() -> None:
+    log.warning("stopping: abandoning the session in progress; the next run carries on")
+    logging.shutdown()
+    os._exit(0)
 
 
 def cmd_agent_status(args: argparse.Namespace) -> int:

@@ -243,6 +243,7 @@ def test_sigkill_of_agent_run_mid_session(
         agent = start_agent(bridge, idle="false", sync_interval="3600")
         wait_for(lambda: len(bridge.phone_inbox_ids()) == 6, 10, "the first sync")
         wait_for(lambda: bridge.agent_status()["connections"], 10, "the push link")
+        time.sleep(0.5)  # the session for the push link's arrival is done: the agent idles
         before = set(bridge.desktop_ids())
         killer.arm(agent.pid, frame_type, 1)
         new = [bridge.deliver(n) for n in (20, 21)]  # pulled by the session: ops

@@ -92,7 +92,7 @@ class PushConnector:
 
     def _connect_with_backoff(self) -> ServerLink:
         exponential = wait_exponential_jitter(
-            initial=self.timing.backoff_initial, max=self.timing.backoff_max
+            multiplier=self.timing.backoff_initial, max=self.timing.backoff_max
         )
 
         def wait(state: RetryCallState) -> float:

@@ -15,8 +15,8 @@ merge into one following session. Around it:
 - with ``idle = false``, "poll" every ``poll_interval`` looks for trigger mail.
 
 A session that fails is retried with backoff; the service itself keeps running. SIGTERM
-or SIGINT end it: a session in progress may finish for a few seconds, then it is
-abandoned, which the journal makes safe (the next run carries on).
+or SIGINT end it after the session in progress (``agent run`` abandons one that takes
+more than a few seconds, which the journal makes safe: the next run carries on).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from imapsync_bridge.agent.runner import (
     session_options,
 )
 from imapsync_bridge.agent.session import SyncSession
+from imapsync_bridge.agent.state import AgentState
 from imapsync_bridge.agent.trigger import TriggerWatch
 from imapsync_bridge.config import AgentConfig
 from imapsync_bridge.errors import AuthError, BridgeError, TransientError
@@ -61,10 +62,13 @@ log = logging.getLogger(__name__)
 
 SERVICE_FILE = "agent-run.json"  # what `agent status` shows of a running service
 LOCK_FILE = "agent.lock"  # held around every session: one at a time, also with `agent sync`
-STOP_GRACE = 8.0  # seconds a session may go on after SIGTERM before it is abandoned
 # Reasons that start a sync; IDLE's inbox changes do when sync_on_change is true.
 SYNC_REASONS = frozenset({"start", "timer", "phone", "trigger", "retry", "push", "reconnected"})
 INBOX_CHANGES = frozenset({"new", "flags", "expunge"})
+# A change notice within this long of the last session's start waits for its end, so a
+# stream of changes gives a few sessions, not one per change; the first after a quiet
+# spell goes at once.
+MERGE_WINDOW = 0.25
 # Reasons after which new inbox mail may hold a trigger.
 SCAN_REASONS = frozenset({"start", "new", "reconnected", "poll"})
 
@@ -114,7 +118,7 @@ class AgentService:
         self.config = config
         self.timing = timing or ServiceTiming()
         self.wake = Wakeup()
-        self.state = open_state(config)
+        self.state: AgentState  # opened by run(), in the thread that uses it
         self.scheduler = schedule.Scheduler()
         self.scheduler.every(config.sync_interval).seconds.do(self.wake.add, "timer")
         if not config.idle:
@@ -144,27 +148,20 @@ class AgentService:
         self._pending: set[str] = set()
         self._failures = 0
         self._retry_at: float | None = None
+        self._last_started = float("-inf")  # monotonic start of the last session
+        self._deferred: set[str] = set()  # sync reasons waiting for MERGE_WINDOW's end
         self._stopping = threading.Event()
         self._started = datetime.now(UTC)
         self._syncs = 0
         self._shown: dict[str, Any] = {}
-        self._instance = self.state.agent_instance()
+        self._instance = ""
 
     # -- life cycle ----------------------------------------------------------------------
     def stop(self) -> None:
-        """Ask the loop to end (safe from a signal handler); a session in progress gets
-        STOP_GRACE seconds, then the process leaves it (the journal makes that safe)."""
-        if self._stopping.is_set():
-            return
+        """Ask the loop to end after the session in progress (safe from a signal
+        handler; ``agent run`` leaves a session that takes too long, see cli.py)."""
         self._stopping.set()
         self.wake.add("stop")
-        abandon = threading.Timer(STOP_GRACE, self._abandon)
-        abandon.daemon = True
-        abandon.start()
-
-    def _abandon(self) -> None:
-        log.warning("stopping: abandoning the session in progress; the next run carries on")
-        os._exit(0)
 
     def run(self) -> None:
         log.info(
@@ -173,6 +170,8 @@ class AgentService:
             "on" if self.config.idle else f"off (trigger poll every {self.config.poll_interval} s)",
             *self.config.server,
         )
+        self.state = open_state(self.config)
+        self._instance = self.state.agent_instance()
         self.connector.start()
         if self.watcher is not None:
             self.watcher.start()
@@ -218,6 +217,8 @@ class AgentService:
     def _seconds_to_next_event(self) -> float:
         waits = [self.scheduler.idle_seconds or 60.0, 60.0]
         now = time.monotonic()
+        if self._deferred:
+            waits.append(self._last_started + MERGE_WINDOW - now)
         for due in (self._retry_at, self._trigger_at):
             if due is not None:
                 waits.append(due - now)
@@ -236,8 +237,12 @@ class AgentService:
             self._trigger_at = None
             self._pending.add("trigger")
         reasons, self._pending = self._pending, set()
-        if not reasons:
+        if not reasons and not self._deferred:
             return
+        if "reconnected" in reasons:
+            # IDLE had to reconnect: the path may have been broken under the kept
+            # connection too, which would only show as a timeout in the next session.
+            self._drop_desktop()
         if reasons & SCAN_REASONS and self._scan_for_triggers():
             reasons.add("trigger")
         if "trigger" in reasons and not self._trigger_allowed():
@@ -247,7 +252,13 @@ class AgentService:
             wanted |= reasons & INBOX_CHANGES
         if wanted and self._retry_at is not None and wanted <= {"timer", *INBOX_CHANGES}:
             return  # a failed session waits for its retry; only a user's request jumps it
+        wanted |= self._deferred
+        if wanted and now - self._last_started < MERGE_WINDOW:
+            self._deferred = wanted
+            return  # merged into the session due at the window's end
+        self._deferred = set()
         if wanted:
+            self._last_started = now
             self._sync(wanted)
 
     # -- trigger mail --------------------------------------------------------------------
@@ -357,8 +368,11 @@ class AgentService:
         return self._desktop
 
     def _drop_desktop(self) -> None:
+        """Cut the kept IMAP connection without a LOGOUT: it is dropped because it
+        failed or may have, and a LOGOUT on a dead path would wait for its timeout."""
         if self._imap is not None:
             with contextlib.suppress(Exception):
+                self._imap.abort()
                 self._imap.close()
         self._imap = self._desktop = self._triggers = None
 
