@@ -205,11 +205,15 @@ def cmd_set_password(args: argparse.Namespace) -> int:
 # -- phone -------------------------------------------------------------------------------
 def cmd_phone(args: argparse.Namespace) -> int:
     from imapsync_bridge.server.app import open_store
+    from imapsync_bridge.server.outgoing_mail import Relay
     from imapsync_bridge.server.phone import PhoneService
 
-    store = open_store(load_server_config(Path(args.config)))
+    config = load_server_config(Path(args.config))
+    store = open_store(config)
+    relay = Relay(config.relay, config.hostname) if config.relay else None
     try:
-        return _phone_verb(PhoneService(store), args)
+        service = PhoneService(store, relay, max_message_size=config.max_message_size)
+        return _phone_verb(service, args)
     finally:
         store.close()
 
@@ -233,6 +237,16 @@ def _phone_verb(service: PhoneService, args: argparse.Namespace) -> int:
     if verb == "request-sync":
         request = service.request_sync(user)
         print(f"sync requested (pending since {request.requested_at})")
+        return 0
+    if verb == "compose":
+        item = service.compose(
+            user, args.to, args.subject, args.body, args.via_desktop, args.in_reply_to
+        )
+        if args.json:
+            print(json.dumps(item.as_json(), indent=2))
+        else:
+            why = f": {item.reason}" if item.state == "failed" else ""
+            print(f"outgoing {item.id} {item.message_id}: {item.state}{why}")
         return 0
     if verb == "show":
         detail = service.show(user, args.id)
@@ -326,6 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in ("delete", "restore", "destroy", "read", "unread", "flag", "unflag"):
         verbs.add_parser(verb).add_argument("id", type=int)
     verbs.add_parser("request-sync", help="ask for a sync (the server acts on it later)")
+    v = verbs.add_parser(
+        "compose", help="write a message: sent now through [relay], or via the desktop"
+    )
+    v.add_argument("--to", action="append", required=True, help="a recipient (repeatable)")
+    v.add_argument("--subject", required=True)
+    v.add_argument("--body", required=True)
+    v.add_argument("--via-desktop", action="store_true", help="send via the desktop's SMTP")
+    v.add_argument("--in-reply-to", type=int, help="the phone id of the message answered")
+    v.add_argument("--json", action="store_true", help="print the outbox entry as JSON")
     p.set_defaults(func=cmd_phone)
     return parser
 

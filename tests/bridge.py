@@ -147,10 +147,16 @@ class Bridge:
         self.agent_ini = root / "agent" / "agent.ini"
         self.server: ServerThread | None = None
         self.code = ""
+        self.smtp_port: int | None = None  # the corporate SMTP server: adds [smtp]
+        self.from_address = f"{self.user}@corp.example"  # the agent's [smtp] from_address
 
     # -- set-up ----------------------------------------------------------------------
-    def start(self, observer: FrameObserver | None = None) -> Bridge:
+    def start(self, observer: FrameObserver | None = None, relay_port: int | None = None) -> Bridge:
+        """``relay_port``: the hosted server's ``[relay]`` (send now) on loopback."""
         init_server(self.server_dir, "127.0.0.1", sync_port=0, smtp_port=0, submission_port=0)
+        if relay_port is not None:
+            text = self.server_ini.read_text().replace("port = 25\n", f"port = {relay_port}\n")
+            self.server_ini.write_text(text.replace("host = localhost", "host = 127.0.0.1"))
         code, out, err = run_cli(
             "server", "add-user", "--config", str(self.server_ini), self.phone_user,
             "--address", "alice@phone.example", "--desktop-address", f"{self.user}@corp.example",
@@ -181,6 +187,11 @@ class Bridge:
             f"username = {self.user}",
             "password_file = imap.pass",
         ]
+        if self.smtp_port is not None:
+            lines += [
+                "[smtp]", "host = 127.0.0.1", f"port = {self.smtp_port}", "security = none",
+                "username =", f"from_address = {self.from_address}",
+            ]  # fmt: skip
         ini.write_text("\n".join(lines) + "\n")
 
     def pair(self, ini: Path | None = None, code: str | None = None) -> None:

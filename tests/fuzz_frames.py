@@ -50,6 +50,8 @@ SEEDS: list[tuple[schema.Direction, dict]] = [
     ("to_server", {"type": "ack_actions", "up_to": 12}),
     ("to_server", {"type": "complete", "summary": {"pulled": 3, "fast_path": False}}),
     ("to_server", {"type": "heartbeat"}),
+    ("to_server", {"type": "delivery", "id": 3, "state": "failed", "reply": "550 no"}),
+    ("to_server", {"type": "delivery", "id": 4, "state": "sent"}),
     ("to_agent", {"type": "welcome", "user": "alice", "last_seq": 0}),
     (
         "to_agent",
@@ -79,6 +81,7 @@ SEEDS: list[tuple[schema.Direction, dict]] = [
                     "to": ["b@x"],
                     "raw": RAW,
                 },
+                {"kind": "file_sent", "id": 2, "message_id": "<s@x>", "raw": RAW},
             ],
         },
     ),  # fmt: skip

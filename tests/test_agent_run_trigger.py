@@ -88,6 +88,7 @@ def running(dovecot: Dovecot, tmp_path: Path) -> Iterator[Running]:
                 10,
                 "IMAP IDLE",
             )
+            time.sleep(0.5)  # the sessions for the links' arrival are done: the agent idles
             yield Running(bridge, smtp, secret[0], secret[1], agent)
         finally:
             if agent.poll() is None:

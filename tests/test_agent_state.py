@@ -12,7 +12,7 @@ from bridge import run_cli
 from imapsync_bridge.agent.state import _MIGRATIONS, SCHEMA_VERSION, STATE_FILE, AgentState
 from imapsync_bridge.errors import StoreError
 
-TABLES = {"meta", "ledger", "outgoing", "quarantine", "trigger_keys"}
+TABLES = {"meta", "ledger", "outgoing", "quarantine", "trigger_keys", "deliveries"}
 
 
 def _version_and_tables(path: Path) -> tuple[int, set[str]]:
@@ -92,7 +92,7 @@ def test_not_a_database_is_a_store_error(tmp_path: Path) -> None:
         AgentState(path)
 
 
-def test_a_version_1_file_gains_the_trigger_keys_and_keeps_its_facts(tmp_path: Path) -> None:
+def test_a_version_1_file_gains_the_new_tables_and_keeps_its_facts(tmp_path: Path) -> None:
     path = tmp_path / STATE_FILE
     conn = sqlite3.connect(path)
     for statement in _MIGRATIONS[1]:
@@ -103,6 +103,7 @@ def test_a_version_1_file_gains_the_trigger_keys_and_keeps_its_facts(tmp_path: P
     conn.close()
     state = AgentState(path)
     assert state.get("user") == "alice" and state.used_trigger_keys() == set()
+    assert state.deliveries() == []
     state.close()
     assert _version_and_tables(path) == (SCHEMA_VERSION, TABLES)
 

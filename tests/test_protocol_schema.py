@@ -42,6 +42,7 @@ VALID_TO_SERVER = {
     "fetch": {"type": "fetch", "key": "<1@example.com>"},
     "ack_actions": {"type": "ack_actions", "up_to": 12},
     "complete": {"type": "complete", "summary": {"sent": 3, "errors": [], "ok": True}},
+    "delivery": {"type": "delivery", "id": 7, "state": "failed", "reply": "550 5.1.1 no"},
     "heartbeat": {"type": "heartbeat"},
 }
 
@@ -100,6 +101,7 @@ VALID_TO_AGENT = {
                 "to": ["you@example.com"],
                 "raw": RAW,
             },
+            {"kind": "file_sent", "id": 8, "message_id": "<now@phone.example>", "raw": RAW},
         ],
         "action_seq": 4,
     },
@@ -366,3 +368,17 @@ def test_bad_direction_is_a_programming_error():
 def test_paired_carries_a_well_formed_trigger_secret(field: str, value: str) -> None:
     with pytest.raises(ProtocolError, match=f"'{field}'"):
         _decode({**VALID_TO_AGENT["paired"], field: value}, "to_agent")
+
+
+def test_delivery_reports_are_bounded_and_their_state_is_checked():
+    ok = _round_trips({"type": "delivery", "id": 1, "state": "sent"}, "to_server")
+    assert (ok.id, ok.state, ok.reply) == (1, "sent", "")
+    with pytest.raises(ProtocolError, match="'state' must be"):
+        _decode({"type": "delivery", "id": 1, "state": "lost"}, "to_server")
+    with pytest.raises(ProtocolError, match="'reply' must be at most 2000"):
+        _decode({"type": "delivery", "id": 1, "state": "failed", "reply": "x" * 2001}, "to_server")
+    with pytest.raises(ProtocolError, match="'id' must be an integer"):
+        _decode({"type": "delivery", "id": True, "state": "sent"}, "to_server")
+    too_many = {**VALID_TO_AGENT["snapshot"]["actions"][2], "to": ["a@x"] * 101}
+    with pytest.raises(ProtocolError, match="at most 100"):
+        _decode({**VALID_TO_AGENT["snapshot"], "actions": [too_many]}, "to_agent")

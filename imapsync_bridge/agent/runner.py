@@ -11,11 +11,13 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ex
 from imapsync_bridge.agent.desktop import DesktopSide
 from imapsync_bridge.agent.imap import ImapMailbox
 from imapsync_bridge.agent.link import AGENT_CRT, ServerLink
+from imapsync_bridge.agent.outbox import OutgoingSettings
 from imapsync_bridge.agent.session import SyncSession
 from imapsync_bridge.agent.state import STATE_FILE, AgentState
 from imapsync_bridge.config import AgentConfig
 from imapsync_bridge.errors import BridgeError, ConfigError, TransientError
 from imapsync_bridge.model import Where
+from imapsync_bridge.sync.outgoing import Limits
 from imapsync_bridge.sync.session import SessionOptions, SessionReport
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,14 @@ def session_options(config: AgentConfig, allow_mass_delete: bool) -> SessionOpti
     )
 
 
+def outgoing_settings(config: AgentConfig) -> OutgoingSettings:
+    """How the agent sends via-desktop mail (``[smtp]``, from_address, the limits)."""
+    return OutgoingSettings(
+        smtp=config.smtp,
+        limits=Limits(config.smtp_from_address, config.max_message_size),
+    )
+
+
 @retry(
     retry=retry_if_exception_type(TransientError),
     stop=stop_after_attempt(3),
@@ -72,7 +82,7 @@ def session_options(config: AgentConfig, allow_mass_delete: bool) -> SessionOpti
 def _attempt(config: AgentConfig, state: AgentState, options: SessionOptions) -> SessionReport:
     with open_link(config) as link, connect_imap(config) as imap:
         desktop = open_desktop(config, imap, state.get("sync_phrase"))
-        return SyncSession(state, desktop, link, options).run()
+        return SyncSession(state, desktop, link, options, outgoing=outgoing_settings(config)).run()
 
 
 def sync_once(config: AgentConfig, allow_mass_delete: bool = False) -> SessionReport:

@@ -48,6 +48,7 @@ from imapsync_bridge.agent.runner import (
     open_desktop,
     open_link,
     open_state,
+    outgoing_settings,
     session_options,
 )
 from imapsync_bridge.agent.session import SyncSession
@@ -333,8 +334,13 @@ class AgentService:
         desktop = self._desktop_side()
         if self.push is None:
             with open_link(self.config) as link:
-                return SyncSession(self.state, desktop, link, options).run()
-        report = SyncSession(self.state, desktop, self.push, options, phone_vouched=vouched).run()
+                return SyncSession(
+                    self.state, desktop, link, options, outgoing=outgoing_settings(self.config)
+                ).run()
+        report = SyncSession(
+            self.state, desktop, self.push, options, phone_vouched=vouched,
+            outgoing=outgoing_settings(self.config),
+        ).run()  # fmt: skip
         self._push_said = self._push_heard = time.monotonic()
         return report
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from imapsync_bridge.agent.desktop import DesktopSide
 from imapsync_bridge.agent.link import ServerLink
+from imapsync_bridge.agent.outbox import Outbox, OutgoingSettings
 from imapsync_bridge.agent.state import AgentState, PendingOp
 from imapsync_bridge.model import DesktopStatus, Flags, PhoneFact, Where, message_id_of
 from imapsync_bridge.protocol import schema
@@ -136,22 +137,28 @@ class SyncSession:
         options: SessionOptions,
         *,
         phone_vouched: bool = False,
+        outgoing: OutgoingSettings | None = None,
     ) -> None:
         """``phone_vouched``: the caller knows the phone has not changed since the last
         session (``agent run``'s push link said nothing), so the session greets the
-        server only if the desktop moved."""
+        server only if the desktop moved. ``outgoing``: how to send the snapshot's
+        outgoing mail (None: the session leaves it to a session that can)."""
         self.state = state
         self.desktop = desktop
         self.link = link
         self.options = options
         self.phone_vouched = phone_vouched
         self._acked = 0  # highest op the server acknowledged; retired with the ledger
+        self.outgoing = outgoing
+        self._outgoing: list[schema.AnyAction] = []  # the snapshot's deliver/file_sent
 
     def run(self) -> SessionReport:
         started = time.monotonic()
         last = last_session(self.state)
         journal = self.state.pending()
-        snapshot = None if self.phone_vouched and not journal else self._greet(journal)
+        unfinished = self.outgoing is not None and bool(self.state.deliveries())
+        vouched = self.phone_vouched and not journal and not unfinished
+        snapshot = None if vouched else self._greet(journal)
         flow = session(last, snapshot, self.options)
         answer: Any = None
         try:
@@ -159,6 +166,10 @@ class SyncSession:
                 answer = self._carry_out(flow.send(answer))
         except StopIteration as done:
             report: SessionReport = done.value
+        # Outgoing mail after the inbox flow: its SMTP round trips do not hold up the
+        # window, and it only touches the Outbox and Sent folders, never the inbox.
+        if self.outgoing is not None and (self._outgoing or unfinished):
+            Outbox(self.state, self.desktop, self.link, self.outgoing).run(self._outgoing)
         report.seconds = time.monotonic() - started
         if not report.fast_path:
             self.link.complete(report.summary())
@@ -171,6 +182,9 @@ class SyncSession:
         if snapshot is None:
             self._resend(journal)
             snapshot = self.link.snapshot()
+        self._outgoing = [
+            a for a in snapshot.actions if isinstance(a, schema.Deliver | schema.FileSent)
+        ]
         return phone_snapshot(snapshot)
 
     def _carry_out(self, step: Step) -> Any:

@@ -24,7 +24,7 @@ from imapsync_bridge.model import Flags, LedgerEntry, QuarantinedMessage, Where
 
 # PRAGMA user_version of the state file. 0 is a new, empty file; each later version has
 # its statements in _MIGRATIONS. A file newer than this program is refused (see _migrate).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATE_FILE = "agent.sqlite3"  # in state_dir
 _SCHEMA_V1 = (
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -56,7 +56,22 @@ _SCHEMA_V2 = (
         used TEXT NOT NULL
     )""",
 )
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}  # target -> statements
+# v3: outgoing messages this agent is delivering (agent/outbox.py), by Message-ID, with
+# the step each reached; a row is written before its step is taken and deleted only once
+# the server acknowledged the final report.
+_SCHEMA_V3 = (
+    """CREATE TABLE IF NOT EXISTS deliveries (
+        message_id TEXT PRIMARY KEY,
+        server_id INTEGER NOT NULL,
+        step TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        recipients TEXT NOT NULL,
+        raw BLOB NOT NULL,
+        reply TEXT NOT NULL DEFAULT '',
+        updated TEXT NOT NULL
+    )""",
+)
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
 
 def _migrate(db: sqlite3.Connection, path: Path) -> None:
@@ -82,6 +97,19 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """One outgoing message's recorded step (see :mod:`imapsync_bridge.sync.outgoing`)."""
+
+    message_id: str
+    server_id: int
+    step: str
+    sender: str
+    recipients: list[str]
+    raw: bytes
+    reply: str = ""
 
 
 @dataclass(frozen=True)
@@ -266,6 +294,40 @@ class AgentState:
             )
             db.execute("DELETE FROM trigger_keys WHERE used < ?", (_utc_text(at - keep),))
 
+    # -- outgoing deliveries -----------------------------------------------------------
+    def delivery(self, message_id: str) -> DeliveryRecord | None:
+        row = self._db.execute(
+            "SELECT message_id, server_id, step, sender, recipients, raw, reply"
+            " FROM deliveries WHERE message_id = ?",
+            (message_id,),
+        ).fetchone()
+        return _delivery(row) if row else None
+
+    def deliveries(self) -> list[DeliveryRecord]:
+        """Every delivery not yet acknowledged by the server, oldest server id first."""
+        rows = self._db.execute(
+            "SELECT message_id, server_id, step, sender, recipients, raw, reply"
+            " FROM deliveries ORDER BY server_id"
+        )
+        return [_delivery(row) for row in rows]
+
+    def record_delivery(self, record: DeliveryRecord) -> None:
+        """Write a delivery's step durably (FULL fsync): called *before* the step."""
+        now = datetime.now().astimezone().isoformat(timespec="seconds")
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO deliveries (message_id, server_id, step, sender, recipients, raw,"
+                " reply, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_id)"
+                " DO UPDATE SET step = excluded.step, reply = excluded.reply,"
+                " updated = excluded.updated",
+                (record.message_id, record.server_id, record.step, record.sender,
+                 json.dumps(record.recipients), record.raw, record.reply, now),
+            )  # fmt: skip
+
+    def forget_delivery(self, message_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM deliveries WHERE message_id = ?", (message_id,))
+
     # -- quarantine ------------------------------------------------------------------
     def quarantined(self) -> list[QuarantinedMessage]:
         rows = self._db.execute("SELECT key, uid, reason FROM quarantine ORDER BY since, key")
@@ -275,6 +337,13 @@ class AgentState:
 def _utc_text(moment: datetime) -> str:
     """Fixed-width UTC text: string order is time order."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _delivery(row: tuple[Any, ...]) -> DeliveryRecord:
+    message_id, server_id, step, sender, recipients, raw, reply = row
+    return DeliveryRecord(
+        message_id, server_id, step, sender, json.loads(recipients), bytes(raw), reply
+    )
 
 
 def _entry(row: tuple[Any, ...]) -> LedgerEntry:

@@ -24,6 +24,7 @@ A session, agent → server (:data:`ToServer`) and server → agent (:data:`ToAg
                                             an op from its action list only once acked
       fetch {key}                         → message {key, raw} | error
       ack_actions {up_to}                 → ok   (the server drops its actions <= up_to)
+      delivery {id, state, reply}         → ok   (an outgoing message's outcome; idempotent)
       complete {summary}                  → ok   (both sides commit; the server closes)
       heartbeat                           → heartbeat   (the agent checks the server is there)
 
@@ -46,8 +47,10 @@ op is applied once.
 
 Actions (the server's, in ``snapshot.actions``, ``kind``): ``destroy`` (the phone user
 destroyed a message: a tombstone until acknowledged), ``restore`` (the phone user
-restored it from the trash) and ``deliver`` (an outgoing message for the desktop to send;
-defined, not yet produced). They are acknowledged together by ``ack_actions``.
+restored it from the trash), ``deliver`` (an outgoing message for the desktop to send)
+and ``file_sent`` (a message the server sent, for the desktop Sent folder). ``destroy``
+and ``restore`` are acknowledged together by ``ack_actions``; each ``deliver`` and
+``file_sent`` by its own ``delivery`` frame (they are not phone actions: no seq).
 
 Decoding refuses, with a one-line :class:`ProtocolError` naming the field: unknown frame
 types, missing fields, fields of the wrong type (a JSON boolean is not an integer),
@@ -160,7 +163,10 @@ class Restored(Action, tag="restore"):
 
 
 class Deliver(Action, tag="deliver"):
-    """An outgoing message the phone queued "send via desktop" (no delivery logic yet)."""
+    """An outgoing message the phone queued "send via desktop": the agent files it in the
+    desktop Outbox, sends it through the corporate SMTP server as ``sender`` to ``to``,
+    moves it to Sent and reports each outcome with a ``delivery`` frame (agent/outbox.py).
+    Offered again at every snapshot until reported; the agent keys it by Message-ID."""
 
     id: Seq
     message_id: Key
@@ -169,8 +175,18 @@ class Deliver(Action, tag="deliver"):
     raw: Raw
 
 
-AnyAction = Destroyed | Restored | Deliver
-ACTION_KINDS = ("destroy", "restore", "deliver")
+class FileSent(Action, tag="file_sent"):
+    """A message the hosted server already sent (send now): the agent APPENDs it to the
+    desktop Sent folder (``\\Seen``) unless it is there, then reports ``filed``. Never sent."""
+
+    id: Seq
+    message_id: Key
+    raw: Raw
+
+
+AnyAction = Destroyed | Restored | Deliver | FileSent
+ACTION_KINDS = ("destroy", "restore", "deliver", "file_sent")
+DeliveryState = Literal["submitted", "sent", "failed", "deferred", "filed"]
 
 
 # --------------------------------------------------------------------------- agent → server
@@ -212,6 +228,18 @@ class Complete(Frame, tag="complete"):
     def __post_init__(self) -> None:
         if len(msgspec.json.encode(self.summary)) > MAX_SUMMARY_BYTES:
             raise ValueError(f"summary: must be at most {MAX_SUMMARY_BYTES} bytes of JSON")
+
+
+class Delivery(Frame, tag="delivery"):
+    """What became of an outgoing message (``deliver`` / ``file_sent`` action ``id``):
+    ``submitted`` (the SMTP server said 250), ``sent`` (in the desktop Sent folder),
+    ``failed`` (refused for good; ``reply`` says why), ``deferred`` (4xx or no
+    connection: offer it again later) or ``filed`` (a send-now copy is in Sent).
+    Answered with ``ok``; idempotent (a repeated report changes nothing)."""
+
+    id: Seq
+    state: DeliveryState
+    reply: Annotated[str, Meta(max_length=2000)] = ""
 
 
 class Heartbeat(Frame, tag="heartbeat"):
@@ -297,7 +325,16 @@ class Changed(Frame, tag="changed"):
 
 
 ToServer = (
-    Hello | CaRequest | Pair | SnapshotRequest | Ops | Fetch | AckActions | Complete | Heartbeat
+    Hello
+    | CaRequest
+    | Pair
+    | SnapshotRequest
+    | Ops
+    | Fetch
+    | AckActions
+    | Complete
+    | Delivery
+    | Heartbeat
 )
 ToAgent = Welcome | CaCert | Paired | Snapshot | Acked | Message | Ok | Error | Changed | Heartbeat
 Notice = Changed | Heartbeat  # what the server sends unasked
@@ -402,7 +439,12 @@ _TYPES = {
     "datetime": "an ISO 8601 timestamp with a UTC offset",
     "int | null": "an integer or null",
 }
-_ENUMS = {"folder": '"inbox" or "trash"', "protocol": str(PROTOCOL_VERSION), "reason": None}
+_ENUMS = {
+    "folder": '"inbox" or "trash"',
+    "protocol": str(PROTOCOL_VERSION),
+    "reason": None,
+    "state": '"submitted", "sent", "failed", "deferred" or "filed"',
+}
 _KINDS = {"kind": " or ".join(OP_KINDS + ACTION_KINDS)}
 
 

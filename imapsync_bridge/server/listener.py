@@ -28,8 +28,10 @@ from pathlib import Path
 
 from imapsync_bridge.errors import AuthError, BridgeError, ConnectionLost, ProtocolError, StoreError
 from imapsync_bridge.protocol import framing, pki, schema, tls
+from imapsync_bridge.server.outgoing_mail import bounce_notice
 from imapsync_bridge.server.store_api import ListenerStore
 from imapsync_bridge.server.trigger_mail import new_sync_phrase, new_trigger_key
+from imapsync_bridge.sync.outgoing import MAX_PER_SYNC
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,9 @@ BEATING_TIMEOUT = 60.0
 CLOSE_TIMEOUT = 5.0  # seconds to wait for a peer to acknowledge the end of a session
 HEARTBEAT_INTERVAL = 30.0  # seconds of quiet after which the server sends a heartbeat
 UNAUTHENTICATED_FRAMES = (schema.CaRequest, schema.Pair)
+# Outgoing messages one snapshot carries (raw bytes; base64 makes 4/3 of it): the rest
+# come with the next snapshot. A message alone may be up to max_message_size.
+DELIVERY_BYTES = 24 * 1024 * 1024
 Reply = schema.Frame | None
 
 
@@ -105,6 +110,7 @@ class SyncSessionHandler:
         snap = self.store.snapshot(self.user)
         actions: list[schema.AnyAction] = [schema.Destroyed(key=k) for k in snap.destroyed]
         actions += [schema.Restored(key=k) for k in snap.restored]
+        actions += self._outgoing_actions()
         messages = [
             schema.SnapshotMessage(
                 id=m.id,
@@ -120,6 +126,46 @@ class SyncSessionHandler:
         return schema.Snapshot(
             window=snap.window, messages=messages, actions=actions, action_seq=snap.action_seq
         )
+
+    def _outgoing_actions(self) -> list[schema.AnyAction]:
+        """Via-desktop messages to deliver (queued ones become claimed) and send-now
+        copies to file in the desktop Sent folder."""
+        assert self.user is not None
+        deliveries = self.store.claim_deliveries(self.user, MAX_PER_SYNC, DELIVERY_BYTES)
+        actions: list[schema.AnyAction] = []
+        for m in deliveries:
+            assert m.raw is not None
+            actions.append(
+                schema.Deliver(
+                    id=m.id, message_id=m.message_id, sender=m.sender, to=m.recipients, raw=m.raw
+                )
+            )
+        for m in self.store.sent_to_file(self.user, MAX_PER_SYNC):
+            assert m.raw is not None
+            actions.append(schema.FileSent(id=m.id, message_id=m.message_id, raw=m.raw))
+        if actions:
+            log.info("%s: %d outgoing message(s) handed to the agent", self.user, len(actions))
+        return actions
+
+    def on_delivery(self, frame: schema.Delivery) -> Reply:
+        """An outgoing message's outcome; a repeat (or an unknown id) changes nothing.
+        A ``failed`` message gets its ``Undelivered:`` notice in the phone inbox."""
+        assert self.user is not None
+        notice = None
+        if frame.state == "failed":
+            try:
+                message = self.store.get_outgoing(self.user, frame.id)
+            except StoreError:
+                message = None
+            if message is not None:
+                address = self.store.get_user(self.user).address
+                notice = bounce_notice(message, address, frame.reply or "refused")
+        changed = self.store.record_outcome(self.user, frame.id, frame.state, frame.reply, notice)
+        log.info(
+            "%s: outgoing %d %s%s: %s", self.user, frame.id, frame.state,
+            "" if changed else " (already recorded)", frame.reply or "-",
+        )  # fmt: skip
+        return schema.Ok()
 
     def on_ops(self, frame: schema.Ops) -> Reply:
         """A batch: one transaction (one fsync) for all of it, acked once committed."""
@@ -286,11 +332,14 @@ class SyncListener:
                     log.warning("%s (%s): %s", peer, user or "no certificate", exc)
                     await connection.send(_error_frame(exc))
                     return
-                if reply is not None:
-                    await connection.send(reply)
+                # Registered before the welcome goes out: an agent that has its welcome
+                # counts as connected, and no push made after that is missed (a notice
+                # ahead of the welcome is queued by the agent's reader).
                 if handler.greeted and heartbeat is None and user is not None:
                     self._register(connection, user)
                     heartbeat = asyncio.create_task(self._heartbeat(connection))
+                if reply is not None:
+                    await connection.send(reply)
         except BridgeError as exc:  # e.g. an oversized frame
             log.warning("%s (%s): %s", peer, user or "no certificate", exc)
             await connection.send(_error_frame(exc))

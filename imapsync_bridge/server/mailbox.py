@@ -13,7 +13,7 @@ from imapsync_bridge.errors import StoreError
 from imapsync_bridge.model import INBOX, TRASH
 from imapsync_bridge.server import store_schema as schema
 from imapsync_bridge.server.store_api import NoSuchMessage
-from imapsync_bridge.server.store_schema import PhoneMessage
+from imapsync_bridge.server.store_schema import Delivery, PhoneMessage
 
 FOLDERS = (INBOX, TRASH)
 MIN_TRASH_CAPACITY = 10
@@ -244,3 +244,53 @@ def serial_hex(serial: int) -> str:
 def one_line(context: str, exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"{context}: {text}"
+
+
+def store_inbound(
+    conn: sqlite3.Connection,
+    user: str,
+    window: int,
+    key: str,
+    message_id: str | None,
+    raw: bytes,
+    now: str,
+    internaldate: str,
+) -> Delivery:
+    """Store one inbound copy and keep the window (:meth:`.store_api.InboundStore.deliver`),
+    inside the caller's transaction: SMTP in, and the phone's ``Undelivered:`` notices.
+
+    The duplicate check is the insert itself (``ON CONFLICT DO NOTHING RETURNING``);
+    the eviction picks its victims in the statement that deletes them.
+    """
+    subject, from_addr = schema.parse_summary(raw)
+    if conn.execute(
+        "SELECT 1 FROM phone_actions WHERE user_name = ? AND msg_key = ? AND kind = 'destroy'",
+        (user, key),
+    ).fetchone():
+        return Delivery(None, duplicate=True, evicted=0)
+    inserted = conn.execute(
+        "INSERT INTO messages (user_name, msg_key, message_id, folder, seen, flagged,"
+        " internaldate, subject, from_addr, size, raw, dirty, inbound)"
+        " VALUES (?, ?, ?, 'inbox', 0, 0, ?, ?, ?, ?, ?, 1, 1)"
+        " ON CONFLICT (user_name, msg_key) DO NOTHING RETURNING id",
+        (user, key, message_id, internaldate, subject, from_addr, len(raw), raw),
+    ).fetchall()
+    if not inserted:
+        held = conn.execute(
+            "SELECT id FROM messages WHERE user_name = ? AND msg_key = ?", (user, key)
+        ).fetchone()
+        return Delivery(held[0] if held else None, duplicate=True, evicted=0)
+    conn.execute(
+        "INSERT INTO phone_actions (user_name, kind, msg_key, created) VALUES (?, 'restore', ?, ?)",
+        (user, key, now),
+    )
+    evicted = conn.execute(
+        "DELETE FROM messages WHERE id IN ("
+        " SELECT id FROM messages WHERE user_name = ? AND folder = 'inbox'"
+        " AND inbound = 0 AND dirty = 0 ORDER BY internaldate ASC, id DESC"
+        # never a negative LIMIT: SQLite reads it as "no limit"
+        " LIMIT (SELECT CASE WHEN COUNT(*) > ? THEN COUNT(*) - ? ELSE 0 END"
+        "  FROM messages WHERE user_name = ? AND folder = 'inbox')) RETURNING id",
+        (user, window, window, user),
+    ).fetchall()
+    return Delivery(int(inserted[0][0]), duplicate=False, evicted=len(evicted))

@@ -7,6 +7,10 @@ which costs microseconds to ask, so it is asked every ``poll`` seconds. When it 
 the notifier compares each connected user's newest phone action with what it last
 pushed and sends ``changed`` over that user's agent connections.
 
+Outgoing mail is watched the same way: a new via-desktop message (or a send-now message
+whose copy the desktop Sent folder still lacks) pushes ``changed(outgoing)``, so the
+agent delivers it at once.
+
 A phone "sync now" request is taken here too: pushed when the user's agent is
 connected, otherwise sent as the trigger mail through ``[relay]``. The notifier keeps no
 sync state: after a restart, an agent that reconnects syncs anyway.
@@ -33,6 +37,12 @@ POLL_SECONDS = 0.05
 # The newest phone-side change per user; each is a mark that only grows.
 _PHONE_ACTIONS = "SELECT user_name, MAX(seq) FROM phone_actions GROUP BY user_name"
 _SYNC_REQUESTS = "SELECT user_name FROM sync_requests"
+# The newest outgoing message the agent has work for: a queued via-desktop message, or a
+# send-now message sent and not yet filed in the desktop Sent folder.
+_OUTGOING = (
+    "SELECT user_name, MAX(id) FROM outbox WHERE (via_desktop = 1 AND state = 'queued')"
+    " OR (state = 'sent' AND filed = 0) GROUP BY user_name"
+)
 # Whether a phone action is an inbound mail's (SMTP in logs one per delivered message).
 _IS_INBOUND = (
     "SELECT m.inbound FROM phone_actions a JOIN messages m"
@@ -60,6 +70,7 @@ class ChangeNotifier:
         self.poll = poll
         self._task: asyncio.Task[None] | None = None
         self._pushed: dict[str, int] = {}  # user -> newest phone action already told
+        self._outgoing: dict[str, int] = {}  # user -> newest outgoing message already told
         self._unmailable: set[str] = set()  # users whose request could not be mailed (logged)
 
     async def start(self) -> None:
@@ -75,6 +86,7 @@ class ChangeNotifier:
         conn = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)
         try:
             self._pushed = dict(conn.execute(_PHONE_ACTIONS).fetchall())
+            self._outgoing = dict(conn.execute(_OUTGOING).fetchall())
             version = None
             connected: frozenset[str] = frozenset()
             while True:
@@ -97,6 +109,11 @@ class ChangeNotifier:
                         reason="inbound_mail" if inbound and inbound[0] else "phone_action"
                     )
                     await self.sync.push(user, notice)
+        for user, newest in conn.execute(_OUTGOING).fetchall():
+            if newest > self._outgoing.get(user, 0):
+                self._outgoing[user] = newest
+                if user in connected:
+                    await self.sync.push(user, schema.Changed(reason="outgoing"))
         for (user,) in conn.execute(_SYNC_REQUESTS).fetchall():
             await self._route_sync_request(user, user in connected)
 

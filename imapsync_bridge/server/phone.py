@@ -25,8 +25,14 @@ Where it sits
   per user; repeats merge into the first); the hosted server acts on it later (a push
   notice to a connected agent, else the trigger mail) via
   :meth:`.store_api.SyncStore.take_sync_request`.
-* ``sent`` and ``outbox`` are empty until outgoing mail (compose, send now / via desktop)
-  exists; they are part of the typed result already (:class:`OutboxItem`).
+* Outgoing mail (docs/mail-flow.md, "Outgoing"): :meth:`PhoneService.compose` builds
+  the message and calls :meth:`PhoneService.submit`, which the submission listener also
+  calls with a client's raw message. Send now: queued, then sent through ``[relay]`` at
+  once in the calling process when the service has a :class:`.outgoing_mail.Relay`
+  (``send_now_inline``), else by ``server run``'s relay worker; a 4xx leaves it queued
+  for ``server run`` to retry with backoff. Via desktop: queued for the agent.
+  ``sent`` lists the phone's Sent copies, ``outbox`` everything not sent yet (with its
+  state, and the reason when failed).
 """
 
 from __future__ import annotations
@@ -45,8 +51,10 @@ from typing import Any
 import nh3
 
 from imapsync_bridge.model import INBOX, TRASH
-from imapsync_bridge.server.store_api import MailboxStore, NoSuchMessage, NoSuchUser
-from imapsync_bridge.server.store_schema import PhoneMessage
+from imapsync_bridge.server import outgoing_mail
+from imapsync_bridge.server.outgoing_mail import OutgoingRefused, Relay
+from imapsync_bridge.server.store_api import NoSuchMessage, NoSuchUser, PhoneServiceStore
+from imapsync_bridge.server.store_schema import OutgoingMessage, PhoneMessage
 
 __all__ = [
     "VERBS",
@@ -58,6 +66,7 @@ __all__ = [
     "NoSuchMessage",
     "NoSuchUser",
     "OutboxItem",
+    "OutgoingRefused",
     "PhoneService",
     "Status",
     "SyncRequest",
@@ -112,9 +121,20 @@ class OutboxItem(MessageItem):
 
     to: list[str] = field(default_factory=list)
     state: str = "queued"
+    reason: str | None = None  # the server's reply, when failed (or deferred)
+
+    @classmethod
+    def of_outgoing(cls, m: OutgoingMessage) -> OutboxItem:
+        folder = "sent" if m.state == "sent" else "outbox"
+        # A sent message is read (it is the user's own); nothing in the outbox is flagged.
+        return cls(m.id, m.message_id, m.subject, m.from_addr, m.date, m.state == "sent",
+                   False, folder, list(m.recipients), m.state, m.reason)  # fmt: skip
 
     def as_json(self) -> dict[str, Any]:
-        return {**super().as_json(), "to": list(self.to), "state": self.state}
+        out = {**super().as_json(), "to": list(self.to), "state": self.state}
+        if self.state == "failed":
+            out["reason"] = self.reason or ""
+        return out
 
 
 @dataclass(frozen=True)
@@ -216,8 +236,21 @@ VERBS = ("delete", "restore", "destroy", "read", "unread", "flag", "unflag")
 class PhoneService:
     """The phone user's operations over a :class:`.store_api.MailboxStore`."""
 
-    def __init__(self, store: MailboxStore) -> None:
+    def __init__(
+        self,
+        store: PhoneServiceStore,
+        relay: Relay | None = None,
+        *,
+        max_message_size: int = 25 * 1024 * 1024,
+        send_now_inline: bool = True,
+    ) -> None:
+        """``relay``: how send-now mail leaves (None: it waits queued for a process that
+        has one); ``send_now_inline``: send it in this call (the CLI prints the state it
+        reached) rather than leave it to ``server run``'s relay worker."""
         self._store = store
+        self._relay = relay
+        self._max_size = max_message_size
+        self._inline = send_now_inline
         self._changes: dict[str, Callable[[str, int], bool]] = {
             "delete": store.trash,
             "restore": store.restore,
@@ -290,13 +323,75 @@ class PhoneService:
         """Record a sync request (see the module docstring); repeats merge."""
         return SyncRequest(self._store.request_sync(user))
 
-    # --- outgoing (none yet) ----------------------------------------------------------
+    # --- outgoing ---------------------------------------------------------------------
+
+    def compose(
+        self,
+        user: str,
+        to: builtins.list[str],
+        subject: str,
+        body: str,
+        via_desktop: bool,
+        in_reply_to: int | None = None,
+    ) -> OutboxItem:
+        """Build the message (From: the phone address to send now, the desktop address
+        via the desktop) and :meth:`submit` it. ``in_reply_to``: a phone id of the inbox
+        or trash (:class:`NoSuchMessage` if unknown)."""
+        account = self._store.get_user(user)
+        sender = account.desktop_address if via_desktop else account.address
+        reply_to = None
+        if in_reply_to is not None:
+            parent = self._store.get(user, in_reply_to)
+            if parent.message_id:
+                reply_to = (parent.message_id, _references(parent.raw or b""))
+        outgoing_mail.check_recipients(to)
+        raw = outgoing_mail.compose_message(sender, to, subject, body, reply_to=reply_to)
+        return self.submit(user, raw, via_desktop)
+
+    def submit(
+        self,
+        user: str,
+        raw: bytes,
+        via_desktop: bool,
+        recipients: builtins.list[str] | None = None,
+    ) -> OutboxItem:
+        """Queue a raw message (a Message-ID added when it has none; ``X-Bridge-Via`` and
+        ``Bcc`` removed) and, to send now with a relay at hand, send it. ``recipients``:
+        the envelope's (submission), else To/Cc/Bcc. Resubmitting a Message-ID returns
+        the queued one (not sent twice). Raises :class:`OutgoingRefused`: too large, no
+        or too many recipients, a From that is not the user's."""
+        if len(raw) > self._max_size:
+            raise OutgoingRefused(f"{len(raw)} bytes: over the limit of {self._max_size}")
+        account = self._store.get_user(user)
+        prepared, message_id, from_address, listed = outgoing_mail.prepare_submitted(raw)
+        rcpts = list(recipients) if recipients else listed
+        outgoing_mail.check_recipients(rcpts)
+        own = {account.address.lower(), account.desktop_address.lower()}
+        if from_address.lower() not in own:
+            raise OutgoingRefused(f"From {from_address!r} is not one of {user}'s addresses")
+        sender = from_address if via_desktop else account.address
+        queued, new = self._store.queue_outgoing(
+            user, message_id, via_desktop, sender, rcpts, prepared
+        )
+        if new and not via_desktop and self._relay is not None and self._inline:
+            self._relay.send_due(self._store, user=user, id=queued.id)
+            queued = self._store.get_outgoing(user, queued.id)
+        return OutboxItem.of_outgoing(queued)
 
     def _sent(self, user: str) -> builtins.list[OutboxItem]:
-        return []  # outgoing mail is not stored yet (compose comes with the outbox)
+        return [OutboxItem.of_outgoing(m) for m in self._store.list_outgoing(user, sent=True)]
 
     def _outbox(self, user: str) -> builtins.list[OutboxItem]:
-        return []
+        return [OutboxItem.of_outgoing(m) for m in self._store.list_outgoing(user, sent=False)]
+
+
+def _references(raw: bytes) -> str:
+    """The References of a message being replied to (RFC 5322 3.6.4), '' if none."""
+    try:
+        header = BytesParser(policy=policy.compat32).parsebytes(raw, headersonly=True)
+        return " ".join(str(header.get("References", "")).split())
+    except Exception:
+        return ""
 
 
 # --- parsing for show (hostile input: never raises) --------------------------------------

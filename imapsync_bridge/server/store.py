@@ -20,6 +20,7 @@ from imapsync_bridge.errors import StoreError
 from imapsync_bridge.model import INBOX, TRASH
 from imapsync_bridge.server import credentials, mailbox
 from imapsync_bridge.server import store_schema as schema
+from imapsync_bridge.server.outbox_store import OutboxTables
 from imapsync_bridge.server.store_api import NoSuchMessage, NoSuchUser, StoreConflict
 from imapsync_bridge.server.store_schema import (
     Delivery,
@@ -49,11 +50,12 @@ _USER_NAME = re.compile(r"[a-z0-9._-]{1,64}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
-class PhoneStore:
+class PhoneStore(OutboxTables):
     """The hosted store over SQLite: implements :class:`.store_api.AccountStore`,
     :class:`.store_api.SyncStore`, :class:`.store_api.MailboxStore`,
-    :class:`.store_api.InboundStore` and :class:`.store_api.CredentialStore` (its rows
-    in :mod:`.credentials`), whose docstrings
+    :class:`.store_api.InboundStore`, :class:`.store_api.OutboxStore`,
+    :class:`.store_api.RelayStore` (the outgoing queue: :mod:`.outbox_store`) and
+    :class:`.store_api.CredentialStore` (its rows in :mod:`.credentials`), whose docstrings
     state each method's contract, errors and whether a retry helps.
 
     Semantics worth knowing beyond those:
@@ -553,41 +555,9 @@ class PhoneStore:
             raise StoreError("bad key: want a non-empty string")
         if not isinstance(raw, bytes):
             raise StoreError("bad raw message: want bytes")
-        subject, from_addr = schema.parse_summary(raw)
         with self._tx() as conn:
             window = self._require_user(conn, user)[3]
-            now = self._now()
-            if conn.execute(
-                "SELECT 1 FROM phone_actions WHERE user_name = ? AND msg_key = ?"
-                " AND kind = 'destroy'",
-                (user, key),
-            ).fetchone():
-                return Delivery(None, duplicate=True, evicted=0)
-            inserted = conn.execute(
-                "INSERT INTO messages (user_name, msg_key, message_id, folder, seen, flagged,"
-                " internaldate, subject, from_addr, size, raw, dirty, inbound)"
-                " VALUES (?, ?, ?, 'inbox', 0, 0, ?, ?, ?, ?, ?, 1, 1)"
-                " ON CONFLICT (user_name, msg_key) DO NOTHING RETURNING id",
-                (user, key, message_id, schema.date_text(self._clock()), subject, from_addr,
-                 len(raw), raw),
-            ).fetchall()  # fmt: skip
-            if not inserted:
-                held = conn.execute(
-                    "SELECT id FROM messages WHERE user_name = ? AND msg_key = ?", (user, key)
-                ).fetchone()
-                return Delivery(held[0] if held else None, duplicate=True, evicted=0)
-            conn.execute(
-                "INSERT INTO phone_actions (user_name, kind, msg_key, created)"
-                " VALUES (?, 'restore', ?, ?)",
-                (user, key, now),
-            )
-            evicted = conn.execute(
-                "DELETE FROM messages WHERE id IN ("
-                " SELECT id FROM messages WHERE user_name = ? AND folder = 'inbox'"
-                " AND inbound = 0 AND dirty = 0 ORDER BY internaldate ASC, id DESC"
-                # never a negative LIMIT: SQLite reads it as "no limit"
-                " LIMIT (SELECT CASE WHEN COUNT(*) > ? THEN COUNT(*) - ? ELSE 0 END"
-                "  FROM messages WHERE user_name = ? AND folder = 'inbox')) RETURNING id",
-                (user, window, window, user),
-            ).fetchall()
-        return Delivery(int(inserted[0][0]), duplicate=False, evicted=len(evicted))
+            return mailbox.store_inbound(
+                conn, user, window, key, message_id, raw, self._now(),
+                schema.date_text(self._clock()),
+            )  # fmt: skip

@@ -5,7 +5,7 @@ implements all of them, and a later PostgreSQL backend implements the same. Call
 the narrowest one they need: the ``server add-user`` / ``pair-code`` commands an
 :class:`AccountStore` (which also keeps the trigger secret made at pairing), the sync
 listener a :class:`SyncStore` (plus the pairing half of :class:`AccountStore`), the
-phone service (:mod:`.phone`) a :class:`MailboxStore`, the inbound SMTP listener
+phone service (:mod:`.phone`) a :class:`PhoneServiceStore`, the inbound SMTP listener
 (:mod:`.smtp_in`) an :class:`InboundStore`, password checks (:mod:`.credentials`) a
 :class:`CredentialStore`, the submission listener (:mod:`.submission`) a
 :class:`SubmissionStore`.
@@ -40,12 +40,13 @@ Rules every implementation keeps:
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from imapsync_bridge.errors import StoreError, TransientError
 from imapsync_bridge.server.store_schema import (
     Delivery,
+    OutgoingMessage,
     PhoneAction,
     PhoneMessage,
     Snapshot,
@@ -60,6 +61,10 @@ __all__ = [
     "MailboxStore",
     "NoSuchMessage",
     "NoSuchUser",
+    "DeliveryStore",
+    "OutboxStore",
+    "PhoneServiceStore",
+    "RelayStore",
     "StoreConflict",
     "SubmissionStore",
     "SyncStore",
@@ -184,7 +189,94 @@ class SyncStore(Protocol):
         ...
 
 
-class ListenerStore(AccountStore, SyncStore, Protocol):
+class OutcomeStore(Protocol):
+    """Recording what became of an outgoing message (the relay and the agent's reports)."""
+
+    def get_outgoing(self, user: str, id: int) -> OutgoingMessage:
+        """One outgoing message with ``raw``. Raises :class:`NoSuchUser`,
+        :class:`NoSuchMessage` (unknown or another user's id)."""
+        ...
+
+    def record_outcome(
+        self, user: str, id: int, state: str, reply: str, notice: bytes | None = None
+    ) -> bool:
+        """Move the message to ``state``: ``submitted``, ``sent``, ``failed``,
+        ``deferred`` (back to ``queued``, offered again after a backoff that grows with
+        each attempt) or ``filed`` (its desktop Sent copy exists). Idempotent: only
+        forward moves happen (``sent``/``failed`` are final), anything else is a no-op
+        returning False; an unknown id too. A ``failed`` that changes also stores
+        ``notice`` (the ``Undelivered:`` message) as inbound mail, in one transaction.
+        Raises :class:`NoSuchUser`, ``StoreError("bad outgoing state …")``."""
+        ...
+
+
+class OutboxStore(OutcomeStore, Protocol):
+    """The phone service's half of the outgoing queue."""
+
+    def queue_outgoing(
+        self,
+        user: str,
+        message_id: str,
+        via_desktop: bool,
+        sender: str,
+        recipients: list[str],
+        raw: bytes,
+    ) -> tuple[OutgoingMessage, bool]:
+        """Queue ``raw`` (state ``queued``) under its Message-ID; returns the row and
+        whether it is new (False: the user's queue already had that Message-ID, a
+        client's retry, and nothing was queued). Raises :class:`NoSuchUser`,
+        ``StoreError("bad outgoing message …")``."""
+        ...
+
+    def list_outgoing(self, user: str, sent: bool) -> list[OutgoingMessage]:
+        """The phone's Sent (``sent=True``: state ``sent``) or its outbox (every other
+        state), newest first, without ``raw``. Raises :class:`NoSuchUser`."""
+        ...
+
+
+class RelayStore(OutcomeStore, Protocol):
+    """Send now: what the relay (the ``phone`` CLI, or ``server run``'s retries) needs."""
+
+    def get_user(self, name: str) -> User:
+        """The user's record (the phone address a notice goes to). Raises
+        :class:`NoSuchUser`."""
+        ...
+
+    def claim_for_relay(
+        self, user: str | None = None, id: int | None = None
+    ) -> list[OutgoingMessage]:
+        """Take due queued send-now messages (all, one user's, or one id): ``claimed``,
+        in one statement, so two processes never take the same one. With ``raw``."""
+        ...
+
+    def relay_in_data(self, id: int) -> None:
+        """Record durably that DATA is about to be sent for this claimed message."""
+        ...
+
+    def recover_relay_claims(self, older_than: timedelta) -> tuple[int, int]:
+        """Claims older than ``older_than`` (their relay died): back to ``queued`` if they
+        never reached DATA, else ``sent`` (unconfirmed; never sent twice). Returns
+        (requeued, taken as sent)."""
+        ...
+
+
+class DeliveryStore(OutcomeStore, Protocol):
+    """Via the desktop: what the sync listener hands the agent and hears back."""
+
+    def claim_deliveries(self, user: str, limit: int, max_bytes: int) -> list[OutgoingMessage]:
+        """Due via-desktop messages, oldest first, at most ``limit`` and about
+        ``max_bytes`` (at least one): ``queued`` ones become ``claimed``; ``claimed``
+        and ``submitted`` ones are offered again. With ``raw``. Raises
+        :class:`NoSuchUser`."""
+        ...
+
+    def sent_to_file(self, user: str, limit: int) -> list[OutgoingMessage]:
+        """Send-now messages that are ``sent`` but not yet filed in the desktop Sent
+        folder, oldest first, with ``raw``. Raises :class:`NoSuchUser`."""
+        ...
+
+
+class ListenerStore(AccountStore, SyncStore, DeliveryStore, Protocol):
     """What the sync listener needs: pairing (accounts and certificates) and the agent's
     sync; nothing of the phone user's mailbox operations."""
 
@@ -287,6 +379,11 @@ class InboundStore(Protocol):
         ...
 
 
+class PhoneServiceStore(MailboxStore, OutboxStore, RelayStore, Protocol):
+    """What :class:`.phone.PhoneService` needs: the mailbox, the outgoing queue, and the
+    relay's half for sending now."""
+
+
 class CredentialStore(Protocol):
     """The phone users' password hashes (:mod:`.credentials` makes and checks them; the
     store only keeps the opaque strings)."""
@@ -303,6 +400,6 @@ class CredentialStore(Protocol):
         ...
 
 
-class SubmissionStore(CredentialStore, MailboxStore, Protocol):
+class SubmissionStore(CredentialStore, PhoneServiceStore, Protocol):
     """What the submission listener needs: check passwords, know the user's addresses,
     and what :class:`.phone.PhoneService` needs to take the message."""

@@ -23,7 +23,7 @@ from typing import Any
 # The display summary of a stored mail (kept importable from here).
 from imapsync_bridge.headers import parse_summary as parse_summary
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _SCHEMA_V1 = (
     """
@@ -122,9 +122,42 @@ _SCHEMA_V4 = (
     """,
 )
 
-# v5: the phone user's password (``server set-password``) as an scrypt hash string that
-# carries its own parameters (``server/credentials.py``); one row per user, none until set.
+# v5: the outgoing queue (``server/outbox_store.py``, docs/mail-flow.md "Outgoing").
+# One row per message the phone sent, keyed by its Message-ID per user. ``state`` is what
+# the phone sees; ``in_data`` = 1 once the relay began DATA (a crash after that must not
+# resend); ``filed`` = 1 once the desktop Sent folder holds the send-now copy;
+# ``next_attempt`` holds a deferred message back (backoff).
 _SCHEMA_V5 = (
+    """
+    CREATE TABLE outbox (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_name    TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+        message_id   TEXT NOT NULL,
+        via_desktop  INTEGER NOT NULL CHECK (via_desktop IN (0, 1)),
+        sender       TEXT NOT NULL,
+        recipients   TEXT NOT NULL,
+        subject      TEXT NOT NULL DEFAULT '',
+        from_addr    TEXT NOT NULL DEFAULT '',
+        created      TEXT NOT NULL,
+        date         TEXT NOT NULL,
+        raw          BLOB NOT NULL,
+        state        TEXT NOT NULL CHECK (state IN
+                         ('queued', 'claimed', 'submitted', 'sent', 'failed')),
+        reason       TEXT,
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        next_attempt TEXT NOT NULL,
+        claimed_at   TEXT,
+        in_data      INTEGER NOT NULL DEFAULT 0 CHECK (in_data IN (0, 1)),
+        filed        INTEGER NOT NULL DEFAULT 0 CHECK (filed IN (0, 1)),
+        UNIQUE (user_name, message_id)
+    )
+    """,
+    "CREATE INDEX outbox_state ON outbox (user_name, state, next_attempt)",
+)
+
+# v6: the phone user's password (``server set-password``) as an scrypt hash string that
+# carries its own parameters (``server/credentials.py``); one row per user, none until set.
+_SCHEMA_V6 = (
     """
     CREATE TABLE passwords (
         user_name TEXT PRIMARY KEY REFERENCES users (name) ON DELETE CASCADE,
@@ -140,6 +173,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     3: _SCHEMA_V3,
     4: _SCHEMA_V4,
     5: _SCHEMA_V5,
+    6: _SCHEMA_V6,
 }  # target version -> statements
 
 
@@ -222,6 +256,26 @@ class Delivery:
     # only a destroy tombstone of the key is left)
     duplicate: bool  # the phone already held this key (or its tombstone): nothing stored
     evicted: int  # synced inbox messages evicted (unmapped, not deleted) to keep the window
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """One row of the outgoing queue (``raw`` only where a caller needs the bytes)."""
+
+    user: str
+    id: int
+    message_id: str  # as in the header, with angle brackets
+    via_desktop: bool
+    sender: str  # the envelope sender (the From address)
+    recipients: list[str]
+    subject: str
+    from_addr: str
+    date: str  # ISO 8601 UTC, when it was queued
+    state: str  # queued, claimed, submitted, sent, failed
+    reason: str | None
+    attempts: int
+    filed: bool
+    raw: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def phone_submit(store: SubmissionStore) -> Submit:
     service = PhoneService(store)
 
     def submit(user: str, raw: bytes, via_desktop: bool, recipients: list[str]) -> OutboxItem:
-        method = service.submit  # type: ignore[attr-defined]  # until `outgoing` merges
+        method = service.submit
         item: OutboxItem = method(user, raw, via_desktop=via_desktop, recipients=recipients)
         return item
 
