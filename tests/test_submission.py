@@ -5,15 +5,18 @@ a free port, ``Running.ports["submission"]``), spoken to with the stdlib's ``smt
 over STARTTLS, the client verifying the server's certificate against the CA of
 ``server init``; passwords set with ``server set-password``. Up to the hand-off to
 ``PhoneService.submit`` the tests record what the listener hands over (its ``submit``
-hook); the end-to-end tests (relay, outbox) need the ``outgoing`` branch.
+hook); the end-to-end tests at the end go through the real ``PhoneService.submit`` to
+``[relay]`` (an aiosmtpd server, ``tests/smtp_servers.py``) and the phone's outbox.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import smtplib
+import sqlite3
 import ssl
 import sys
 import threading
@@ -24,12 +27,14 @@ from pathlib import Path
 
 import pytest
 from bridge import ServerThread, run_cli
+from smtp_servers import MailServer
+from test_agent_run import wait_for
 from test_smtp_in import set_options
 
 from imapsync_bridge.errors import TransientError
 from imapsync_bridge.protocol import pki
 from imapsync_bridge.server.app import init_server
-from imapsync_bridge.server.phone import OutboxItem
+from imapsync_bridge.server.phone import OutboxItem, OutgoingRefused
 from imapsync_bridge.server.submission import SubmissionListener, take_via
 
 MAX_SIZE = 64 * 1024
@@ -318,7 +323,7 @@ def test_x_bridge_via_desktop_goes_via_the_desktop_without_the_header(hosted: Ho
     with hosted.login("alice@phone.example") as client:
         client.mail("alice@phone.example")
         client.rcpt("carol@example.net")
-        assert client.data(raw) == (250, b"2.0.0 OK: queued for the desktop (outbox id 1)")
+        assert client.data(raw) == (250, b"2.0.0 queued for your desktop (outbox id 1)")
     ((user, handed, via),) = hosted.handed.calls
     assert (user, via) == ("alice", True)
     assert handed == raw.replace(b"X-Bridge-Via:\r\n  Desktop \r\n", b"")
@@ -341,3 +346,159 @@ def test_take_via_keeps_everything_else_byte_exact() -> None:
     assert take_via(raw) == (b"A: 1\r\nB: 2\r\n folded\r\n\r\nbody\r\n", ["desktop"])
     assert take_via(b"A: 1\r\n\r\n") == (b"A: 1\r\n\r\n", [])
     assert take_via(b"X-Bridge-Via: desktop\r\n") == (b"", ["desktop"])
+
+
+def test_a_refusal_of_the_phone_service_is_554_with_its_reason(hosted: Hosted) -> None:
+    hosted.handed.fail = OutgoingRefused("101 recipients: at most 100")
+    with hosted.login() as client:
+        client.mail("alice@phone.example")
+        client.rcpt("carol@example.net")
+        assert client.data(message()) == (554, b"5.7.1 101 recipients: at most 100")
+        assert client.noop()[0] == 250
+
+
+# -- end to end: PhoneService.submit, the relay, the phone's outbox ----------------------
+@dataclass
+class Relayed:
+    hosted: Hosted
+    relay: MailServer
+
+    def phone_list(self) -> dict[str, list[dict[str, object]]]:
+        rc, out, err = run_cli(
+            "phone", "--config", str(self.hosted.ini), "--user", "alice", "list", "--json"
+        )
+        assert rc == 0, err
+        return dict(json.loads(out))
+
+    def entry(self, folder: str, message_id: str) -> dict[str, object]:
+        found = [m for m in self.phone_list()[folder] if m["message_id"] == message_id]
+        assert len(found) == 1, self.phone_list()
+        return found[0]
+
+    def stored_raw(self, message_id: str) -> bytes:
+        with sqlite3.connect(self.hosted.ini.parent / "phone.sqlite3") as db:
+            (raw,) = db.execute(
+                "SELECT raw FROM outbox WHERE message_id = ?", (message_id,)
+            ).fetchone()
+        return bytes(raw)
+
+    def send(self, raw: bytes, to: str = "carol@example.net") -> tuple[int, str]:
+        with self.hosted.login() as client:
+            assert client.mail("alice@phone.example")[0] == 250
+            assert client.rcpt(to)[0] == 250
+            code, text = client.data(raw)
+            assert client.noop()[0] == 250
+        return code, text.decode()
+
+
+@pytest.fixture
+def relayed(tmp_path: Path) -> Iterator[Relayed]:
+    relay = MailServer().start()
+    ini = init_server(tmp_path / "server", "127.0.0.1", sync_port=0, smtp_port=0, submission_port=0)
+    text = ini.read_text().replace("port = 25\n", f"port = {relay.port}\n")
+    ini.write_text(text.replace("host = localhost", "host = 127.0.0.1"))
+    set_options(ini, max_message_size=MAX_SIZE)
+    rc, _out, err = run_cli(
+        "server", "add-user", "--config", str(ini), "alice", "--address",
+        "alice@phone.example", "--desktop-address", "alice@corp.example",
+    )  # fmt: skip
+    assert rc == 0, err
+    set_password(ini, "alice", PASSWORD)
+    thread = ServerThread(ini).start()
+    try:
+        yield Relayed(Hosted(ini, thread, Handed()), relay)
+    finally:
+        thread.stop()
+        relay.stop()
+
+
+def message_id(raw: bytes) -> str:
+    (line,) = [x for x in raw.split(b"\r\n") if x.startswith(b"Message-ID: ")]
+    return line.removeprefix(b"Message-ID: ").decode()
+
+
+def test_send_now_reaches_the_relay_and_is_in_the_phones_sent(relayed: Relayed) -> None:
+    raw = message("Cc: dave@example.net")
+    mid = message_id(raw)
+    with relayed.hosted.login() as client:
+        to = ["carol@example.net", "eve@example.net"]  # eve: a blind copy
+        assert client.mail("alice@phone.example")[0] == 250
+        for rcpt in to:
+            assert client.rcpt(rcpt)[0] == 250
+        code, text = client.data(raw)
+    # the relay worker of `server run` may claim it first: then it is "being sent"
+    assert (code, text.decode()) in [
+        (250, "2.0.0 sent (outbox id 1)"),
+        (250, "2.0.0 accepted, being sent (outbox id 1)"),
+    ]
+    wait_for(lambda: relayed.relay.received, 10, "the relay")
+    (received,) = relayed.relay.received
+    assert received.mail_from == "alice@phone.example"
+    assert received.rcpt_tos == to
+    assert received.message_id == mid
+    assert received.raw.rstrip(b"\r\n") == raw.rstrip(b"\r\n")  # as it came
+    wait_for(lambda: relayed.phone_list()["sent"], 10, "the phone's sent")
+    sent = relayed.entry("sent", mid)
+    assert sent["state"] == "sent" and sent["to"] == to, sent
+    assert relayed.phone_list()["outbox"] == []
+
+
+def test_via_desktop_is_queued_in_the_outbox_without_the_header(relayed: Relayed) -> None:
+    raw = message("X-Bridge-Via: desktop", sender="alice@corp.example")
+    mid = message_id(raw)
+    assert relayed.send(raw) == (250, "2.0.0 queued for your desktop (outbox id 1)")
+    queued = relayed.entry("outbox", mid)
+    assert queued["state"] == "queued" and queued["to"] == ["carol@example.net"], queued
+    stored = relayed.stored_raw(mid)
+    assert b"x-bridge-via" not in stored.lower()
+    assert stored.rstrip(b"\r\n") == raw.replace(b"X-Bridge-Via: desktop\r\n", b"").rstrip(b"\r\n")
+    time.sleep(1.5)  # the relay worker's poll: via-desktop mail is not its business
+    assert relayed.relay.received == [] and relayed.entry("outbox", mid)["state"] == "queued"
+
+
+def test_a_5xx_from_the_relay_is_554_and_an_undelivered_notice(relayed: Relayed) -> None:
+    relayed.relay.answer("rcpt", "550 5.1.1 <carol@example.net>: no such user")
+    raw = message()
+    mid = message_id(raw)
+    code, text = relayed.send(raw)
+    assert (code, text) == (
+        554,
+        "5.1.1 not delivered: 550 5.1.1 <carol@example.net>: no such user",
+    )
+    failed = relayed.entry("outbox", mid)
+    assert failed["state"] == "failed" and "550 5.1.1" in str(failed["reason"]), failed
+    notices = [
+        m for m in relayed.phone_list()["inbox"] if m["subject"] == "Undelivered: from the phone"
+    ]
+    assert len(notices) == 1
+    # the app retries the same message: the same answer, nothing sent, no second notice
+    relayed.relay.clear()
+    assert relayed.send(raw)[0] == 554
+    assert relayed.relay.received == []
+    inbox = relayed.phone_list()["inbox"]
+    assert [m["subject"] for m in inbox].count("Undelivered: from the phone") == 1
+
+
+def test_a_4xx_from_the_relay_is_accepted_and_retried(relayed: Relayed) -> None:
+    relayed.relay.answer("rcpt", "451 4.3.0 try again later", times=1)
+    raw = message()
+    mid = message_id(raw)
+    assert relayed.send(raw) == (250, "2.0.0 accepted, will retry (outbox id 1)")
+    assert relayed.entry("outbox", mid)["state"] == "queued"
+    assert relayed.relay.received == []
+
+
+def test_refused_messages_get_a_clear_reason_and_are_not_queued(relayed: Relayed) -> None:
+    with relayed.hosted.login() as client:
+        client.mail("alice@phone.example")
+        client.rcpt("carol@example.net")
+        code, text = client.data(message(sender="mallory@example.org"))
+        assert (code, text) == (550, b"5.7.1 the From: header must name only your own addresses")
+        client.rset()
+        client.mail("alice@phone.example")
+        for n in range(100):
+            assert client.rcpt(f"r{n}@example.net")[0] == 250
+        assert client.rcpt("r100@example.net") == (452, b"4.5.3 too many recipients")
+    listing = relayed.phone_list()
+    assert listing["outbox"] == [] and listing["sent"] == []
+    assert relayed.relay.received == []

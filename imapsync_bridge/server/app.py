@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -11,11 +12,12 @@ from pathlib import Path
 from typing import Protocol
 
 from imapsync_bridge.config import ServerConfig
-from imapsync_bridge.errors import ConfigError
+from imapsync_bridge.errors import BridgeError, ConfigError
 from imapsync_bridge.protocol import pki
 from imapsync_bridge.server.credentials import Logins
 from imapsync_bridge.server.listener import SyncListener
 from imapsync_bridge.server.notify import ChangeNotifier, MailTrigger
+from imapsync_bridge.server.outgoing_mail import Relay
 from imapsync_bridge.server.smtp_in import SmtpInListener, starttls_context
 from imapsync_bridge.server.store import PhoneStore
 from imapsync_bridge.server.submission import SubmissionListener
@@ -140,6 +142,7 @@ def _submission_listener(config: ServerConfig, shared: Shared) -> Listener:
         hostname=config.hostname,
         max_message_size=config.max_message_size,
         tls_context=starttls_context(config.data_dir),
+        relay=Relay(config.relay, config.hostname) if config.relay is not None else None,
     )
 
 
@@ -173,6 +176,23 @@ def mail_trigger(config: ServerConfig, store: PhoneStore) -> MailTrigger | None:
         await asyncio.to_thread(send, user)
 
     return mail
+
+
+RELAY_POLL = 1.0  # seconds between looks for due send-now messages
+
+
+async def relay_worker(config: ServerConfig, store: PhoneStore, poll: float = RELAY_POLL) -> None:
+    """Send due send-now messages through ``[relay]``: those a front end queued without
+    sending, and deferred ones whose backoff ran out. The claim in the store keeps two
+    processes from sending one message twice."""
+    assert config.relay is not None
+    relay = Relay(config.relay, config.hostname)
+    while True:
+        try:
+            await asyncio.to_thread(relay.send_due, store)
+        except BridgeError as exc:
+            log.warning("relay: %s", exc)
+        await asyncio.sleep(poll)
 
 
 @dataclass
@@ -211,6 +231,7 @@ async def serve(
     shared = Shared(store, Logins(store))
     running = Running(store, stop, shared.logins)
     notifier: ChangeNotifier | None = None
+    relaying: asyncio.Task[None] | None = None
     try:
         for entry in entries:
             address = entry.address(config)
@@ -225,10 +246,16 @@ async def serve(
                 config.database, store, running.sync, mail_trigger(config, store)
             )
             await notifier.start()
+        if config.relay is not None:
+            relaying = asyncio.create_task(relay_worker(config, store))
         if ready is not None:
             ready(running)
         await stop.wait()
     finally:
+        if relaying is not None:
+            relaying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relaying
         if notifier is not None:
             await notifier.close()
         for listener in reversed(running.listeners.values()):

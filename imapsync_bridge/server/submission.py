@@ -19,8 +19,10 @@ plumbing it shares). DESIGN.md "Outgoing mail" is the contract; ``docs/mail-flow
   them (552, 554, 500).
 * Accepted: ``X-Bridge-Via: desktop`` → via the desktop, no such header → send now; the
   header is taken out, and the bytes go to ``PhoneService.submit(user, raw,
-  via_desktop=…, recipients=<the envelope's>)`` in a worker thread (it may talk SMTP to
-  the relay).
+  via_desktop=…, recipients=<the envelope's>)`` in a worker thread (send now talks SMTP
+  to the relay in that call). The reply says what became of it (:func:`outcome`): 250
+  sent / queued for your desktop / accepted, will retry; 554 when the relay refused it
+  for good; a refusal of the service (:class:`.outgoing_mail.OutgoingRefused`) 554 5.7.1.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import base64
 import binascii
 import collections
 import logging
+import re
 import ssl
 from collections.abc import Callable
 from email.parser import BytesHeaderParser
@@ -48,6 +51,7 @@ from imapsync_bridge.errors import (
 )
 from imapsync_bridge.server import smtp_in
 from imapsync_bridge.server.credentials import Logins
+from imapsync_bridge.server.outgoing_mail import OutgoingRefused, Relay
 from imapsync_bridge.server.phone import OutboxItem, PhoneService
 from imapsync_bridge.server.smtp_in import BridgeSMTP, SmtpListener, header_block, refusal
 from imapsync_bridge.server.store_api import SubmissionStore
@@ -70,7 +74,9 @@ NO_FROM = "550 5.6.0 the message has no From: header"
 BAD_VIA = '550 5.6.0 X-Bridge-Via: only "desktop" is understood'
 TOO_MANY_RECIPIENTS = smtp_in.TOO_MANY_RECIPIENTS
 TRY_LATER = smtp_in.TRY_LATER
-ACCEPTED = "250 2.0.0 OK: {how} (outbox id {id})"
+ACCEPTED = "250 2.0.0 {how} (outbox id {id})"
+REFUSED = "554 5.7.1 {reason}"  # the phone service refuses the message (OutgoingRefused)
+_ENHANCED = re.compile(r"(?<![0-9.])5\.[0-9]{1,3}\.[0-9]{1,3}(?![0-9.])")
 
 _REWORDED = {
     **smtp_in._STOCK_REPLIES,
@@ -84,17 +90,43 @@ _REWORDED = {
 Submit = Callable[[str, bytes, bool, list[str]], OutboxItem]
 
 
-def phone_submit(store: SubmissionStore) -> Submit:
-    """The hand-off to the phone service: send now through ``[relay]`` or queue for the
-    desktop (``PhoneService.submit``, on the ``outgoing`` branch)."""
-    service = PhoneService(store)
+def phone_submit(store: SubmissionStore, relay: Relay | None, max_message_size: int) -> Submit:
+    """The hand-off to the phone service: send now through ``[relay]`` in this call (the
+    reply tells what became of it), or queue for the desktop."""
+    service = PhoneService(store, relay, max_message_size=max_message_size, send_now_inline=True)
 
     def submit(user: str, raw: bytes, via_desktop: bool, recipients: list[str]) -> OutboxItem:
-        method = service.submit
-        item: OutboxItem = method(user, raw, via_desktop=via_desktop, recipients=recipients)
-        return item
+        return service.submit(user, raw, via_desktop=via_desktop, recipients=recipients)
 
     return submit
+
+
+def outcome(item: OutboxItem, via_desktop: bool) -> str:
+    """The reply to a message the phone service took, by the state it is in now: 250
+    worded by that state, or 554 when it failed for good (a 5xx from the relay; the
+    phone inbox has the ``Undelivered:`` notice too). A resubmitted Message-ID is
+    answered by the state of the message already queued under it."""
+    if item.state == "failed":
+        return relay_refused(item.reason or "refused")
+    if item.state == "sent":
+        how = "sent"
+    elif via_desktop:
+        how = "queued for your desktop"
+    elif item.state == "claimed":
+        how = "accepted, being sent"
+    elif item.reason:  # queued again after a 4xx (or no connection): the server retries
+        how = "accepted, will retry"
+    else:  # no [relay] in this process: the relay worker of `server run` sends it
+        how = "accepted, queued for sending"
+    return ACCEPTED.format(how=how, id=item.id)
+
+
+def relay_refused(reason: str) -> str:
+    """``554`` with the enhanced code of the refusal when it has a 5.x.x one."""
+    text = " ".join(reason.split())
+    found = _ENHANCED.search(text)
+    code = found.group(0) if found else "5.0.0"
+    return f"554 {code} not delivered: {text}"
 
 
 # -- the message ---------------------------------------------------------------------------
@@ -146,11 +178,12 @@ class SubmissionHandler:
         logins: Logins,
         max_message_size: int,
         submit: Submit | None = None,
+        relay: Relay | None = None,
     ) -> None:
         self.store = store
         self.logins = logins
         self.max_message_size = max_message_size
-        self.submit = submit or phone_submit(store)
+        self.submit = submit or phone_submit(store, relay, max_message_size)
         self._hashing = asyncio.Semaphore(MAX_HASHING)
 
     # AUTH: smtp_AUTH has checked EHLO, TLS, "already authenticated" and the mechanism
@@ -222,6 +255,10 @@ class SubmissionHandler:
             item = await asyncio.to_thread(
                 self.submit, user, raw, via_desktop, list(envelope.rcpt_tos)
             )
+        except OutgoingRefused as exc:
+            reply = REFUSED.format(reason=" ".join(str(exc).split()))
+            log.warning("submission: refused %d bytes from %s: %s", len(raw), user, reply)
+            return reply
         except (MessageError, ConfigError) as exc:
             log.warning("submission: %d bytes from %s not taken: %s", len(raw), user, exc)
             return "554 5.6.0 " + " ".join(str(exc).split())
@@ -234,12 +271,13 @@ class SubmissionHandler:
                 len(raw), user, type(exc).__name__, exc,
             )  # fmt: skip
             return TRY_LATER
-        how = "queued for the desktop" if via_desktop else item.state
+        reply = outcome(item, via_desktop)
         log.info(
-            "submission: %s sent %d bytes to %d recipients, %s (outbox id %s)",
-            user, len(raw), len(envelope.rcpt_tos), how, item.id,
+            "submission: %s sent %d bytes to %d recipients %s, %s (outbox id %s): %s",
+            user, len(raw), len(envelope.rcpt_tos), "via the desktop" if via_desktop
+            else "now", item.state, item.id, reply,
         )  # fmt: skip
-        return ACCEPTED.format(how=how, id=item.id)
+        return reply
 
     async def _check(self, user: str, raw: bytes, envelope: Envelope) -> str | None:
         """The refusal of a message this user may not send as it is, else None."""
@@ -349,9 +387,12 @@ class SubmissionListener(SmtpListener):
         max_message_size: int,
         tls_context: ssl.SSLContext,
         submit: Submit | None = None,
+        relay: Relay | None = None,
     ) -> None:
+        """``relay``: how send-now mail leaves (``[server]``'s ``[relay]``; None: it waits
+        queued for a process that has one)."""
         super().__init__()
-        self.handler = SubmissionHandler(store, logins, max_message_size, submit)
+        self.handler = SubmissionHandler(store, logins, max_message_size, submit, relay)
         self.hostname = hostname
         self.max_message_size = max_message_size
         self.tls_context = tls_context
