@@ -71,6 +71,35 @@ def cmd_server_pair_code(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_new_password(prompt: str) -> str:
+    """The first line of stdin when it is not a terminal (a script or a pipe; the trailing
+    newline dropped), else typed twice without echo and required to match."""
+    if not sys.stdin.isatty():
+        line = sys.stdin.readline()
+        return line[:-1] if line.endswith("\n") else line
+    first = getpass.getpass(prompt)
+    if getpass.getpass("again: ") != first:
+        raise ConfigError("the two passwords differ; nothing changed")
+    return first
+
+
+def cmd_server_set_password(args: argparse.Namespace) -> int:
+    from imapsync_bridge.server.app import open_store
+    from imapsync_bridge.server.credentials import set_password, validate
+
+    config = load_server_config(Path(args.config))
+    password = read_new_password(f"new password for phone user {args.user}: ")
+    validate(password)  # before opening anything: a usage error changes nothing
+    store = open_store(config)
+    try:
+        store.get_user(args.user)
+        set_password(store, args.user, password)
+    finally:
+        store.close()
+    print(f"password of {args.user} set")
+    return 0
+
+
 def cmd_server_run(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -261,7 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("user")
     p.set_defaults(func=cmd_server_pair_code)
-    p = server.add_parser("run", help="run the sync listener")
+    p = server.add_parser(
+        "set-password",
+        help="the phone user's password (submission, web); stdin when not a terminal",
+    )
+    p.add_argument("--config", required=True)
+    p.add_argument("user")
+    p.set_defaults(func=cmd_server_set_password)
+    p = server.add_parser("run", help="run the server's listeners")
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_server_run)
 

@@ -85,6 +85,7 @@ class ServerThread:
         self.observer = observer
         self.port = 0
         self.ports: dict[str, int] = {}  # every listener's bound port, by name
+        self.running: Running | None = None  # what serve started (listeners, logins)
         self.sync: SyncListener | None = None
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -112,6 +113,7 @@ class ServerThread:
             self.sync.handler_class = observed_handler(self.observer)
         self.port = running.ports["sync"]
         self.ports = dict(running.ports)
+        self.running = running
         self._ready.set()
 
     def call(self, coroutine: Any, timeout: float = 10) -> Any:
@@ -151,7 +153,7 @@ class Bridge:
     # -- set-up ----------------------------------------------------------------------
     def start(self, observer: FrameObserver | None = None, relay_port: int | None = None) -> Bridge:
         """``relay_port``: the hosted server's ``[relay]`` (send now) on loopback."""
-        init_server(self.server_dir, "127.0.0.1", sync_port=0, smtp_port=0)
+        init_server(self.server_dir, "127.0.0.1", sync_port=0, smtp_port=0, submission_port=0)
         if relay_port is not None:
             text = self.server_ini.read_text().replace("port = 25\n", f"port = {relay_port}\n")
             self.server_ini.write_text(text.replace("host = localhost", "host = 127.0.0.1"))

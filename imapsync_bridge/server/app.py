@@ -14,11 +14,13 @@ from typing import Protocol
 from imapsync_bridge.config import ServerConfig
 from imapsync_bridge.errors import BridgeError, ConfigError
 from imapsync_bridge.protocol import pki
+from imapsync_bridge.server.credentials import Logins
 from imapsync_bridge.server.listener import SyncListener
 from imapsync_bridge.server.notify import ChangeNotifier, MailTrigger
 from imapsync_bridge.server.outgoing_mail import Relay
 from imapsync_bridge.server.smtp_in import SmtpInListener, starttls_context
 from imapsync_bridge.server.store import PhoneStore
+from imapsync_bridge.server.submission import SubmissionListener
 from imapsync_bridge.server.trigger_mail import send_trigger_mail
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ data_dir = .
 hostname = {hostname}
 sync_listen = {listen_host}:{sync_port}
 smtp_listen = {listen_host}:{smtp_port}
-submission_listen = {listen_host}:2587
+submission_listen = {listen_host}:{submission_port}
 web_listen = {listen_host}:8443
 default_window = 50
 max_frame = 67108864
@@ -45,7 +47,11 @@ password_file =
 
 
 def init_server(
-    data_dir: Path, hostname: str, sync_port: int = 4465, smtp_port: int = 2525
+    data_dir: Path,
+    hostname: str,
+    sync_port: int = 4465,
+    smtp_port: int = 2525,
+    submission_port: int = 2587,
 ) -> Path:
     """Create the CA, the server certificate, the store and a working server.ini
     (port 0: any free port, for tests)."""
@@ -58,7 +64,11 @@ def init_server(
     listen_host = "127.0.0.1" if hostname in ("localhost", "127.0.0.1") else "0.0.0.0"
     ini.write_text(
         SERVER_INI.format(
-            hostname=hostname, listen_host=listen_host, sync_port=sync_port, smtp_port=smtp_port
+            hostname=hostname,
+            listen_host=listen_host,
+            sync_port=sync_port,
+            smtp_port=smtp_port,
+            submission_port=submission_port,
         )
     )
     return ini
@@ -92,22 +102,32 @@ class Listener(Protocol):
 
 
 @dataclass(frozen=True)
+class Shared:
+    """What the listeners of one server process share: the store, and the password
+    checks behind the process's one throttle (submission; the web page and API later),
+    so bad passwords count together whichever door they come through."""
+
+    store: PhoneStore
+    logins: Logins
+
+
+@dataclass(frozen=True)
 class ListenerEntry:
     """One listener ``serve`` may start: its name, where the config says it listens
-    (None: off) and how to make it over the shared store."""
+    (None: off) and how to make it over what the listeners share."""
 
     name: str
     address: Callable[[ServerConfig], tuple[str, int] | None]
-    make: Callable[[ServerConfig, PhoneStore], Listener]
+    make: Callable[[ServerConfig, Shared], Listener]
 
 
-def _sync_listener(config: ServerConfig, store: PhoneStore) -> Listener:
-    return SyncListener(store, config.data_dir, config.max_frame)
+def _sync_listener(config: ServerConfig, shared: Shared) -> Listener:
+    return SyncListener(shared.store, config.data_dir, config.max_frame)
 
 
-def _smtp_in_listener(config: ServerConfig, store: PhoneStore) -> Listener:
+def _smtp_in_listener(config: ServerConfig, shared: Shared) -> Listener:
     return SmtpInListener(
-        store,
+        shared.store,
         hostname=config.hostname,
         max_message_size=config.max_message_size,
         max_unsynced=config.max_unsynced,
@@ -115,11 +135,23 @@ def _smtp_in_listener(config: ServerConfig, store: PhoneStore) -> Listener:
     )
 
 
-# The listeners `server run` starts, in order. Submission and the web page come here as
-# entries of their own (submission_listen, web_listen).
+def _submission_listener(config: ServerConfig, shared: Shared) -> Listener:
+    return SubmissionListener(
+        shared.store,
+        shared.logins,
+        hostname=config.hostname,
+        max_message_size=config.max_message_size,
+        tls_context=starttls_context(config.data_dir),
+        relay=Relay(config.relay, config.hostname) if config.relay is not None else None,
+    )
+
+
+# The listeners `server run` starts, in order. The web page comes here as an entry of its
+# own (web_listen), made with the same ``Shared.logins``.
 LISTENERS: tuple[ListenerEntry, ...] = (
     ListenerEntry("sync", lambda config: config.sync_listen, _sync_listener),
     ListenerEntry("smtp", lambda config: config.smtp_listen, _smtp_in_listener),
+    ListenerEntry("submission", lambda config: config.submission_listen, _submission_listener),
 )
 
 
@@ -169,6 +201,7 @@ class Running:
 
     store: PhoneStore
     stop: asyncio.Event
+    logins: Logins
     listeners: dict[str, Listener] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -195,7 +228,8 @@ async def serve(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-    running = Running(store, stop)
+    shared = Shared(store, Logins(store))
+    running = Running(store, stop, shared.logins)
     notifier: ChangeNotifier | None = None
     relaying: asyncio.Task[None] | None = None
     try:
@@ -203,7 +237,7 @@ async def serve(
             address = entry.address(config)
             if address is None:
                 continue
-            listener = entry.make(config, store)
+            listener = entry.make(config, shared)
             running.ports[entry.name] = await listener.start(*address)
             running.listeners[entry.name] = listener
             log.info("%s listener on %s:%s", entry.name, address[0], running.ports[entry.name])

@@ -231,17 +231,25 @@ def _peer(session: Session | None) -> str:
     return str(peer)
 
 
-class InboundSMTP(SMTP):
-    """aiosmtpd's protocol, with its stock refusals worded like ours (enhanced codes)."""
+class BridgeSMTP(SMTP):
+    """aiosmtpd's protocol, with its stock refusals worded like ours (enhanced codes) and
+    logged once each. Shared by inbound SMTP and submission (:mod:`.submission`), which
+    adds its own wordings in :attr:`reworded` and its name in :attr:`log_name`."""
+
+    log_name = "smtp in"
+    reworded: dict[str, str] = _STOCK_REPLIES
 
     async def push(self, status: Any) -> None:
         text = status.decode("ascii", "replace") if isinstance(status, bytes) else str(status)
-        for stock, ours in _STOCK_REPLIES.items():
+        for stock, ours in self.reworded.items():
             if text.startswith(stock):
-                log.warning("smtp in: refused a message from %s: %s", _peer(self.session), ours)
+                log.warning("%s: refused %s: %s", self.log_name, _peer(self.session), ours)
                 text = ours
                 break
         await super().push(text)
+
+
+InboundSMTP = BridgeSMTP  # the inbound listener's protocol is the shared one as it is
 
 
 def starttls_context(data_dir: Path) -> ssl.SSLContext:
@@ -254,37 +262,20 @@ def starttls_context(data_dir: Path) -> ssl.SSLContext:
     return context
 
 
-class SmtpInListener:
-    """The Listener (see :class:`.app.Listener`) for ``[server] smtp_listen``."""
+class SmtpListener:
+    """The Listener plumbing (see :class:`.app.Listener`) of an aiosmtpd protocol served
+    with ``loop.create_server`` in the running loop; subclasses make the protocol."""
 
-    def __init__(
-        self,
-        store: InboundStore,
-        *,
-        hostname: str,
-        max_message_size: int,
-        max_unsynced: int,
-        tls_context: ssl.SSLContext | None = None,
-        delivered: Callable[[str], Awaitable[None]] | None = None,
-    ) -> None:
-        self.handler = InboundHandler(store, max_message_size, max_unsynced, delivered)
-        self.hostname = hostname
-        self.max_message_size = max_message_size
-        self.tls_context = tls_context
+    def __init__(self) -> None:
         self._server: asyncio.Server | None = None
-        self._connections: weakref.WeakSet[InboundSMTP] = weakref.WeakSet()
+        self._connections: weakref.WeakSet[SMTP] = weakref.WeakSet()
 
-    def _connection(self) -> InboundSMTP:
-        protocol = InboundSMTP(
-            self.handler,
-            data_size_limit=self.max_message_size,
-            enable_SMTPUTF8=True,
-            hostname=self.hostname,
-            ident="imapsync-bridge",
-            tls_context=self.tls_context,
-            timeout=TIMEOUT,
-            loop=asyncio.get_running_loop(),
-        )
+    def protocol(self) -> SMTP:
+        """A new protocol instance for one connection."""
+        raise NotImplementedError
+
+    def _connection(self) -> SMTP:
+        protocol = self.protocol()
         self._connections.add(protocol)
         return protocol
 
@@ -307,3 +298,35 @@ class SmtpInListener:
                 protocol.transport.close()
         await self._server.wait_closed()
         await asyncio.sleep(0)  # let the connections' handler tasks see their cancellation
+
+
+class SmtpInListener(SmtpListener):
+    """The Listener (see :class:`.app.Listener`) for ``[server] smtp_listen``."""
+
+    def __init__(
+        self,
+        store: InboundStore,
+        *,
+        hostname: str,
+        max_message_size: int,
+        max_unsynced: int,
+        tls_context: ssl.SSLContext | None = None,
+        delivered: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.handler = InboundHandler(store, max_message_size, max_unsynced, delivered)
+        self.hostname = hostname
+        self.max_message_size = max_message_size
+        self.tls_context = tls_context
+
+    def protocol(self) -> SMTP:
+        return InboundSMTP(
+            self.handler,
+            data_size_limit=self.max_message_size,
+            enable_SMTPUTF8=True,
+            hostname=self.hostname,
+            ident="imapsync-bridge",
+            tls_context=self.tls_context,
+            timeout=TIMEOUT,
+            loop=asyncio.get_running_loop(),
+        )

@@ -18,7 +18,7 @@ from typing import Any
 
 from imapsync_bridge.errors import StoreError
 from imapsync_bridge.model import INBOX, TRASH
-from imapsync_bridge.server import mailbox
+from imapsync_bridge.server import credentials, mailbox
 from imapsync_bridge.server import store_schema as schema
 from imapsync_bridge.server.outbox_store import OutboxTables
 from imapsync_bridge.server.store_api import NoSuchMessage, NoSuchUser, StoreConflict
@@ -53,8 +53,9 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 class PhoneStore(OutboxTables):
     """The hosted store over SQLite: implements :class:`.store_api.AccountStore`,
     :class:`.store_api.SyncStore`, :class:`.store_api.MailboxStore`,
-    :class:`.store_api.InboundStore`, :class:`.store_api.OutboxStore` and
-    :class:`.store_api.RelayStore` (the outgoing queue: :mod:`.outbox_store`), whose docstrings
+    :class:`.store_api.InboundStore`, :class:`.store_api.OutboxStore`,
+    :class:`.store_api.RelayStore` (the outgoing queue: :mod:`.outbox_store`) and
+    :class:`.store_api.CredentialStore` (its rows in :mod:`.credentials`), whose docstrings
     state each method's contract, errors and whether a retry helps.
 
     Semantics worth knowing beyond those:
@@ -512,6 +513,19 @@ class PhoneStore(OutboxTables):
         with self._tx() as conn:
             self._require_user(conn, user)
             return mailbox.phone_change(conn, user, mailbox.message_id_arg(id), kind, self._now())
+
+    # --- phone user passwords -------------------------------------------------------
+
+    def set_password_hash(self, user: str, encoded: str) -> None:
+        if not isinstance(encoded, str) or not 0 < len(encoded) <= 1024:
+            raise StoreError("bad password hash: want a non-empty string")
+        with self._tx() as conn:
+            self._require_user(conn, user)
+            credentials.save_hash(conn, user, encoded, self._now())
+
+    def password_hash(self, login: str) -> tuple[str, str] | None:
+        with self._tx(write=False) as conn:
+            return credentials.load_hash(conn, login)
 
     # --- inbound SMTP -----------------------------------------------------------------
 

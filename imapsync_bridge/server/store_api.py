@@ -5,8 +5,10 @@ implements all of them, and a later PostgreSQL backend implements the same. Call
 the narrowest one they need: the ``server add-user`` / ``pair-code`` commands an
 :class:`AccountStore` (which also keeps the trigger secret made at pairing), the sync
 listener a :class:`SyncStore` (plus the pairing half of :class:`AccountStore`), the
-phone service (:mod:`.phone`) a :class:`MailboxStore`, the inbound SMTP listener
-(:mod:`.smtp_in`) an :class:`InboundStore`.
+phone service (:mod:`.phone`) a :class:`PhoneServiceStore`, the inbound SMTP listener
+(:mod:`.smtp_in`) an :class:`InboundStore`, password checks (:mod:`.credentials`) a
+:class:`CredentialStore`, the submission listener (:mod:`.submission`) a
+:class:`SubmissionStore`.
 
 Rules every implementation keeps:
 
@@ -54,6 +56,7 @@ from imapsync_bridge.server.store_schema import (
 
 __all__ = [
     "AccountStore",
+    "CredentialStore",
     "InboundStore",
     "MailboxStore",
     "NoSuchMessage",
@@ -63,6 +66,7 @@ __all__ = [
     "PhoneServiceStore",
     "RelayStore",
     "StoreConflict",
+    "SubmissionStore",
     "SyncStore",
 ]
 
@@ -378,3 +382,24 @@ class InboundStore(Protocol):
 class PhoneServiceStore(MailboxStore, OutboxStore, RelayStore, Protocol):
     """What :class:`.phone.PhoneService` needs: the mailbox, the outgoing queue, and the
     relay's half for sending now."""
+
+
+class CredentialStore(Protocol):
+    """The phone users' password hashes (:mod:`.credentials` makes and checks them; the
+    store only keeps the opaque strings)."""
+
+    def set_password_hash(self, user: str, encoded: str) -> None:
+        """Store the user's password hash, replacing any earlier one. Raises
+        :class:`NoSuchUser`, ``StoreError("bad …")`` for an empty or over-long string."""
+        ...
+
+    def password_hash(self, login: str) -> tuple[str, str] | None:
+        """``(user, hash)`` of the user whose name is ``login``, else whose phone address
+        it is (case-insensitively; an address of two users names neither); None when
+        there is no such user or they have no password. Raises only database errors."""
+        ...
+
+
+class SubmissionStore(CredentialStore, PhoneServiceStore, Protocol):
+    """What the submission listener needs: check passwords, know the user's addresses,
+    and what :class:`.phone.PhoneService` needs to take the message."""

@@ -23,7 +23,7 @@ from typing import Any
 # The display summary of a stored mail (kept importable from here).
 from imapsync_bridge.headers import parse_summary as parse_summary
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _SCHEMA_V1 = (
     """
@@ -155,12 +155,25 @@ _SCHEMA_V5 = (
     "CREATE INDEX outbox_state ON outbox (user_name, state, next_attempt)",
 )
 
+# v6: the phone user's password (``server set-password``) as an scrypt hash string that
+# carries its own parameters (``server/credentials.py``); one row per user, none until set.
+_SCHEMA_V6 = (
+    """
+    CREATE TABLE passwords (
+        user_name TEXT PRIMARY KEY REFERENCES users (name) ON DELETE CASCADE,
+        hash      TEXT NOT NULL,
+        changed   TEXT NOT NULL
+    )
+    """,
+)
+
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: _SCHEMA_V1,
     2: _SCHEMA_V2,
     3: _SCHEMA_V3,
     4: _SCHEMA_V4,
     5: _SCHEMA_V5,
+    6: _SCHEMA_V6,
 }  # target version -> statements
 
 
