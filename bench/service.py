@@ -1,0 +1,379 @@
+"""Step 4b: the running service, ``agent run`` (IMAP IDLE on, the push link up).
+
+After the one-shot scenarios of a profile, on the same inbox, with two more agents
+that were paired at the start (their own phone users) and had not run yet:
+
+- ``service`` (window W) runs as ``imapsync-bridge agent run`` with ``idle = true`` and
+  ``sync_interval = 3600``, so only IDLE and the push link start its sessions:
+
+  1. an idle stretch (60 s on the first profile): CPU seconds (utime + stime of the
+     process, all threads, from ``/proc/PID/stat``) and peak RSS (``VmHWM``);
+  2. desktop → phone: one ``\\Seen`` set and one mail APPENDed through another IMAP
+     connection; from the command's tagged OK until the phone store (its SQLite, read
+     only, every 2 ms) shows it. An observer connection IDLEs beside the agent's
+     watcher and times when Dovecot tells an IDLE client of the same change;
+  3. phone → desktop: a phone "flag" committed through the store API in this process;
+     from the commit until Dovecot renamed the message's Maildir file (the flag is in
+     the name; Dovecot renames it inside the agent's STORE, before its tagged OK, so it
+     is what any desktop client sees next), polled every 1 ms;
+
+- the running-agent worker (``worker.py``) runs (4) sessions with
+  ``phone_vouched=True``, as ``agent run`` passes it while its push link is up and
+  quiet, each beside one ``STATUS`` round trip on the same IMAP connection;
+- ``bulk`` (window 1,000) runs as a second worker whose link to the hosted server goes
+  through a delaying proxy (50 ms each way): its first sync pulls 1,000 messages, then
+  (5) 1,000 phone actions (each message's read state flipped, twice) are applied to
+  the desktop in one session: round trips of the sync link (turns through that proxy) and wall time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agents import AgentSpec, Product, RunningAgent, point_at_server
+from measuring import CountingProxy, Run, log, proc_cpu_seconds, proc_memory_kb
+from processes import python_env, stop_process
+from seeding import mail_date, make_mail
+
+SERVICE, BULK = "service", "bulk"
+SERVICE_AGENTS = (SERVICE, BULK)  # the agents (phone users) this step adds
+SERVICE_OPTIONS = "idle = true\nsync_on_change = true\nsync_interval = 3600\n"
+BULK_WINDOW = 1000  # phone messages, so that 1,000 phone actions are real ones
+LINK_DELAY = 0.050  # seconds each way on the bulk agent's link: +100 ms round trip
+PHONE_POLL = 0.002  # seconds between looks at the phone store
+FILE_POLL = 0.001  # seconds between looks at the Maildir file
+SEEN_WITHIN = 10.0  # a change not visible by then counts as missed
+SETTLE = 2.0  # quiet seconds (no session, Dovecot's dirty re-scan over) between changes
+BULK_RUNS = 2  # mark 1,000 unread, then 1,000 read again
+
+_MESSAGE_ID = re.compile(rb"^Message-ID: (<[^>]+>)", re.MULTILINE)
+_SEEDED = re.compile(r"^<bench\.(\d+)\.")  # a seeded message's Message-ID
+_SEEDED_FILE = re.compile(r"\.M(\d+)P\d+\.bench,")  # and its Maildir file (seeding.py)
+
+
+def service_agents(window: int, ports: dict[str, int]) -> dict[str, AgentSpec]:
+    """The two agents this step needs, paired with the others at the start."""
+    return {
+        SERVICE: AgentSpec(ports[SERVICE], window, SERVICE_OPTIONS),
+        BULK: AgentSpec(ports[BULK], BULK_WINDOW),
+    }
+
+
+@dataclass
+class ServiceResults:
+    """What this step measured on one profile (seconds; None: not seen in time)."""
+
+    latency: dict[str, list[float | None]] = field(default_factory=dict)
+    idle_notice: dict[str, list[float | None]] = field(default_factory=dict)
+    nochange: list[Run] = field(default_factory=list)
+    status: list[Run] = field(default_factory=list)
+    bulk: list[Run] = field(default_factory=list)
+    bulk_first: Run | None = None
+    idle: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0  # wall time of the whole step
+
+
+class ServiceProcess:
+    """``imapsync-bridge agent run`` as a child process, watched from outside."""
+
+    def __init__(self, ini: Path) -> None:
+        self.state_dir = ini.parent / "state"
+        self.log_path = ini.parent / "agent-run.log"
+        with self.log_path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "imapsync_bridge.cli", "agent", "run", "--config",
+                 str(ini)],
+                env=python_env(), stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def shown(self) -> dict[str, Any]:
+        """What the service writes for `agent status` (agent-run.json)."""
+        with contextlib.suppress(OSError, ValueError):
+            return dict(json.loads((self.state_dir / "agent-run.json").read_text()))
+        return {}
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until the first session completed and the push link is up."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent run exited ({self.proc.returncode}):\n{self.tail()}")
+            shown = self.shown()
+            push = (shown.get("connections") or {}).get("push") or {}
+            if shown.get("syncs", 0) >= 1 and push.get("state") == "connected":
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"agent run not ready within {timeout:.0f} s:\n{self.tail()}")
+
+    def settle(self, quiet: float = SETTLE, timeout: float = 30.0) -> None:
+        """Until no session ran for *quiet* seconds."""
+        deadline = time.monotonic() + timeout
+        syncs, since = self.shown().get("syncs"), time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - since < quiet:
+            time.sleep(0.1)
+            now = self.shown().get("syncs")
+            if now != syncs:
+                syncs, since = now, time.monotonic()
+
+    def tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+        return ""
+
+    def close(self) -> None:
+        stop_process(self.proc)
+
+
+class PhoneView:
+    """The hosted store's SQLite, read only: one user's message by key."""
+
+    def __init__(self, database: Path, user: str) -> None:
+        self.user = user
+        self.conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True, isolation_level=None)
+
+    def row(self, key: str) -> tuple[str, int, int] | None:
+        return self.conn.execute(
+            "SELECT folder, seen, flagged FROM messages WHERE user_name = ? AND msg_key = ?",
+            (self.user, key),
+        ).fetchone()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def wait_until(check: Callable[[], bool], since: float, poll: float) -> float | None:
+    """Seconds from *since* (a perf_counter) until *check()* held, or None."""
+    while not check():
+        if time.perf_counter() - since > SEEN_WITHIN:
+            return None
+        time.sleep(poll)
+    return time.perf_counter() - since
+
+
+class IdleObserver:
+    """A second IMAP client IDLEing on the inbox: when Dovecot tells it of a change."""
+
+    def __init__(self, dovecot: Any, user: str) -> None:
+        self.client = dovecot.client(user)
+        self.client.select_folder("INBOX")
+
+    @contextlib.contextmanager
+    def watching(self, kind: bytes, result: list[float | None]) -> Iterator[Callable[[], None]]:
+        """IDLE around the block; the block calls the yielded ``started()`` right after
+        its change's tagged OK; the seconds from then until an untagged *kind*
+        (``FETCH``, ``EXISTS``) came are appended to *result* at the end."""
+        self.client.idle()
+        start: list[float] = []
+        try:
+            yield lambda: start.append(time.perf_counter())
+            seen = None
+            while seen is None and time.perf_counter() - start[0] < SEEN_WITHIN:
+                responses = self.client.idle_check(timeout=1.0)
+                if any(len(r) > 1 and r[1] == kind for r in responses):
+                    seen = time.perf_counter() - start[0]
+            result.append(seen)
+        finally:
+            self.client.idle_done()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.logout()
+
+
+class ServiceBench:
+    """Step 4b on one profile's inbox (see the module docstring)."""
+
+    def __init__(self, bench: Any, idle_seconds: float) -> None:
+        self.bench = bench
+        self.product: Product = bench.product
+        self.idle_seconds = idle_seconds
+        self.results = ServiceResults()
+        self.rng = random.Random(11)
+
+    def run(self, stack: contextlib.ExitStack) -> ServiceResults:
+        started = time.perf_counter()
+        log(f"the running service (agent run, IDLE on, push link up) on {self.bench.server.name}")
+        service = ServiceProcess(self.product.inis[SERVICE])
+        stack.callback(service.close)
+        service.wait_ready()
+        service.settle()
+        if self.idle_seconds:
+            self.idle_stretch(service)
+        observer = IdleObserver(self.bench.dovecot, self.bench.user)
+        stack.callback(observer.close)
+        phone = PhoneView(self.product.database, SERVICE)
+        stack.callback(phone.close)
+        for _ in range(self.bench.args.repeat):
+            self.desktop_flag(service, observer, phone)
+            self.desktop_new(service, observer, phone)
+            self.phone_flag(service)
+        service.close()
+        self.nochange_vouched()
+        self.bulk(stack)
+        self.results.seconds = time.perf_counter() - started
+        log(f"  the running service took {self.results.seconds:.1f} s")
+        return self.results
+
+    def _record(self, what: str, seconds: float | None, notice: float | None = None) -> None:
+        self.results.latency.setdefault(what, []).append(seconds)
+        shown = "not seen" if seconds is None else f"{seconds * 1000:7.1f} ms"
+        extra = f" (Dovecot's IDLE notice after {notice * 1000:.1f} ms)" if notice else ""
+        log(f"  {what:<28} {shown}{extra}")
+
+    # -- 1. idle ---------------------------------------------------------------------
+    def idle_stretch(self, service: ServiceProcess) -> None:
+        pid = service.proc.pid
+        log(f"  idle for {self.idle_seconds:.0f} s ...")
+        traffic = self.bench.proxies[SERVICE].counts()
+        syncs, cpu = service.shown().get("syncs", 0), proc_cpu_seconds(pid)
+        time.sleep(self.idle_seconds)
+        cpu = proc_cpu_seconds(pid) - cpu
+        memory = proc_memory_kb(pid)
+        turns = self.bench.proxies[SERVICE].counts().minus(traffic).turns
+        self.results.idle = {
+            "seconds": self.idle_seconds,
+            "cpu_s": cpu,
+            "hwm_kb": memory["VmHWM"],
+            "rss_kb": memory["VmRSS"],
+            "sessions": service.shown().get("syncs", 0) - syncs,
+            "imap_turns": turns,
+        }
+        log(f"  idle {self.idle_seconds:.0f} s: {cpu:.3f} CPU s, peak RSS "
+            f"{memory['VmHWM'] / 1024:.1f} MB, {turns} IMAP turns")  # fmt: skip
+
+    # -- 2. desktop -> phone -----------------------------------------------------------
+    def desktop_flag(
+        self, service: ServiceProcess, observer: IdleObserver, phone: PhoneView
+    ) -> None:
+        uid = self.bench.unread.pop()  # the newest unread message: inside the window
+        with self.bench.dovecot.client(self.bench.user) as client:
+            client.select_folder("INBOX")
+            header = client.fetch([uid], ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
+            key = _message_id(next(v for v in header[uid].values() if isinstance(v, bytes)))
+            with observer.watching(b"FETCH", self.results.idle_notice.setdefault("flag", [])) as t:
+                client.add_flags([uid], [b"\\Seen"], silent=True)
+                t()
+                since = time.perf_counter()
+                seconds = wait_until(lambda: (phone.row(key) or ("", 0, 0))[1] == 1,
+                                     since, PHONE_POLL)  # fmt: skip
+        self._record("desktop \\Seen → phone", seconds, self.results.idle_notice["flag"][-1])
+        service.settle()
+
+    def desktop_new(
+        self, service: ServiceProcess, observer: IdleObserver, phone: PhoneView
+    ) -> None:
+        self.bench.count += 1
+        date = mail_date(self.bench.count)
+        raw = make_mail(self.bench.count, date, self.rng)
+        key = _message_id(raw)
+        notices = self.results.idle_notice.setdefault("new", [])
+        with (
+            self.bench.dovecot.client(self.bench.user) as client,
+            observer.watching(b"EXISTS", notices) as t,
+        ):
+            client.append("INBOX", raw, msg_time=date)
+            t()
+            since = time.perf_counter()
+            seconds = wait_until(lambda: phone.row(key) is not None, since, PHONE_POLL)
+        self._record("desktop new mail → phone", seconds, self.results.idle_notice["new"][-1])
+        service.settle()
+
+    # -- 3. phone -> desktop -----------------------------------------------------------
+    def phone_flag(self, service: ServiceProcess) -> None:
+        from imapsync_bridge.server.store import PhoneStore
+
+        store = PhoneStore(self.product.database)
+        try:
+            message, old = self._seeded_unflagged(store)
+            store.set_flagged(SERVICE, message.id, True)
+            since = time.perf_counter()
+            seconds = wait_until(lambda: not old.exists(), since, FILE_POLL)
+        finally:
+            store.close()
+        renamed = list(old.parent.glob(old.name.split(":2,")[0] + ":2,*"))
+        if seconds is not None and not any("F" in p.name.split(":2,")[1] for p in renamed):
+            raise RuntimeError(f"{old.name} was renamed, but not flagged: {renamed}")
+        self._record("phone flag → desktop", seconds)
+        service.settle()
+
+    def _seeded_unflagged(self, store: Any) -> tuple[Any, Path]:
+        """A phone message of the seeded inbox not yet flagged, and its Maildir file."""
+        cur = self.bench.dovecot.maildir(self.bench.user) / "cur"
+        files = {}
+        for name in os.listdir(cur):
+            if (n := _SEEDED_FILE.search(name)) and "F" not in name.split(":2,")[1]:
+                files[int(n.group(1))] = name
+        for message in store.list_folder(SERVICE, "inbox"):
+            seeded = _SEEDED.match(message.message_id or "")
+            if seeded and not message.flagged and int(seeded.group(1)) in files:
+                return message, cur / files[int(seeded.group(1))]
+        raise RuntimeError("no unflagged seeded message on the phone")
+
+    # -- 4. no change, push link up ------------------------------------------------------
+    def nochange_vouched(self) -> None:
+        running: RunningAgent = self.bench.running
+        time.sleep(SETTLE)
+        running.sync("service-settle")  # takes in what the service scenarios changed
+        for r in range(3 * self.bench.args.repeat):
+            self.results.nochange.append(running.sync(f"vouched{r}", vouched=True))
+            self.results.status.append(running.status_round_trip())
+        median = sorted(run.wall for run in self.results.nochange)[len(self.results.nochange) // 2]
+        floor = sorted(run.wall for run in self.results.status)[len(self.results.status) // 2]
+        log(f"  no-change session, push link up: {median * 1000:.2f} ms; one STATUS "
+            f"{floor * 1000:.2f} ms")  # fmt: skip
+
+    # -- 5. 1,000 phone actions over a slow link ---------------------------------------------
+    def bulk(self, stack: contextlib.ExitStack) -> None:
+        from imapsync_bridge.server.store import PhoneStore
+
+        delay = CountingProxy(self.product.sync_port, one_way_delay=LINK_DELAY)
+        stack.callback(delay.close)
+        ini = self.product.inis[BULK]
+        point_at_server(ini, delay.port)
+        worker = RunningAgent(ini, self.bench.proxies[BULK], None)
+        stack.callback(worker.close)
+        self.results.bulk_first = self._link_session(worker, delay, "bulk-first")
+        store = PhoneStore(self.product.database)
+        try:
+            for r in range(BULK_RUNS):
+                # each message's read state flipped: BULK_WINDOW real phone actions
+                messages = store.list_folder(BULK, "inbox")[:BULK_WINDOW]
+                if len(messages) < BULK_WINDOW:
+                    raise RuntimeError(f"the bulk phone holds {len(messages)} messages")
+                started = time.perf_counter()
+                made = sum(store.set_seen(BULK, m.id, not m.seen) for m in messages)
+                made_s = time.perf_counter() - started
+                run = self._link_session(worker, delay, f"bulk{r}")
+                run.detail |= {"actions": made, "actions_s": made_s}
+                self.results.bulk.append(run)
+        finally:
+            store.close()
+
+    def _link_session(self, worker: RunningAgent, delay: CountingProxy, label: str) -> Run:
+        before = delay.counts()
+        run = worker.sync(label)
+        link = delay.counts().minus(before)
+        run.detail["link_turns"], run.detail["link_bytes"] = link.turns, link.bytes_read
+        log(f"  {label:<10} over +{2 * LINK_DELAY * 1000:.0f} ms RTT: {run.wall * 1000:.1f} ms, "
+            f"{link.turns} link round trips, {run.turns} IMAP turns "
+            f"({run.detail['summary']})")  # fmt: skip
+        return run
+
+
+def _message_id(raw: bytes) -> str:
+    found = _MESSAGE_ID.search(raw.replace(b"\r\n", b"\n"))
+    if found is None:
+        raise RuntimeError(f"no Message-ID in {raw[:200]!r}")
+    return found.group(1).decode()
