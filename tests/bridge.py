@@ -82,6 +82,7 @@ class ServerThread:
         self.config = load_server_config(ini)
         self.observer = observer
         self.port = 0
+        self.ports: dict[str, int] = {}  # every listener's bound port, by name
         self.sync: SyncListener | None = None
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -108,6 +109,7 @@ class ServerThread:
         if self.observer is not None:
             self.sync.handler_class = observed_handler(self.observer)
         self.port = running.ports["sync"]
+        self.ports = dict(running.ports)
         self._ready.set()
 
     def call(self, coroutine: Any, timeout: float = 10) -> Any:
@@ -144,7 +146,7 @@ class Bridge:
 
     # -- set-up ----------------------------------------------------------------------
     def start(self, observer: FrameObserver | None = None) -> Bridge:
-        init_server(self.server_dir, "127.0.0.1", sync_port=0)
+        init_server(self.server_dir, "127.0.0.1", sync_port=0, smtp_port=0)
         code, out, err = run_cli(
             "server", "add-user", "--config", str(self.server_ini), self.phone_user,
             "--address", "alice@phone.example", "--desktop-address", f"{self.user}@corp.example",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -263,3 +264,24 @@ def test_sigkill_of_agent_run_mid_session(
         assert before | set(new) <= alive, f"lost: {sorted(before | set(new) - alive)}"
     finally:
         bridge.stop()
+
+
+def test_inbound_mail_reaches_the_desktop_by_push(bridge: Bridge) -> None:
+    agent = start_agent(bridge, idle="false", sync_interval="3600")
+    try:
+        wait_for(lambda: bridge.agent_status()["connections"], 10, "the push link")
+        wait_for(lambda: bridge.agent_status()["last_sync"], 10, "the first sync")
+        assert bridge.server is not None
+        mail = (
+            b"From: someone@example.net\r\nTo: alice@phone.example\r\n"
+            b"Subject: to the phone\r\nMessage-ID: <inbound-push@example.net>\r\n\r\nhello\r\n"
+        )
+        with smtplib.SMTP("127.0.0.1", bridge.server.ports["smtp"], timeout=10) as client:
+            client.sendmail("someone@example.net", ["alice@phone.example"], mail)
+        wait_for(
+            lambda: "<inbound-push@example.net>" in bridge.desktop_ids(), 5, "the desktop copy"
+        )
+        bridge.assert_in_sync()
+    finally:
+        stop_agent(bridge, agent)
+    assert "changed (inbound_mail)" in bridge.agent_log()

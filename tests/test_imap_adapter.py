@@ -165,6 +165,23 @@ def test_status_and_select_report_the_same_mailbox(dovecot, imap_user, mbox):
     assert st.highestmodseq is not None and sel.highestmodseq is not None
 
 
+def test_current_statuses_pipelined_are_fresh(dovecot, imap_user):
+    """The running agent's change check: the selected inbox left and both mailboxes'
+    STATUS sent in one write; what another client did meanwhile shows."""
+    with connect(dovecot, imap_user) as counted:
+        counted.resolve_folders({})
+        counted.select("INBOX")
+        dovecot.append(imap_user, dovecot.make_message(1), T0)  # another client's new mail
+        with connect(dovecot, imap_user) as other:
+            other.select("INBOX")
+        inbox, trash = counted.current_statuses(["INBOX", "Trash"])
+        assert (inbox.messages, inbox.uidnext, trash.messages) == (1, 2, 0)
+        assert inbox == counted.status("INBOX") and trash == counted.status("Trash")
+        assert inbox.highestmodseq is not None
+        with pytest.raises(ImapError):
+            counted.current_statuses(["INBOX", "No Such Folder"])
+
+
 def test_resolve_folders_finds_trash_and_sent_by_special_use_and_creates_outbox(mbox):
     found = mbox.resolve_folders({})
     assert found == {"trash": "Trash", "sent": "Sent", "outbox": "Outbox"}

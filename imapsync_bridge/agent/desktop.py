@@ -60,9 +60,8 @@ class DesktopSide:
         (:meth:`window_flags_agree`), which needs the inbox selected anyway.
         """
         if self.imap.condstore:
-            inbox = self.imap.current_status(self.inbox)
-        else:
-            inbox = self.imap.select(self.inbox)
+            return DesktopStatus(*self.imap.current_statuses([self.inbox, self.trash]))
+        inbox = self.imap.select(self.inbox)
         return DesktopStatus(inbox, self.imap.current_status(self.trash))
 
     def window_flags_agree(self, ledger: Mapping[str, LedgerEntry]) -> bool:

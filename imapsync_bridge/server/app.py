@@ -15,6 +15,7 @@ from imapsync_bridge.errors import ConfigError
 from imapsync_bridge.protocol import pki
 from imapsync_bridge.server.listener import SyncListener
 from imapsync_bridge.server.notify import ChangeNotifier, MailTrigger
+from imapsync_bridge.server.smtp_in import SmtpInListener, starttls_context
 from imapsync_bridge.server.store import PhoneStore
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ SERVER_INI = """\
 data_dir = .
 hostname = {hostname}
 sync_listen = {listen_host}:{sync_port}
-smtp_listen = {listen_host}:2525
+smtp_listen = {listen_host}:{smtp_port}
 submission_listen = {listen_host}:2587
 web_listen = {listen_host}:8443
 default_window = 50
@@ -40,8 +41,11 @@ password_file =
 """
 
 
-def init_server(data_dir: Path, hostname: str, sync_port: int = 4465) -> Path:
-    """Create the CA, the server certificate, the store and a working server.ini."""
+def init_server(
+    data_dir: Path, hostname: str, sync_port: int = 4465, smtp_port: int = 2525
+) -> Path:
+    """Create the CA, the server certificate, the store and a working server.ini
+    (port 0: any free port, for tests)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     ini = data_dir / "server.ini"
     if ini.exists():
@@ -50,7 +54,9 @@ def init_server(data_dir: Path, hostname: str, sync_port: int = 4465) -> Path:
     PhoneStore(data_dir / "phone.sqlite3").close()
     listen_host = "127.0.0.1" if hostname in ("localhost", "127.0.0.1") else "0.0.0.0"
     ini.write_text(
-        SERVER_INI.format(hostname=hostname, listen_host=listen_host, sync_port=sync_port)
+        SERVER_INI.format(
+            hostname=hostname, listen_host=listen_host, sync_port=sync_port, smtp_port=smtp_port
+        )
     )
     return ini
 
@@ -96,10 +102,21 @@ def _sync_listener(config: ServerConfig, store: PhoneStore) -> Listener:
     return SyncListener(store, config.data_dir, config.max_frame)
 
 
-# The listeners `server run` starts, in order. SMTP in, submission and the web page come
-# here as entries of their own (smtp_listen, submission_listen, web_listen).
+def _smtp_in_listener(config: ServerConfig, store: PhoneStore) -> Listener:
+    return SmtpInListener(
+        store,
+        hostname=config.hostname,
+        max_message_size=config.max_message_size,
+        max_unsynced=config.max_unsynced,
+        tls_context=starttls_context(config.data_dir),
+    )
+
+
+# The listeners `server run` starts, in order. Submission and the web page come here as
+# entries of their own (submission_listen, web_listen).
 LISTENERS: tuple[ListenerEntry, ...] = (
     ListenerEntry("sync", lambda config: config.sync_listen, _sync_listener),
+    ListenerEntry("smtp", lambda config: config.smtp_listen, _smtp_in_listener),
 )
 
 

@@ -33,6 +33,11 @@ POLL_SECONDS = 0.05
 # The newest phone-side change per user; each is a mark that only grows.
 _PHONE_ACTIONS = "SELECT user_name, MAX(seq) FROM phone_actions GROUP BY user_name"
 _SYNC_REQUESTS = "SELECT user_name FROM sync_requests"
+# Whether a phone action is an inbound mail's (SMTP in logs one per delivered message).
+_IS_INBOUND = (
+    "SELECT m.inbound FROM phone_actions a JOIN messages m"
+    " ON m.user_name = a.user_name AND m.msg_key = a.msg_key WHERE a.seq = ?"
+)
 
 MailTrigger = Callable[[str], Awaitable[None]]
 
@@ -87,7 +92,11 @@ class ChangeNotifier:
             if newest > self._pushed.get(user, 0):
                 self._pushed[user] = newest
                 if user in connected:
-                    await self.sync.push(user, schema.Changed(reason="phone_action"))
+                    inbound = conn.execute(_IS_INBOUND, (newest,)).fetchone()
+                    notice = schema.Changed(
+                        reason="inbound_mail" if inbound and inbound[0] else "phone_action"
+                    )
+                    await self.sync.push(user, notice)
         for (user,) in conn.execute(_SYNC_REQUESTS).fetchall():
             await self._route_sync_request(user, user in connected)
 

@@ -22,6 +22,7 @@ from imapsync_bridge.server import mailbox
 from imapsync_bridge.server import store_schema as schema
 from imapsync_bridge.server.store_api import NoSuchMessage, NoSuchUser, StoreConflict
 from imapsync_bridge.server.store_schema import (
+    Delivery,
     PhoneAction,
     PhoneMessage,
     Snapshot,
@@ -33,6 +34,7 @@ from imapsync_bridge.server.store_schema import (
 SYNCHRONOUS = "FULL"  # durable commits: an op is acked only once it is on disk
 
 __all__ = [
+    "Delivery",
     "PhoneAction",
     "PhoneMessage",
     "PhoneStore",
@@ -49,7 +51,8 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 class PhoneStore:
     """The hosted store over SQLite: implements :class:`.store_api.AccountStore`,
-    :class:`.store_api.SyncStore` and :class:`.store_api.MailboxStore`, whose docstrings
+    :class:`.store_api.SyncStore`, :class:`.store_api.MailboxStore` and
+    :class:`.store_api.InboundStore`, whose docstrings
     state each method's contract, errors and whether a retry helps.
 
     Semantics worth knowing beyond those:
@@ -358,8 +361,10 @@ class PhoneStore:
             conn.execute(
                 "DELETE FROM phone_actions WHERE user_name = ? AND seq <= ?", (user, up_to_seq)
             )
+            # An inbound message is taken once its restore action is acknowledged.
             conn.execute(
-                "UPDATE messages SET dirty = 0 WHERE user_name = ? AND dirty = 1 AND NOT EXISTS"
+                "UPDATE messages SET dirty = 0, inbound = 0"
+                " WHERE user_name = ? AND dirty = 1 AND NOT EXISTS"
                 " (SELECT 1 FROM phone_actions a"
                 "  WHERE a.user_name = messages.user_name AND a.msg_key = messages.msg_key)",
                 (user,),
@@ -478,3 +483,70 @@ class PhoneStore:
         with self._tx() as conn:
             self._require_user(conn, user)
             return mailbox.phone_change(conn, user, mailbox.message_id_arg(id), kind, self._now())
+
+    # --- inbound SMTP -----------------------------------------------------------------
+
+    def users_for_address(self, address: str) -> list[str]:
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                "SELECT name FROM users WHERE lower(address) = lower(?) ORDER BY name",
+                (address,),
+            ).fetchall()
+        return [str(row[0]) for row in rows]
+
+    def unsynced_count(self, user: str) -> int:
+        with self._tx(write=False) as conn:
+            self._require_user(conn, user)
+            count: int = conn.execute(
+                "SELECT COUNT(*) FROM messages WHERE user_name = ? AND inbound = 1", (user,)
+            ).fetchone()[0]
+        return count
+
+    def deliver(self, user: str, key: str, message_id: str | None, raw: bytes) -> Delivery:
+        """Store one inbound copy and keep the window (see the protocol's docstring).
+
+        The duplicate check is the insert itself (``ON CONFLICT DO NOTHING RETURNING``);
+        the eviction picks its victims in the statement that deletes them.
+        """
+        if not isinstance(key, str) or not key:
+            raise StoreError("bad key: want a non-empty string")
+        if not isinstance(raw, bytes):
+            raise StoreError("bad raw message: want bytes")
+        subject, from_addr = schema.parse_summary(raw)
+        with self._tx() as conn:
+            window = self._require_user(conn, user)[3]
+            now = self._now()
+            if conn.execute(
+                "SELECT 1 FROM phone_actions WHERE user_name = ? AND msg_key = ?"
+                " AND kind = 'destroy'",
+                (user, key),
+            ).fetchone():
+                return Delivery(None, duplicate=True, evicted=0)
+            inserted = conn.execute(
+                "INSERT INTO messages (user_name, msg_key, message_id, folder, seen, flagged,"
+                " internaldate, subject, from_addr, size, raw, dirty, inbound)"
+                " VALUES (?, ?, ?, 'inbox', 0, 0, ?, ?, ?, ?, ?, 1, 1)"
+                " ON CONFLICT (user_name, msg_key) DO NOTHING RETURNING id",
+                (user, key, message_id, schema.date_text(self._clock()), subject, from_addr,
+                 len(raw), raw),
+            ).fetchall()  # fmt: skip
+            if not inserted:
+                held = conn.execute(
+                    "SELECT id FROM messages WHERE user_name = ? AND msg_key = ?", (user, key)
+                ).fetchone()
+                return Delivery(held[0] if held else None, duplicate=True, evicted=0)
+            conn.execute(
+                "INSERT INTO phone_actions (user_name, kind, msg_key, created)"
+                " VALUES (?, 'restore', ?, ?)",
+                (user, key, now),
+            )
+            evicted = conn.execute(
+                "DELETE FROM messages WHERE id IN ("
+                " SELECT id FROM messages WHERE user_name = ? AND folder = 'inbox'"
+                " AND inbound = 0 AND dirty = 0 ORDER BY internaldate ASC, id DESC"
+                # never a negative LIMIT: SQLite reads it as "no limit"
+                " LIMIT (SELECT CASE WHEN COUNT(*) > ? THEN COUNT(*) - ? ELSE 0 END"
+                "  FROM messages WHERE user_name = ? AND folder = 'inbox')) RETURNING id",
+                (user, window, window, user),
+            ).fetchall()
+        return Delivery(int(inserted[0][0]), duplicate=False, evicted=len(evicted))

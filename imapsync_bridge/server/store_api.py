@@ -1,10 +1,11 @@
 """The hosted store's interface, split by role (in the style of mbsync's ``driver.h``).
 
-Three narrow :class:`typing.Protocol` classes; :class:`.store.PhoneStore` (SQLite)
-implements all three, and a later PostgreSQL backend implements the same. Callers take
+Narrow :class:`typing.Protocol` classes; :class:`.store.PhoneStore` (SQLite)
+implements all of them, and a later PostgreSQL backend implements the same. Callers take
 the narrowest one they need: the ``server add-user`` / ``pair-code`` commands an
 :class:`AccountStore`, the sync listener a :class:`SyncStore` (plus the pairing half of
-:class:`AccountStore`), the phone service (:mod:`.phone`) a :class:`MailboxStore`.
+:class:`AccountStore`), the phone service (:mod:`.phone`) a :class:`MailboxStore`, the
+inbound SMTP listener (:mod:`.smtp_in`) an :class:`InboundStore`.
 
 Rules every implementation keeps:
 
@@ -41,6 +42,7 @@ from typing import Any, Protocol
 
 from imapsync_bridge.errors import StoreError, TransientError
 from imapsync_bridge.server.store_schema import (
+    Delivery,
     PhoneAction,
     PhoneMessage,
     Snapshot,
@@ -50,6 +52,7 @@ from imapsync_bridge.server.store_schema import (
 
 __all__ = [
     "AccountStore",
+    "InboundStore",
     "MailboxStore",
     "NoSuchMessage",
     "NoSuchUser",
@@ -223,4 +226,39 @@ class MailboxStore(Protocol):
         repeated requests merge into the first) and return the pending request's time.
         The server acts on it later (push notice or trigger mail) through
         :meth:`SyncStore.take_sync_request`. Raises :class:`NoSuchUser`."""
+        ...
+
+
+class InboundStore(Protocol):
+    """What the inbound SMTP listener needs: find the phone user of a recipient, see
+    whether their mailbox takes more, store a message. Nothing else of the mailbox."""
+
+    def users_for_address(self, address: str) -> list[str]:
+        """The users whose phone address is ``address`` (compared case-insensitively),
+        by name; empty when there is none. Raises only database errors."""
+        ...
+
+    def unsynced_count(self, user: str) -> int:
+        """How many messages that came in by SMTP the user's phone mailbox holds and the
+        desktop has not taken yet (their ``restore`` action is unacknowledged). Raises
+        :class:`NoSuchUser`."""
+        ...
+
+    def deliver(self, user: str, key: str, message_id: str | None, raw: bytes) -> Delivery:
+        """Store ``raw`` unchanged in the user's phone inbox, arrival time now, unread, as
+        a message the desktop lacks: it logs a ``restore`` phone action, which makes the
+        next sync APPEND it to the desktop inbox (restore beats destroy; a failed APPEND
+        keeps the action unacknowledged, so the message stays unsynced until it lands).
+
+        In the same transaction, while the inbox holds more than the window, its oldest
+        *synced* messages (not inbound-unsynced, not dirty) are evicted: deleted from the
+        phone without an action, which the sync reads as an eviction (the desktop keeps
+        its copy). When only unsynced messages are left the inbox may exceed the window
+        until the next sync (bounded by ``max_unsynced``, checked by the caller).
+
+        A key the phone already holds (any folder), or whose destroy tombstone is
+        pending, is not stored again: ``Delivery.duplicate`` (the sync would map the two
+        as one message anyway). Raises :class:`NoSuchUser`; ``StoreError("bad …")`` for
+        an empty key or non-bytes ``raw`` (no retry helps); database errors (retry may
+        help: nothing was stored)."""
         ...

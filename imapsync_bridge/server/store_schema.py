@@ -26,7 +26,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = (
     """
@@ -103,7 +103,21 @@ _SCHEMA_V2 = (
     """,
 )
 
-MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}  # target -> statements
+# v3: mail that came in over SMTP (``server/smtp_in.py``). ``inbound`` = 1 while the
+# desktop has not taken the message (its ``restore`` phone action is unacknowledged):
+# such a message counts against ``max_unsynced`` and is never evicted. Phone addresses
+# are looked up case-insensitively at every RCPT TO, hence the expression index.
+_SCHEMA_V3 = (
+    "ALTER TABLE messages ADD COLUMN inbound INTEGER NOT NULL DEFAULT 0 CHECK (inbound IN (0, 1))",
+    "CREATE INDEX messages_inbound ON messages (user_name, inbound)",
+    "CREATE INDEX users_address ON users (lower(address))",
+)
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: _SCHEMA_V1,
+    2: _SCHEMA_V2,
+    3: _SCHEMA_V3,
+}  # target -> statements
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -175,6 +189,16 @@ class PhoneAction:
     kind: str
     key: str
     created: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What :meth:`.store_api.InboundStore.deliver` did with one copy of an inbound mail."""
+
+    id: int | None  # the stored copy's phone id; for a duplicate the held copy's (None:
+    # only a destroy tombstone of the key is left)
+    duplicate: bool  # the phone already held this key (or its tombstone): nothing stored
+    evicted: int  # synced inbox messages evicted (unmapped, not deleted) to keep the window
 
 
 @dataclass(frozen=True)
