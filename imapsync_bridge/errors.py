@@ -6,6 +6,7 @@
     │   └── ConnectionLost        a connection dropped or timed out mid-session
     │       └── PeerClosed        the peer closed the connection (not a timeout)
     ├── ImapError                 the IMAP server refused a command (not per-message)
+    ├── MailRefused               an SMTP server refused a message for good (5xx)
     ├── MessageError              one message cannot be handled: quarantine it, go on
     ├── ProtocolError             the peer broke the sync protocol (bad frame, schema)
     │   └── FrameTooLarge         a frame exceeded the size limit
@@ -42,6 +43,11 @@ class PeerClosed(ConnectionLost):
 
 class ImapError(BridgeError):
     pass
+
+
+class MailRefused(BridgeError):
+    """An SMTP server answered 5xx (or refused our login): sending again as it is will
+    not help. A 4xx or a dropped connection is a :class:`TransientError` instead."""
 
 
 class MessageError(BridgeError):

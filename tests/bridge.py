@@ -29,9 +29,11 @@ from dovecot import Dovecot
 
 from imapsync_bridge import cli
 from imapsync_bridge.config import load_server_config
+from imapsync_bridge.headers import display_text
 from imapsync_bridge.protocol import schema
 from imapsync_bridge.server.app import Running, init_server, serve
 from imapsync_bridge.server.listener import SyncListener, SyncSessionHandler
+from imapsync_bridge.sync.trigger import carries_phrase
 
 # Called with (user, frame as plain JSON values) before the server handles each frame.
 FrameObserver = Callable[[str | None, dict[str, Any]], None]
@@ -311,8 +313,14 @@ class Bridge:
 
     # -- the invariants ----------------------------------------------------------------
     def assert_in_sync(self) -> None:
-        """DESIGN.md invariants 1, 2 and 4 after a completed sync."""
-        inbox = self.mails("INBOX")
+        """DESIGN.md invariants 1, 2, 4 and 7 after a completed sync: mail whose subject
+        carries the sync phrase (trigger mail) is not part of the synced inbox."""
+        phrase = self.agent_status()["sync_phrase"]
+        inbox = [
+            m
+            for m in self.mails("INBOX")
+            if not (phrase and carries_phrase(display_text(m.subject), phrase))
+        ]
         trash = self.mails(self.trash)
         phone = self.phone_list()
         expected = []
@@ -332,6 +340,9 @@ class Bridge:
             assert len(ids) == len(set(ids)), "duplicate on the desktop"
         assert not {m.message_id for m in inbox} & {m.message_id for m in trash}
         phone_ids = [m["message_id"] for m in phone["inbox"] + phone["trash"]]
+        if phrase:
+            shown = [m["subject"] for m in phone["inbox"] + phone["trash"]]
+            assert not [s for s in shown if carries_phrase(s, phrase)], "a trigger on the phone"
         assert len(phone_ids) == len(set(phone_ids)), "duplicate on the phone"
 
 

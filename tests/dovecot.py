@@ -26,6 +26,7 @@ purpose should do it against its own short-lived ``Dovecot()``, not the shared o
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import os
@@ -360,6 +361,19 @@ class Dovecot:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
+
+    def restart(self) -> None:
+        """Stop Dovecot and start it again on the same ports with the same Maildirs, as
+        an admin's restart would: every client connection is cut (after a BYE).
+
+        Dovecot's master exits on SIGTERM but leaves running imap processes behind, so
+        the rest of its process group is terminated too, as systemd does with a unit."""
+        group = self._proc.pid if self._proc is not None else None
+        self._terminate()
+        if group is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGTERM)
+        self._launch()
 
     def stop(self) -> None:
         """Terminate Dovecot and remove the temp directory."""

@@ -82,6 +82,19 @@ SEEDS: list[tuple[schema.Direction, dict]] = [
             ],
         },
     ),  # fmt: skip
+    (
+        "to_agent",
+        {
+            "type": "paired",
+            "user": "alice",
+            "certificate": "-----BEGIN...",
+            "window": 6,
+            "sync_phrase": "sync-7KQ2-MX4P-9RTA-XW3H",
+            "trigger_key": "ab" * 32,
+            "address": "a@phone.x",
+            "desktop_address": "a@x",
+        },
+    ),
     ("to_agent", {"type": "acked", "up_to": 3}),
     ("to_agent", {"type": "message", "key": "<1@x>", "raw": RAW}),
     ("to_agent", {"type": "error", "code": "protocol", "message": "no"}),

@@ -102,3 +102,50 @@ class StallingProxy(Proxy):
                     self.fired.set()
         except OSError:
             pass
+
+
+class BlackholeProxy(Proxy):
+    """:meth:`blackhole` makes every connection open now, and every one made until
+    :meth:`restore`, stop forwarding in both directions without closing anything: bytes
+    are still read (the kernel keeps ACKing, as a stuck middlebox or a NAT box that forgot
+    the flow would) and dropped. After :meth:`restore` new connections work again; the
+    blackholed ones stay dead (their streams lost bytes). :attr:`connections` counts the
+    connections the proxy accepted and passed on."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self._holed = threading.Event()
+        self._lock = threading.Lock()
+        # A connection is the pair of its sockets (held, so no key is ever reused).
+        self._live: set[frozenset[socket.socket]] = set()
+        self._dead: set[frozenset[socket.socket]] = set()
+        self.connections = 0
+
+    def blackhole(self) -> None:
+        with self._lock:
+            self._holed.set()
+            self._dead |= self._live
+
+    def restore(self) -> None:
+        self._holed.clear()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:  # type: ignore[override]
+        key = frozenset((source, sink))  # the same for both directions
+        with self._lock:
+            if key not in self._live:
+                self._live.add(key)
+                self.connections += 1
+        try:
+            while data := source.recv(65536):
+                with self._lock:
+                    if self._holed.is_set():
+                        self._dead.add(key)
+                    dead = key in self._dead
+                if not dead:
+                    sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sink.close()
+            with self._lock:
+                self._live.discard(key)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import sqlite3
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from bridge import run_cli
 
-from imapsync_bridge.agent.runner import STATE_FILE
-from imapsync_bridge.agent.state import SCHEMA_VERSION, AgentState
+from imapsync_bridge.agent.state import _MIGRATIONS, SCHEMA_VERSION, STATE_FILE, AgentState
 from imapsync_bridge.errors import StoreError
 
-TABLES = {"meta", "ledger", "outgoing", "quarantine"}
+TABLES = {"meta", "ledger", "outgoing", "quarantine", "trigger_keys"}
 
 
 def _version_and_tables(path: Path) -> tuple[int, set[str]]:
@@ -90,3 +90,30 @@ def test_not_a_database_is_a_store_error(tmp_path: Path) -> None:
     path.write_bytes(b"this is not SQLite" * 100)
     with pytest.raises(StoreError, match="cannot open agent state"):
         AgentState(path)
+
+
+def test_a_version_1_file_gains_the_trigger_keys_and_keeps_its_facts(tmp_path: Path) -> None:
+    path = tmp_path / STATE_FILE
+    conn = sqlite3.connect(path)
+    for statement in _MIGRATIONS[1]:
+        conn.execute(statement)
+    conn.execute("INSERT INTO meta (name, value) VALUES ('user', 'alice')")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    state = AgentState(path)
+    assert state.get("user") == "alice" and state.used_trigger_keys() == set()
+    state.close()
+    assert _version_and_tables(path) == (SCHEMA_VERSION, TABLES)
+
+
+def test_trigger_keys_are_kept_for_a_while_then_forgotten(tmp_path: Path) -> None:
+    state = AgentState(tmp_path / STATE_FILE)
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    week = timedelta(days=7)
+    state.use_trigger_key("nonce:a", start, week)
+    state.use_trigger_key("nonce:b", start + timedelta(days=6), week)
+    assert state.used_trigger_keys() == {"nonce:a", "nonce:b"}
+    state.use_trigger_key("nonce:c", start + week + timedelta(seconds=1), week)
+    assert state.used_trigger_keys() == {"nonce:b", "nonce:c"}
+    state.close()

@@ -56,7 +56,16 @@ OTHER_OPS = [
 VALID_TO_AGENT = {
     "welcome": {"type": "welcome", "user": "alice", "last_seq": 0},
     "ca_cert": {"type": "ca_cert", "pem": "-----BEGIN CERTIFICATE-----\n..."},
-    "paired": {"type": "paired", "user": "alice", "certificate": "-----BEGIN...", "window": 6},
+    "paired": {
+        "type": "paired",
+        "user": "alice",
+        "certificate": "-----BEGIN...",
+        "window": 6,
+        "sync_phrase": "sync-7KQ2-MX4P-9RTA-XW3H",
+        "trigger_key": "0123456789abcdef" * 4,
+        "address": "alice@phone.example",
+        "desktop_address": "alice@corp.example",
+    },
     "snapshot": {
         "type": "snapshot",
         "window": 6,
@@ -348,3 +357,12 @@ def test_huge_field_names_are_not_echoed():
 def test_bad_direction_is_a_programming_error():
     with pytest.raises(ValueError):
         schema.decode(b'{"type": "ok"}', "sideways")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("trigger_key", "AB" * 32), ("trigger_key", "ab" * 31), ("sync_phrase", "short")],
+)
+def test_paired_carries_a_well_formed_trigger_secret(field: str, value: str) -> None:
+    with pytest.raises(ProtocolError, match=f"'{field}'"):
+        _decode({**VALID_TO_AGENT["paired"], field: value}, "to_agent")

@@ -11,7 +11,7 @@ import pytest
 
 from imapsync_bridge.errors import StoreError
 from imapsync_bridge.server.store import PhoneStore
-from imapsync_bridge.server.store_schema import SCHEMA_VERSION, parse_summary
+from imapsync_bridge.server.store_schema import MIGRATIONS, SCHEMA_VERSION, parse_summary
 
 
 class Clock:
@@ -721,3 +721,39 @@ def test_a_resent_batch_applies_only_what_is_new(store):
     folders = {m.key: m.folder for m in store.snapshot("alice").messages}
     assert folders == {"<a@x>": "trash", "<b@x>": "inbox", "<c@x>": "inbox"}
     assert store.last_seq("alice") == 3
+
+
+# --- the trigger secret ---------------------------------------------------------------
+
+
+def test_trigger_secret_is_per_user_replaced_by_each_pairing_and_survives(tmp_path, clock):
+    path = tmp_path / "p.db"
+    with PhoneStore(path, clock=clock) as s:
+        s.add_user("alice", "a@p", "a@d", 3)
+        s.add_user("bob", "b@p", "b@d", 3)
+        assert s.trigger_secret("alice") is None
+        s.set_trigger_secret("alice", "sync-AAAA-BBBB-CCCC-DDDD", b"k" * 32)
+        s.set_trigger_secret("alice", "sync-EEEE-FFFF-GGGG-HHHH", b"n" * 32)
+        assert s.trigger_secret("bob") is None
+    with PhoneStore(path, clock=clock) as s:
+        assert s.trigger_secret("alice") == ("sync-EEEE-FFFF-GGGG-HHHH", b"n" * 32)
+        for phrase, key in (("short", b"k" * 32), ("sync-AAAA-BBBB", b"k" * 31)):
+            with pytest.raises(StoreError, match="bad"):
+                s.set_trigger_secret("alice", phrase, key)
+        with pytest.raises(StoreError, match="no such user"):
+            s.set_trigger_secret("carol", "sync-AAAA-BBBB-CCCC-DDDD", b"k" * 32)
+
+
+def test_a_version_2_database_gains_the_trigger_secrets(tmp_path):
+    path = tmp_path / "p.db"
+    conn = sqlite3.connect(path)
+    for version in (1, 2):
+        for statement in MIGRATIONS[version]:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    with PhoneStore(path) as s:
+        s.add_user("alice", "a@p", "a@d", 3)
+        s.set_trigger_secret("alice", "sync-AAAA-BBBB-CCCC-DDDD", b"k" * 32)
+        assert s.trigger_secret("alice") == ("sync-AAAA-BBBB-CCCC-DDDD", b"k" * 32)

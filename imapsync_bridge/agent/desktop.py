@@ -33,6 +33,7 @@ from imapsync_bridge.sync.ops import (
     SetDesktopFlags,
 )
 from imapsync_bridge.sync.session import DesktopOutcome
+from imapsync_bridge.sync.trigger import carries_phrase
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,30 @@ SCAN_LIMIT = 500  # newest (or new) messages looked at before searching key by k
 
 
 class DesktopSide:
+    """The desktop mailboxes as a session sees them.
+
+    With a ``sync_phrase``, inbox mail whose Subject carries it (a trigger mail, valid or
+    not) is invisible to the window: it is never pulled to the phone, also when a sync
+    runs before the trigger watch removed it. Only mail not known yet is looked at (its
+    Subject comes with the Message-ID the window fetches anyway).
+    """
+
     def __init__(
-        self, imap: ImapMailbox, inbox: str, trash: str, folders: Mapping[str, str] | None = None
+        self,
+        imap: ImapMailbox,
+        inbox: str,
+        trash: str,
+        folders: Mapping[str, str] | None = None,
+        sync_phrase: str | None = None,
     ) -> None:
         self.imap = imap
         self.inbox = inbox
         self.trash = trash
         #: every folder the agent resolved, by role (shown by `agent status`)
         self.folders = {"inbox": inbox, "trash": trash, **(folders or {})}
+        self._hide: Callable[[str], bool] | None = (
+            partial(carries_phrase, phrase=sync_phrase) if sync_phrase else None
+        )
 
     def status(self) -> DesktopStatus:
         """Both mailboxes' counts now: two commands, cheap enough to run before deciding
@@ -169,7 +186,7 @@ class DesktopSide:
         wanted = count + len(skip) + 8
         partial = self.imap.newest_uids(self.inbox, wanted)
         if partial is not None:
-            found = _newest_first(self.imap.summaries(partial, known))
+            found = _newest_first(self.imap.summaries(partial, known, self._hide))
             if len(partial) < wanted or _enough(found, count, skip):
                 return window_of(found, count, skip)
         else:
@@ -184,7 +201,7 @@ class DesktopSide:
         while len(window_of(found, count, skip)) < count and start < len(order):
             chunk = order[start : start + wanted]
             start += len(chunk)
-            found = _newest_first(found + self.imap.summaries(chunk, known))
+            found = _newest_first(found + self.imap.summaries(chunk, known, self._hide))
         return window_of(found, count, skip)
 
     def _newest_by_uid(
@@ -198,7 +215,7 @@ class DesktopSide:
         uids = self.imap.highest_uids(wanted)
         if not uids:
             return []
-        found = _newest_first(self.imap.summaries(uids, known))
+        found = _newest_first(self.imap.summaries(uids, known, self._hide))
         window = window_of(found, count, skip)
         if len(window) < count:
             return None  # not enough distinct messages up there (a small mailbox)
@@ -207,7 +224,7 @@ class DesktopSide:
         if len(lower) > SCAN_LIMIT:
             return None
         if lower:
-            found = _newest_first(found + self.imap.summaries(lower, known))
+            found = _newest_first(found + self.imap.summaries(lower, known, self._hide))
             log.info("window: %d older UID(s) with recent dates ranked too", len(lower))
         return window_of(found, count, skip)
 
@@ -217,7 +234,7 @@ class DesktopSide:
         """The window when messages were only added since the last one was computed:
         the newest ``count`` of the last window and the UIDs from ``since_uid`` on."""
         self.imap.ensure_selected(self.inbox)
-        added = self.imap.summaries(self.imap.uids_from(since_uid))
+        added = self.imap.summaries(self.imap.uids_from(since_uid), hide=self._hide)
         log.info("window: %d message(s) added since UID %d, no full sort", len(added), since_uid)
         return window_of(_newest_first(last_window + added), count)
 

@@ -11,7 +11,7 @@ import contextlib
 import imaplib
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -33,11 +33,12 @@ from imapsync_bridge.agent.imap_data import (
     raw_or_error,
     utc,
 )
-from imapsync_bridge.agent.imap_session import ImapSession
+from imapsync_bridge.agent.imap_idle import ImapWatching
 from imapsync_bridge.errors import (
     ImapError,
     MessageError,
 )
+from imapsync_bridge.headers import display_text, raw_fields
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 _MODIFIED = re.compile(rb"\[MODIFIED ([\d:,]+)\]", re.I)
 
 
-class ImapMailbox(ImapSession):
+class ImapMailbox(ImapWatching):
     """One logged-in IMAP session to the desktop mail server.
 
     Work on the *selected* mailbox (:meth:`select`; :meth:`inbox_order` and
@@ -237,14 +238,19 @@ class ImapMailbox(ImapSession):
         return out
 
     def summaries(
-        self, uids: Sequence[int], known: Mapping[int, str] | None = None
+        self,
+        uids: Sequence[int],
+        known: Mapping[int, str] | None = None,
+        hide: Callable[[str], bool] | None = None,
     ) -> list[model.DesktopMessage]:
         """Key, INTERNALDATE (UTC), size and flags of each of *uids* in the selected
         mailbox, in the order of *uids*; UIDs that no longer exist are left out.
 
         *known* maps UIDs whose key the caller already has (a UID never changes its
         message while UIDVALIDITY holds); their header is not fetched, which spares the
-        server opening those message files.
+        server opening those message files. *hide* is asked about the decoded Subject of
+        every other message (fetched with its Message-ID, no extra command); those it
+        says yes to are left out too: trigger mails are not part of the synced inbox.
         """
         self._require_selected()
         if not uids:
@@ -253,10 +259,11 @@ class ImapMailbox(ImapSession):
         known = {uid: key for uid, key in (known or {}).items() if uid in wanted}
         found: dict[int, dict[bytes, Any]] = {}
         basic = "UID FLAGS INTERNALDATE RFC822.SIZE" + (" MODSEQ" if self.condstore else "")
+        fields = "MESSAGE-ID SUBJECT" if hide is not None else "MESSAGE-ID"
         with self._guard("FETCH summaries"):
             for items, group in (
                 (basic, sorted(known)),
-                (f"{basic} BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]", sorted(wanted - known.keys())),
+                (f"{basic} BODY.PEEK[HEADER.FIELDS ({fields})]", sorted(wanted - known.keys())),
             ):
                 for chunk in chunks(group):
                     found.update(self._fetch(msgset(chunk), items))
@@ -265,11 +272,10 @@ class ImapMailbox(ImapSession):
         for uid, data in found.items():
             if uid not in wanted or uid in known:
                 continue
-            fields = fetch_item(data, b"BODY[HEADER.FIELDS") or b""
-            raw = BytesHeaderParser(policy=compat32).parsebytes(fields).get("Message-ID")
-            mid = model.normalize_message_id(
-                raw.encode("utf-8", "surrogateescape") if raw else None
-            )
+            named = raw_fields(fetch_item(data, b"BODY[HEADER.FIELDS") or b"")
+            if hide is not None and hide(display_text(named.get("subject", ""))):
+                continue
+            mid = model.normalize_message_id(named.get("message-id"))
             if mid:
                 keys[uid] = mid
             else:
@@ -303,6 +309,22 @@ class ImapMailbox(ImapSession):
                 )
             except (KeyError, TypeError, ValueError) as exc:
                 raise MessageError(f"UID {uid}: incomplete FETCH data: {exc!r}") from exc
+        return out
+
+    def header_fields(self, uids: Sequence[int], names: Sequence[str]) -> dict[int, bytes]:
+        """The named header fields of each of *uids* in the selected mailbox, as the raw
+        block ``BODY.PEEK[HEADER.FIELDS (...)]`` returns (\\Seen is not set); UIDs that
+        no longer exist are absent. O(len(uids)): the server opens only those messages."""
+        self._require_selected()
+        wanted = set(uids)
+        out: dict[int, bytes] = {}
+        items = f"UID BODY.PEEK[HEADER.FIELDS ({' '.join(names)})]"
+        with self._guard("FETCH header fields"):
+            for chunk in chunks(sorted(wanted)):
+                for uid, data in self._fetch(msgset(chunk), items).items():
+                    block = fetch_item(data, b"BODY[HEADER.FIELDS")
+                    if uid in wanted and block is not None:
+                        out[uid] = block
         return out
 
     def flags(self, uids: Sequence[int]) -> dict[int, model.Flags]:

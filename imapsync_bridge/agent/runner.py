@@ -12,15 +12,13 @@ from imapsync_bridge.agent.desktop import DesktopSide
 from imapsync_bridge.agent.imap import ImapMailbox
 from imapsync_bridge.agent.link import AGENT_CRT, ServerLink
 from imapsync_bridge.agent.session import SyncSession
-from imapsync_bridge.agent.state import AgentState
+from imapsync_bridge.agent.state import STATE_FILE, AgentState
 from imapsync_bridge.config import AgentConfig
 from imapsync_bridge.errors import BridgeError, ConfigError, TransientError
 from imapsync_bridge.model import Where
 from imapsync_bridge.sync.session import SessionOptions, SessionReport
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "agent.sqlite3"
 
 
 def open_state(config: AgentConfig) -> AgentState:
@@ -39,11 +37,15 @@ def connect_imap(config: AgentConfig, count_traffic: bool = False) -> ImapMailbo
     )
 
 
-def open_desktop(config: AgentConfig, imap: ImapMailbox) -> DesktopSide:
+def open_desktop(
+    config: AgentConfig, imap: ImapMailbox, sync_phrase: str | None = None
+) -> DesktopSide:
+    """The desktop side of a session; with the ``sync_phrase`` of the agent state, mail
+    carrying it (trigger mail) never enters the phone window."""
     found = imap.resolve_folders(
         {"trash": config.imap.trash, "sent": config.imap.sent, "outbox": config.imap.outbox}
     )
-    return DesktopSide(imap, config.imap.mailbox, found["trash"], found)
+    return DesktopSide(imap, config.imap.mailbox, found["trash"], found, sync_phrase)
 
 
 def open_link(config: AgentConfig) -> ServerLink:
@@ -69,7 +71,8 @@ def session_options(config: AgentConfig, allow_mass_delete: bool) -> SessionOpti
 )
 def _attempt(config: AgentConfig, state: AgentState, options: SessionOptions) -> SessionReport:
     with open_link(config) as link, connect_imap(config) as imap:
-        return SyncSession(state, open_desktop(config, imap), link, options).run()
+        desktop = open_desktop(config, imap, state.get("sync_phrase"))
+        return SyncSession(state, desktop, link, options).run()
 
 
 def sync_once(config: AgentConfig, allow_mass_delete: bool = False) -> SessionReport:

@@ -39,6 +39,7 @@ from typing import Any
 import schedule
 
 from imapsync_bridge.agent.desktop import DesktopSide
+from imapsync_bridge.agent.idle import IdleTiming, InboxWatcher
 from imapsync_bridge.agent.imap import ImapMailbox
 from imapsync_bridge.agent.link import ServerLink
 from imapsync_bridge.agent.push import PushConnector, PushTiming
@@ -50,6 +51,7 @@ from imapsync_bridge.agent.runner import (
     session_options,
 )
 from imapsync_bridge.agent.session import SyncSession
+from imapsync_bridge.agent.trigger import TriggerWatch
 from imapsync_bridge.config import AgentConfig
 from imapsync_bridge.errors import AuthError, BridgeError, TransientError
 from imapsync_bridge.protocol import schema
@@ -70,6 +72,7 @@ SCAN_REASONS = frozenset({"start", "new", "reconnected", "poll"})
 @dataclass(frozen=True)
 class ServiceTiming:
     push: PushTiming = field(default_factory=PushTiming)
+    idle: IdleTiming = field(default_factory=IdleTiming)
     retry_initial: float = 5.0  # a failed session is retried after this, doubling
     retry_max: float = 300.0
 
@@ -118,6 +121,16 @@ class AgentService:
             self.scheduler.every(config.poll_interval).seconds.do(self.wake.add, "poll")
         self._handover: queue.SimpleQueue[ServerLink] = queue.SimpleQueue()
         self.connector = PushConnector(self._connect_push, self._handed_over, self.timing.push)
+        self.watcher = (
+            InboxWatcher(
+                lambda: connect_imap(config),
+                config.imap.mailbox,
+                self.wake.add,
+                timing=self.timing.idle,
+            )
+            if config.idle
+            else None
+        )
         self.push: ServerLink | None = None
         self._push_since: str | None = None
         self._push_heard = self._push_said = 0.0
@@ -125,6 +138,9 @@ class AgentService:
         self._phone_clean = False  # the push link vouches: no phone change since the last session
         self._imap: ImapMailbox | None = None
         self._desktop: DesktopSide | None = None
+        self._triggers: TriggerWatch | None = None
+        self._last_triggered: float | None = None  # monotonic time of a triggered sync
+        self._trigger_at: float | None = None  # a trigger waits for min_interval
         self._pending: set[str] = set()
         self._failures = 0
         self._retry_at: float | None = None
@@ -158,6 +174,8 @@ class AgentService:
             *self.config.server,
         )
         self.connector.start()
+        if self.watcher is not None:
+            self.watcher.start()
         self.wake.add("start")
         try:
             while not self._stopping.is_set():
@@ -167,7 +185,9 @@ class AgentService:
         log.info("agent run stopped")
 
     def _shut_down(self) -> None:
-        self.connector.stop()
+        if self.watcher is not None:
+            self.watcher.stop(timeout=2.0)
+        self.connector.stop(timeout=2.0)
         self._drop_push(None)
         self._drop_desktop()
         self._write_service_file(running=False)
@@ -198,8 +218,9 @@ class AgentService:
     def _seconds_to_next_event(self) -> float:
         waits = [self.scheduler.idle_seconds or 60.0, 60.0]
         now = time.monotonic()
-        if self._retry_at is not None:
-            waits.append(self._retry_at - now)
+        for due in (self._retry_at, self._trigger_at):
+            if due is not None:
+                waits.append(due - now)
         if self.push is not None:
             push = self.timing.push
             waits.append(self._push_said + push.heartbeat_every - now)
@@ -207,12 +228,20 @@ class AgentService:
         return max(0.0, min(waits))
 
     def _act(self) -> None:
-        if self._retry_at is not None and time.monotonic() >= self._retry_at:
+        now = time.monotonic()
+        if self._retry_at is not None and now >= self._retry_at:
             self._retry_at = None
             self._pending.add("retry")
+        if self._trigger_at is not None and now >= self._trigger_at:
+            self._trigger_at = None
+            self._pending.add("trigger")
         reasons, self._pending = self._pending, set()
         if not reasons:
             return
+        if reasons & SCAN_REASONS and self._scan_for_triggers():
+            reasons.add("trigger")
+        if "trigger" in reasons and not self._trigger_allowed():
+            reasons.discard("trigger")
         wanted = reasons & SYNC_REASONS
         if self.config.sync_on_change:
             wanted |= reasons & INBOX_CHANGES
@@ -220,6 +249,36 @@ class AgentService:
             return  # a failed session waits for its retry; only a user's request jumps it
         if wanted:
             self._sync(wanted)
+
+    # -- trigger mail --------------------------------------------------------------------
+    def _scan_for_triggers(self) -> bool:
+        """Whether new inbox mail held a valid trigger (now expunged)."""
+        try:
+            if self._triggers is None:
+                imap = self._desktop_side().imap
+                self._triggers = TriggerWatch(
+                    imap, self.state, self.config.imap.mailbox, self.config.trigger_max_age
+                )
+            found = self._triggers.scan()
+        except BridgeError as exc:
+            log.warning("looking for trigger mail: %s", exc)
+            self._drop_desktop()
+            return False
+        if found.accepted:
+            log.info("trigger mail: %d valid, expunged", found.accepted)
+        return found.accepted > 0
+
+    def _trigger_allowed(self) -> bool:
+        """At most one triggered sync per ``min_interval``; a trigger within it waits
+        for its end (triggers meanwhile merge into that one)."""
+        now = time.monotonic()
+        last = self._last_triggered
+        if last is not None and now - last < self.config.trigger_min_interval:
+            self._trigger_at = last + self.config.trigger_min_interval
+            log.info("triggered sync waits %.0f s (min_interval)", self._trigger_at - now)
+            return False
+        self._last_triggered = now
+        return True
 
     # -- sessions ------------------------------------------------------------------------
     def _sync(self, reasons: set[str]) -> None:
@@ -294,14 +353,14 @@ class AgentService:
     def _desktop_side(self) -> DesktopSide:
         if self._desktop is None:
             self._imap = connect_imap(self.config)
-            self._desktop = open_desktop(self.config, self._imap)
+            self._desktop = open_desktop(self.config, self._imap, self.state.get("sync_phrase"))
         return self._desktop
 
     def _drop_desktop(self) -> None:
         if self._imap is not None:
             with contextlib.suppress(Exception):
                 self._imap.close()
-        self._imap = self._desktop = None
+        self._imap = self._desktop = self._triggers = None
 
     # -- the push link -------------------------------------------------------------------
     def _connect_push(self) -> ServerLink:
@@ -383,6 +442,7 @@ class AgentService:
             "running": running,
             "started": self._started.isoformat(timespec="seconds"),
             "connections": {
+                "imap_idle": self.watcher.status() if self.watcher is not None else None,
                 "push": {
                     "state": "connected" if self.push is not None else "connecting",
                     "since": self._push_since,

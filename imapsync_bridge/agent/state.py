@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from imapsync_bridge.model import Flags, LedgerEntry, QuarantinedMessage, Where
 
 # PRAGMA user_version of the state file. 0 is a new, empty file; each later version has
 # its statements in _MIGRATIONS. A file newer than this program is refused (see _migrate).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+STATE_FILE = "agent.sqlite3"  # in state_dir
 _SCHEMA_V1 = (
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS ledger (
@@ -48,7 +49,14 @@ _SCHEMA_V1 = (
         since TEXT NOT NULL
     )""",
 )
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SCHEMA_V1}  # target version -> statements
+# v2: the once-only keys of trigger mails acted on (see AgentState.use_trigger_key)
+_SCHEMA_V2 = (
+    """CREATE TABLE IF NOT EXISTS trigger_keys (
+        key TEXT PRIMARY KEY,
+        used TEXT NOT NULL
+    )""",
+)
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}  # target -> statements
 
 
 def _migrate(db: sqlite3.Connection, path: Path) -> None:
@@ -241,10 +249,32 @@ class AgentState:
         if self.get_int("next_seq", 1) <= server_last_seq:
             self.set_many({"next_seq": server_last_seq + 1})
 
+    # -- trigger mails ---------------------------------------------------------------
+    def used_trigger_keys(self) -> set[str]:
+        """The once-only keys of the trigger mails acted on (kept for a while, see
+        :meth:`use_trigger_key`): a mail with one of them is a replay."""
+        return {row[0] for row in self._db.execute("SELECT key FROM trigger_keys")}
+
+    def use_trigger_key(self, key: str, at: datetime, keep: timedelta) -> None:
+        """Record a trigger's once-only key durably (before its mail is expunged, so a
+        crash in between cannot make it count twice) and forget keys older than *keep*."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO trigger_keys (key, used) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET used = excluded.used",
+                (key, _utc_text(at)),
+            )
+            db.execute("DELETE FROM trigger_keys WHERE used < ?", (_utc_text(at - keep),))
+
     # -- quarantine ------------------------------------------------------------------
     def quarantined(self) -> list[QuarantinedMessage]:
         rows = self._db.execute("SELECT key, uid, reason FROM quarantine ORDER BY since, key")
         return [QuarantinedMessage(key, uid, reason) for key, uid, reason in rows]
+
+
+def _utc_text(moment: datetime) -> str:
+    """Fixed-width UTC text: string order is time order."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _entry(row: tuple[Any, ...]) -> LedgerEntry:

@@ -9,7 +9,9 @@ A session, agent → server (:data:`ToServer`) and server → agent (:data:`ToAg
 
     pairing (a connection without a client certificate; only these two are allowed):
       ca                                  → ca_cert   (agent checks it against the code)
-      pair {code, csr}                    → paired {user, certificate, window}
+      pair {code, csr}                    → paired {user, certificate, window,
+                                                    sync_phrase, trigger_key, address,
+                                                    desktop_address}
                                             | error
 
     sync (mutual TLS, the client certificate names the user):
@@ -230,9 +232,17 @@ class CaCert(Frame, tag="ca_cert"):
 
 
 class Paired(Frame, tag="paired"):
+    """The new agent's certificate and what it needs to judge trigger mails: the sync
+    phrase, the token key (64 hex digits), and the user's own addresses (a trigger
+    typed by hand counts only from those)."""
+
     user: User
     certificate: Pem
     window: Window
+    sync_phrase: Annotated[str, Meta(min_length=8, max_length=200)]
+    trigger_key: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+    address: Address
+    desktop_address: Address
 
 
 class SnapshotMessage(Struct, forbid_unknown_fields=True):

@@ -17,6 +17,7 @@ from imapsync_bridge.server.listener import SyncListener
 from imapsync_bridge.server.notify import ChangeNotifier, MailTrigger
 from imapsync_bridge.server.smtp_in import SmtpInListener, starttls_context
 from imapsync_bridge.server.store import PhoneStore
+from imapsync_bridge.server.trigger_mail import send_trigger_mail
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,26 @@ LISTENERS: tuple[ListenerEntry, ...] = (
 
 
 def mail_trigger(config: ServerConfig, store: PhoneStore) -> MailTrigger | None:
-    """How the notifier mails a user's trigger (None without a ``[relay]``)."""
-    return None
+    """How the notifier mails a user's trigger through ``[relay]`` (None without one)."""
+    relay = config.relay
+    if relay is None:
+        return None
+
+    def send(user: str) -> None:
+        secret = store.trigger_secret(user)
+        if secret is None:
+            raise ConfigError(f"{user} has no sync phrase yet: pair the agent again")
+        record = store.get_user(user)
+        phrase, key = secret
+        send_trigger_mail(
+            relay, user=user, sender=record.address, to=record.desktop_address,
+            phrase=phrase, key=key,
+        )  # fmt: skip
+
+    async def mail(user: str) -> None:
+        await asyncio.to_thread(send, user)
+
+    return mail
 
 
 @dataclass

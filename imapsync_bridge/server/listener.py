@@ -29,6 +29,7 @@ from pathlib import Path
 from imapsync_bridge.errors import AuthError, BridgeError, ConnectionLost, ProtocolError, StoreError
 from imapsync_bridge.protocol import framing, pki, schema, tls
 from imapsync_bridge.server.store_api import ListenerStore
+from imapsync_bridge.server.trigger_mail import new_sync_phrase, new_trigger_key
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,19 @@ class SyncSessionHandler:
             ca_key, ca_cert, frame.csr.encode(), user
         )
         self.store.register_certificate(user, serial, not_after)
+        # Each pairing makes a new trigger secret: a revoked agent's phrase stops working.
+        phrase, key = new_sync_phrase(), new_trigger_key()
+        self.store.set_trigger_secret(user, phrase, key)
         log.info("paired a new agent for %s (certificate %x); older ones revoked", user, serial)
+        account = self.store.get_user(user)
         return schema.Paired(
-            user=user, certificate=cert_pem, window=self.store.get_user(user).window
+            user=user,
+            certificate=cert_pem,
+            window=account.window,
+            sync_phrase=phrase,
+            trigger_key=key.hex(),
+            address=account.address,
+            desktop_address=account.desktop_address,
         )
 
     def on_hello(self, frame: schema.Hello) -> Reply:

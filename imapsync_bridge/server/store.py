@@ -267,6 +267,33 @@ class PhoneStore:
             ).fetchone()
         return row[0] if row else None
 
+    # --- the trigger secret (made at pairing) ---------------------------------------
+
+    def set_trigger_secret(self, user: str, phrase: str, key: bytes) -> None:
+        """Store the user's sync phrase and token key, replacing the earlier pair."""
+        if not isinstance(phrase, str) or not 8 <= len(phrase) <= 200:
+            raise StoreError("bad sync phrase: want 8..200 characters")
+        if not isinstance(key, bytes) or len(key) != 32:
+            raise StoreError("bad trigger key: want 32 bytes")
+        with self._tx() as conn:
+            self._require_user(conn, user)
+            conn.execute(
+                "INSERT INTO trigger_secrets (user_name, phrase, trigger_key, created)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (user_name) DO UPDATE SET"
+                " phrase = excluded.phrase, trigger_key = excluded.trigger_key,"
+                " created = excluded.created",
+                (user, phrase, key.hex(), self._now()),
+            )
+
+    def trigger_secret(self, user: str) -> tuple[str, bytes] | None:
+        """(sync phrase, token key), None before the user's first pairing."""
+        with self._tx(write=False) as conn:
+            self._require_user(conn, user)
+            row = conn.execute(
+                "SELECT phrase, trigger_key FROM trigger_secrets WHERE user_name = ?", (user,)
+            ).fetchone()
+        return (str(row[0]), bytes.fromhex(row[1])) if row else None
+
     # --- agent side -----------------------------------------------------------------
 
     def last_seq(self, user: str) -> int:

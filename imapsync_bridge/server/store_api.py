@@ -3,9 +3,10 @@
 Narrow :class:`typing.Protocol` classes; :class:`.store.PhoneStore` (SQLite)
 implements all of them, and a later PostgreSQL backend implements the same. Callers take
 the narrowest one they need: the ``server add-user`` / ``pair-code`` commands an
-:class:`AccountStore`, the sync listener a :class:`SyncStore` (plus the pairing half of
-:class:`AccountStore`), the phone service (:mod:`.phone`) a :class:`MailboxStore`, the
-inbound SMTP listener (:mod:`.smtp_in`) an :class:`InboundStore`.
+:class:`AccountStore` (which also keeps the trigger secret made at pairing), the sync
+listener a :class:`SyncStore` (plus the pairing half of :class:`AccountStore`), the
+phone service (:mod:`.phone`) a :class:`MailboxStore`, the inbound SMTP listener
+(:mod:`.smtp_in`) an :class:`InboundStore`.
 
 Rules every implementation keeps:
 
@@ -111,6 +112,19 @@ class AccountStore(Protocol):
     def user_for_certificate(self, serial: int) -> str | None:
         """The user of a registered, unrevoked certificate, else None (expiry is TLS's
         job). Raises only database errors."""
+        ...
+
+    def set_trigger_secret(self, user: str, phrase: str, key: bytes) -> None:
+        """Store the user's trigger secret (the sync phrase and the 32-byte token key),
+        replacing the one of an earlier pairing. Raises :class:`NoSuchUser`,
+        ``StoreError("bad …")``."""
+        ...
+
+    def trigger_secret(self, user: str) -> tuple[str, bytes] | None:
+        """(sync phrase, token key) of the user's current pairing, None before the first
+        (then no trigger mail can be sent). The trigger mail goes From the user's
+        ``address`` To its ``desktop_address`` (:meth:`get_user`). Raises
+        :class:`NoSuchUser`."""
         ...
 
 
@@ -219,6 +233,11 @@ class MailboxStore(Protocol):
     def last_sync(self, user: str) -> SyncRecord | None:
         """When the desktop last completed a sync, and its summary; None before the first.
         Raises :class:`NoSuchUser`."""
+        ...
+
+    def trigger_secret(self, user: str) -> tuple[str, bytes] | None:
+        """(sync phrase, token key) for the trigger mail a sync request may send; as
+        :meth:`AccountStore.trigger_secret`."""
         ...
 
     def request_sync(self, user: str) -> str:

@@ -15,18 +15,15 @@ contract. Portability notes (for a later PostgreSQL backend):
 
 from __future__ import annotations
 
-import binascii
-import email.errors
-import email.header
-import re
 import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import Any
 
-SCHEMA_VERSION = 3
+# The display summary of a stored mail (kept importable from here).
+from imapsync_bridge.headers import parse_summary as parse_summary
+
+SCHEMA_VERSION = 4
 
 _SCHEMA_V1 = (
     """
@@ -113,11 +110,24 @@ _SCHEMA_V3 = (
     "CREATE INDEX users_address ON users (lower(address))",
 )
 
+# v4: the user's trigger secret, made at each pairing (see PhoneStore.set_trigger_secret)
+_SCHEMA_V4 = (
+    """
+    CREATE TABLE trigger_secrets (
+        user_name   TEXT PRIMARY KEY REFERENCES users (name) ON DELETE CASCADE,
+        phrase      TEXT NOT NULL,
+        trigger_key TEXT NOT NULL,
+        created     TEXT NOT NULL
+    )
+    """,
+)
+
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: _SCHEMA_V1,
     2: _SCHEMA_V2,
     3: _SCHEMA_V3,
-}  # target -> statements
+    4: _SCHEMA_V4,
+}  # target version -> statements
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -228,88 +238,3 @@ def _utc(moment: datetime) -> datetime:
     if moment.tzinfo is None:
         return moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC)
-
-
-# --- header parsing (hostile input: never raises) --------------------------------------
-
-MAX_HEADER_BLOCK = 256 * 1024
-MAX_TEXT = 998
-# An RFC 2047 encoded word: email.header's own pattern (``ecre``, undocumented) without
-# whitespace inside a word, as RFC 2047 requires; groups: charset, encoding, payload.
-_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
-_CONTROL = re.compile(r"[\x01-\x1f\x7f]+")
-_SPACES = re.compile(r"\s+")
-
-
-def parse_summary(raw: bytes) -> tuple[str, str]:
-    """(subject, from) of a raw message, decoded for display; ('', '') at worst.
-
-    Tolerates 8-bit headers (UTF-8 tried, then cp1252), broken or unknown-charset RFC 2047
-    words (left as they are), NUL and control bytes (dropped), a missing header.
-    """
-    try:
-        head = bytes(raw[:MAX_HEADER_BLOCK])
-        msg = BytesHeaderParser(policy=compat32).parsebytes(head)
-        found: dict[str, str] = {}
-        for name, value in msg.raw_items():  # raw: no Header objects, 8-bit kept as-is
-            found.setdefault(name.lower(), value)
-        return _display(found.get("subject", "")), _display(found.get("from", ""))
-    except Exception:  # a display summary must never stop a store
-        return "", ""
-
-
-def _display(value: str) -> str:
-    """One raw header value (8-bit bytes as surrogate escapes) as clean one-line text."""
-    try:
-        text = _decode_words(_bytes_text(value.encode("ascii", "surrogateescape"), None))
-        text = text.replace("\x00", "")
-        text = _CONTROL.sub(" ", text)
-        return _SPACES.sub(" ", text).strip()[:MAX_TEXT]
-    except Exception:
-        return ""
-
-
-def _decode_words(text: str) -> str:
-    """RFC 2047 encoded words decoded by :mod:`email.header`, one word at a time.
-
-    ``decode_header`` over the whole value would let one bad word spoil the rest (an
-    unknown charset or a truncated UTF-8 sequence raises for all of it) and silently drops
-    a B word that is not base64 at all; so the value is split into encoded words, each
-    is decoded by ``decode_header``, and a word it cannot decode is shown as it came.
-    Whitespace between two words is dropped (RFC 2047 6.2).
-    """
-    parts = _ENCODED_WORD.split(text)  # [text, charset, encoding, payload, text, ...]
-    out = [parts[0]]
-    for i in range(1, len(parts) - 1, 4):
-        charset, encoding, payload, between = parts[i : i + 4]
-        out.append(_decode_word(f"=?{charset}?{encoding}?{payload}?=", encoding, payload))
-        followed_by_word = i + 4 < len(parts)
-        out.append("" if followed_by_word and not between.strip() else between)
-    return "".join(out)
-
-
-def _decode_word(word: str, encoding: str, payload: str) -> str:
-    if encoding in "bB":
-        try:  # decode_header ignores characters outside the alphabet: "!!!" would be ""
-            binascii.a2b_base64(payload + "=" * (-len(payload) % 4), strict_mode=True)
-        except binascii.Error:
-            return word
-    try:
-        decoded = email.header.decode_header(word)
-    except email.errors.HeaderParseError:
-        return word
-    return "".join(
-        _bytes_text(data, charset) if isinstance(data, bytes) else data for data, charset in decoded
-    )
-
-
-def _bytes_text(data: bytes, charset: str | None) -> str:
-    if charset and charset.lower() not in ("unknown-8bit", "x-unknown"):
-        try:
-            return data.decode(charset.split("*", 1)[0])  # RFC 2231 language suffix
-        except (LookupError, UnicodeDecodeError):
-            pass
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("cp1252", "replace")
