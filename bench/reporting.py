@@ -173,9 +173,15 @@ def service_table(bench: Bench) -> str:
     ]
 
     def latency_row(what: str, key: str, mbsync: str, notice: str | None = None) -> None:
-        text, value = _latency(res.latency.get(key, []))
-        if notice and (notices := [v for v in res.idle_notice.get(notice, []) if v]):
-            text += f"; Dovecot's IDLE notice alone: {_ms(_median(notices))}"
+        totals = res.latency.get(key, [])
+        text, value = _latency(totals)
+        pairs = list(zip(totals, res.idle_notice.get(notice or "", []), strict=False))
+        if notice and (split := [(t, n) for t, n in pairs if t is not None and n is not None]):
+            text += (
+                f"; of which Dovecot's IDLE notice (to an observer) "
+                f"{_ms(_median([n for _, n in split]))}, the agent after it "
+                f"{_ms(_median([t - n for t, n in split]))}"
+            )
         base = mb.get(mbsync)
         base_text = f"{_ms(base.wall)} (its {mbsync} sync)" if base else "n/a"
         met = "**missed**" if value is None else _met(value < 0.2)

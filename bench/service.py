@@ -36,6 +36,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -105,14 +106,20 @@ class ServiceProcess:
         return {}
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until the first session completed and the push link is up."""
+        """Until the first session completed, the push link is up and IDLE runs."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"agent run exited ({self.proc.returncode}):\n{self.tail()}")
             shown = self.shown()
-            push = (shown.get("connections") or {}).get("push") or {}
-            if shown.get("syncs", 0) >= 1 and push.get("state") == "connected":
+            connections = shown.get("connections") or {}
+            push = connections.get("push") or {}
+            idle = connections.get("imap_idle") or {}
+            if (
+                shown.get("syncs", 0) >= 1
+                and push.get("state") == "connected"
+                and idle.get("state") == "idle"
+            ):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"agent run not ready within {timeout:.0f} s:\n{self.tail()}")
@@ -171,21 +178,31 @@ class IdleObserver:
 
     @contextlib.contextmanager
     def watching(self, kind: bytes, result: list[float | None]) -> Iterator[Callable[[], None]]:
-        """IDLE around the block; the block calls the yielded ``started()`` right after
-        its change's tagged OK; the seconds from then until an untagged *kind*
-        (``FETCH``, ``EXISTS``) came are appended to *result* at the end."""
+        """IDLE around the block, read in a thread of its own; the block calls the
+        yielded ``started()`` right after its change's tagged OK; the seconds from then
+        until an untagged *kind* (``FETCH``, ``EXISTS``) came are appended to *result*
+        (None if none came within SEEN_WITHIN)."""
         self.client.idle()
         start: list[float] = []
+        seen: list[float] = []
+        done = threading.Event()
+
+        def read() -> None:
+            while not done.is_set() and not seen:
+                responses = self.client.idle_check(timeout=0.2)
+                if any(len(r) > 1 and r[1] == kind for r in responses):
+                    seen.append(time.perf_counter())
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
         try:
             yield lambda: start.append(time.perf_counter())
-            seen = None
-            while seen is None and time.perf_counter() - start[0] < SEEN_WITHIN:
-                responses = self.client.idle_check(timeout=1.0)
-                if any(len(r) > 1 and r[1] == kind for r in responses):
-                    seen = time.perf_counter() - start[0]
-            result.append(seen)
+            reader.join(SEEN_WITHIN)
         finally:
+            done.set()
+            reader.join(1.0)
             self.client.idle_done()
+        result.append(seen[0] - start[0] if seen and start else None)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
