@@ -29,6 +29,7 @@ that were paired at the start (their own phone users) and had not run yet:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import random
@@ -45,6 +46,7 @@ from typing import Any
 
 from agents import AgentSpec, Product, RunningAgent, point_at_server
 from measuring import CountingProxy, Run, log, proc_cpu_seconds, proc_memory_kb
+from peers import mbsync_sync
 from processes import python_env, stop_process
 from seeding import mail_date, make_mail
 
@@ -59,6 +61,9 @@ SEEN_WITHIN = 10.0  # a change not visible by then counts as missed
 SETTLE = 2.0  # quiet seconds (no session, Dovecot's dirty re-scan over) between changes
 BULK_RUNS = 2  # mark 1,000 unread, then 1,000 read again
 
+# agent run's log (cli.py: "%(asctime)s %(levelname)s %(name)s: %(message)s")
+_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ [\w.]+: (.*)$")
+_SESSION_LINE = re.compile(r"^sync \(([^)]*)\): .* in (\d+\.\d+) s$")
 _MESSAGE_ID = re.compile(rb"^Message-ID: (<[^>]+>)", re.MULTILINE)
 _SEEDED = re.compile(r"^<bench\.(\d+)\.")  # a seeded message's Message-ID
 _SEEDED_FILE = re.compile(r"\.M(\d+)P\d+\.bench,")  # and its Maildir file (seeding.py)
@@ -83,6 +88,13 @@ class ServiceResults:
     bulk: list[Run] = field(default_factory=list)
     bulk_first: Run | None = None
     idle: dict[str, float] = field(default_factory=dict)
+    #: per latency measurement, from agent run's log: the first session's own seconds
+    #: (its "sync (…) in X s" line, 10 ms resolution) and, for phone changes, seconds
+    #: from the commit to its "server: changed" line
+    sessions: dict[str, list[float]] = field(default_factory=dict)
+    push_notice: dict[str, list[float]] = field(default_factory=dict)
+    #: mbsync run right after the same kind of change: from the change to its exit
+    mbsync: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0  # wall time of the whole step
 
 
@@ -92,6 +104,7 @@ class ServiceProcess:
     def __init__(self, ini: Path) -> None:
         self.state_dir = ini.parent / "state"
         self.log_path = ini.parent / "agent-run.log"
+        self._read = 0  # bytes of the log already looked at (events)
         with self.log_path.open("wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "imapsync_bridge.cli", "agent", "run", "--config",
@@ -133,6 +146,19 @@ class ServiceProcess:
             now = self.shown().get("syncs")
             if now != syncs:
                 syncs, since = now, time.monotonic()
+
+    def events(self) -> list[tuple[float, str]]:
+        """The log lines written since the last call: (epoch seconds, message)."""
+        with self.log_path.open("rb") as log_file:
+            log_file.seek(self._read)
+            text = log_file.read()
+        self._read += len(text)
+        found = []
+        for line in text.decode("utf-8", "replace").splitlines():
+            if m := _LOG_LINE.match(line):
+                stamp = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+                found.append((stamp.timestamp(), m.group(2)))
+        return found
 
     def tail(self, lines: int = 20) -> str:
         with contextlib.suppress(OSError):
@@ -226,6 +252,7 @@ class ServiceBench:
         stack.callback(service.close)
         service.wait_ready()
         service.settle()
+        service.events()  # its first sessions are not part of any measurement
         if self.idle_seconds:
             self.idle_stretch(service)
         observer = IdleObserver(self.bench.dovecot, self.bench.user)
@@ -236,6 +263,8 @@ class ServiceBench:
             self.desktop_flag(service, observer, phone)
             self.desktop_new(service, observer, phone)
             self.phone_flag(service)
+        for _ in range(self.bench.args.repeat):
+            self.mbsync_right_after(service)
         service.close()
         self.nochange_vouched()
         self.bulk(stack)
@@ -243,11 +272,32 @@ class ServiceBench:
         log(f"  the running service took {self.results.seconds:.1f} s")
         return self.results
 
-    def _record(self, what: str, seconds: float | None, notice: float | None = None) -> None:
+    def _record(
+        self,
+        what: str,
+        seconds: float | None,
+        service: ServiceProcess,
+        notice: float | None = None,
+        changed_at: float | None = None,
+    ) -> None:
+        """One latency; then, once the service is quiet, its sessions from its log
+        (and, given the change's epoch time *changed_at*, when the push reached it)."""
         self.results.latency.setdefault(what, []).append(seconds)
+        service.settle()
+        events = service.events()
+        lines = [m for _, text in events if (m := _SESSION_LINE.match(text))]
+        sessions = [(m.group(1), float(m.group(2))) for m in lines]
+        if sessions:  # the first one brought the change across
+            self.results.sessions.setdefault(what, []).append(sessions[0][1])
+        pushed = [at for at, text in events if text.startswith("server: changed")]
+        if changed_at is not None and pushed:
+            self.results.push_notice.setdefault(what, []).append(pushed[0] - changed_at)
         shown = "not seen" if seconds is None else f"{seconds * 1000:7.1f} ms"
-        extra = f" (Dovecot's IDLE notice after {notice * 1000:.1f} ms)" if notice else ""
-        log(f"  {what:<28} {shown}{extra}")
+        extra = f"; Dovecot's IDLE notice after {notice * 1000:.1f} ms" if notice else ""
+        if changed_at is not None and pushed:
+            extra += f"; push at the agent after {(pushed[0] - changed_at) * 1000:.0f} ms"
+        ran = ", ".join(f"{why} {seconds * 1000:.0f} ms" for why, seconds in sessions)
+        log(f"  {what:<28} {shown} (sessions: {ran or 'none logged'}{extra})")
 
     # -- 1. idle ---------------------------------------------------------------------
     def idle_stretch(self, service: ServiceProcess) -> None:
@@ -279,14 +329,16 @@ class ServiceBench:
             client.select_folder("INBOX")
             header = client.fetch([uid], ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
             key = _message_id(next(v for v in header[uid].values() if isinstance(v, bytes)))
-            with observer.watching(b"FETCH", self.results.idle_notice.setdefault("flag", [])) as t:
+            notices = self.results.idle_notice.setdefault("flag", [])
+            with observer.watching(b"FETCH", notices) as t:
                 client.add_flags([uid], [b"\\Seen"], silent=True)
                 t()
                 since = time.perf_counter()
                 seconds = wait_until(lambda: (phone.row(key) or ("", 0, 0))[1] == 1,
                                      since, PHONE_POLL)  # fmt: skip
-        self._record("desktop \\Seen → phone", seconds, self.results.idle_notice["flag"][-1])
-        service.settle()
+        self._record(
+            "desktop \\Seen → phone", seconds, service, self.results.idle_notice["flag"][-1]
+        )
 
     def desktop_new(
         self, service: ServiceProcess, observer: IdleObserver, phone: PhoneView
@@ -304,8 +356,7 @@ class ServiceBench:
             t()
             since = time.perf_counter()
             seconds = wait_until(lambda: phone.row(key) is not None, since, PHONE_POLL)
-        self._record("desktop new mail → phone", seconds, self.results.idle_notice["new"][-1])
-        service.settle()
+        self._record("desktop new mail → phone", seconds, service, notices[-1])
 
     # -- 3. phone -> desktop -----------------------------------------------------------
     def phone_flag(self, service: ServiceProcess) -> None:
@@ -315,15 +366,14 @@ class ServiceBench:
         try:
             message, old = self._seeded_unflagged(store)
             store.set_flagged(SERVICE, message.id, True)
-            since = time.perf_counter()
+            since, changed_at = time.perf_counter(), time.time()
             seconds = wait_until(lambda: not old.exists(), since, FILE_POLL)
         finally:
             store.close()
         renamed = list(old.parent.glob(old.name.split(":2,")[0] + ":2,*"))
         if seconds is not None and not any("F" in p.name.split(":2,")[1] for p in renamed):
             raise RuntimeError(f"{old.name} was renamed, but not flagged: {renamed}")
-        self._record("phone flag → desktop", seconds)
-        service.settle()
+        self._record("phone flag → desktop", seconds, service, changed_at=changed_at)
 
     def _seeded_unflagged(self, store: Any) -> tuple[Any, Path]:
         """A phone message of the seeded inbox not yet flagged, and its Maildir file."""
@@ -337,6 +387,40 @@ class ServiceBench:
             if seeded and not message.flagged and int(seeded.group(1)) in files:
                 return message, cur / files[int(seeded.group(1))]
         raise RuntimeError("no unflagged seeded message on the phone")
+
+    def mbsync_right_after(self, service: ServiceProcess) -> None:
+        """mbsync's best case beside (2) and (3): a timer firing right after the change
+        (Dovecot's re-scan of a just-changed Maildir included, as the agent pays it)."""
+        bench = self.bench
+
+        def run(what: str, change: Callable[[], None]) -> None:
+            change()
+            started = time.perf_counter()
+            mbsync_sync(bench.mbsync_cfg, bench.proxies["mbsync"])
+            seconds = time.perf_counter() - started
+            self.results.mbsync.setdefault(what, []).append(seconds)
+            log(f"  mbsync right after: {what:<24} {seconds * 1000:7.1f} ms")
+            service.settle()
+
+        def flag() -> None:
+            with bench.dovecot.client(bench.user) as client:
+                client.select_folder("INBOX")
+                client.add_flags([bench.unread.pop()], [b"\\Seen"], silent=True)
+
+        def new_mail() -> None:
+            bench.count += 1
+            date = mail_date(bench.count)
+            bench.dovecot.append(bench.user, make_mail(bench.count, date, self.rng), date)
+
+        def near_flag() -> None:  # a flag set in mbsync's own Maildir (its "phone")
+            cur = bench.mbsync_cfg.parent / "maildir" / "INBOX" / "cur"
+            name = next(n for n in sorted(os.listdir(cur)) if not re.search(":2,.*[FT]", n))
+            base, _, flags = name.partition(":2,")
+            os.rename(cur / name, cur / f"{base}:2,{''.join(sorted(flags + 'F'))}")
+
+        run("desktop \\Seen → phone", flag)
+        run("desktop new mail → phone", new_mail)
+        run("phone flag → desktop", near_flag)
 
     # -- 4. no change, push link up ------------------------------------------------------
     def nochange_vouched(self) -> None:
