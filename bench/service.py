@@ -10,8 +10,10 @@ that were paired at the start (their own phone users) and had not run yet:
      process, all threads, from ``/proc/PID/stat``) and peak RSS (``VmHWM``);
   2. desktop → phone: one ``\\Seen`` set and one mail APPENDed through another IMAP
      connection; from the command's tagged OK until the phone store (its SQLite, read
-     only, every 2 ms) shows it. An observer connection IDLEs beside the agent's
-     watcher and times when Dovecot tells an IDLE client of the same change;
+     only, every 2 ms) shows it. Then once more of each with an observer connection
+     IDLEing beside the agent's watcher: when Dovecot tells an IDLE client (that run's
+     latency is not kept: the observer's Dovecot process re-scans the Maildir at the
+     notice too, beside the agent's);
   3. phone → desktop: a phone "flag" committed through the store API in this process;
      from the commit until Dovecot renamed the message's Maildir file (the flag is in
      the name; Dovecot renames it inside the agent's STORE, before its tagged OK, so it
@@ -95,6 +97,8 @@ class ServiceResults:
     push_notice: dict[str, list[float]] = field(default_factory=dict)
     #: mbsync run right after the same kind of change: from the change to its exit
     mbsync: dict[str, list[float]] = field(default_factory=dict)
+    #: one phone flag applied by the running-agent worker right after it was made
+    phone_worker: list[Run] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the whole step
 
 
@@ -203,14 +207,15 @@ class IdleObserver:
         self.client.select_folder("INBOX")
 
     @contextlib.contextmanager
-    def watching(self, kind: bytes, result: list[float | None]) -> Iterator[Callable[[], None]]:
+    def watching(self, kind: bytes) -> Iterator[tuple[Callable[[], None], list[float | None]]]:
         """IDLE around the block, read in a thread of its own; the block calls the
         yielded ``started()`` right after its change's tagged OK; the seconds from then
-        until an untagged *kind* (``FETCH``, ``EXISTS``) came are appended to *result*
-        (None if none came within SEEN_WITHIN)."""
+        until an untagged *kind* (``FETCH``, ``EXISTS``) came are in the yielded list
+        at the end (None if none came within SEEN_WITHIN)."""
         self.client.idle()
         start: list[float] = []
         seen: list[float] = []
+        result: list[float | None] = []
         done = threading.Event()
 
         def read() -> None:
@@ -222,7 +227,7 @@ class IdleObserver:
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         try:
-            yield lambda: start.append(time.perf_counter())
+            yield (lambda: start.append(time.perf_counter())), result
             reader.join(SEEN_WITHIN)
         finally:
             done.set()
@@ -233,6 +238,24 @@ class IdleObserver:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.client.logout()
+
+
+@contextlib.contextmanager
+def _watching(
+    observer: IdleObserver | None, kind: bytes, notices: dict[str, list[float | None]], name: str
+) -> Iterator[Callable[[], None]]:
+    """:meth:`IdleObserver.watching` when there is an observer (its result appended to
+    ``notices[name]``), else nothing; yields ``started()``."""
+    if observer is None:
+        yield lambda: None
+        return
+    with observer.watching(kind) as (started, result):
+        yield started
+    notices.setdefault(name, []).extend(result)
+
+
+def _shown(seconds: float | None) -> str:
+    return "not seen" if seconds is None else f"{seconds * 1000:7.1f} ms"
 
 
 class ServiceBench:
@@ -255,14 +278,18 @@ class ServiceBench:
         service.events()  # its first sessions are not part of any measurement
         if self.idle_seconds:
             self.idle_stretch(service)
-        observer = IdleObserver(self.bench.dovecot, self.bench.user)
-        stack.callback(observer.close)
         phone = PhoneView(self.product.database, SERVICE)
         stack.callback(phone.close)
         for _ in range(self.bench.args.repeat):
-            self.desktop_flag(service, observer, phone)
-            self.desktop_new(service, observer, phone)
+            self.desktop_flag(service, phone)
+            self.desktop_new(service, phone)
             self.phone_flag(service)
+        # Dovecot's IDLE notice, once more of each change with an observer IDLEing
+        # (not above: its own Maildir re-scan at the notice would compete with the agent's)
+        observer = IdleObserver(self.bench.dovecot, self.bench.user)
+        stack.callback(observer.close)
+        self.desktop_flag(service, phone, observer)
+        self.desktop_new(service, phone, observer)
         for _ in range(self.bench.args.repeat):
             self.mbsync_right_after(service)
         service.close()
@@ -277,13 +304,18 @@ class ServiceBench:
         what: str,
         seconds: float | None,
         service: ServiceProcess,
-        notice: float | None = None,
+        keep: bool = True,
         changed_at: float | None = None,
     ) -> None:
-        """One latency; then, once the service is quiet, its sessions from its log
-        (and, given the change's epoch time *changed_at*, when the push reached it)."""
-        self.results.latency.setdefault(what, []).append(seconds)
+        """One latency (unless not *keep*); then, once the service is quiet, its
+        sessions from its log (and, given the change's epoch time *changed_at*, when the
+        push reached it)."""
         service.settle()
+        if not keep:
+            service.events()
+            log(f"  {what:<28} {_shown(seconds)} with an observer IDLEing (not kept)")
+            return
+        self.results.latency.setdefault(what, []).append(seconds)
         events = service.events()
         lines = [m for _, text in events if (m := _SESSION_LINE.match(text))]
         sessions = [(m.group(1), float(m.group(2))) for m in lines]
@@ -292,12 +324,11 @@ class ServiceBench:
         pushed = [at for at, text in events if text.startswith("server: changed")]
         if changed_at is not None and pushed:
             self.results.push_notice.setdefault(what, []).append(pushed[0] - changed_at)
-        shown = "not seen" if seconds is None else f"{seconds * 1000:7.1f} ms"
-        extra = f"; Dovecot's IDLE notice after {notice * 1000:.1f} ms" if notice else ""
+        extra = ""
         if changed_at is not None and pushed:
             extra += f"; push at the agent after {(pushed[0] - changed_at) * 1000:.0f} ms"
-        ran = ", ".join(f"{why} {seconds * 1000:.0f} ms" for why, seconds in sessions)
-        log(f"  {what:<28} {shown} (sessions: {ran or 'none logged'}{extra})")
+        ran = ", ".join(f"{why} {took * 1000:.0f} ms" for why, took in sessions)
+        log(f"  {what:<28} {_shown(seconds)} (sessions: {ran or 'none logged'}{extra})")
 
     # -- 1. idle ---------------------------------------------------------------------
     def idle_stretch(self, service: ServiceProcess) -> None:
@@ -322,41 +353,40 @@ class ServiceBench:
 
     # -- 2. desktop -> phone -----------------------------------------------------------
     def desktop_flag(
-        self, service: ServiceProcess, observer: IdleObserver, phone: PhoneView
+        self, service: ServiceProcess, phone: PhoneView, observer: IdleObserver | None = None
     ) -> None:
+        """One ``\\Seen`` set on the desktop; with *observer*, only Dovecot's IDLE
+        notice of it is recorded, not the latency."""
         uid = self.bench.unread.pop()  # the newest unread message: inside the window
         with self.bench.dovecot.client(self.bench.user) as client:
             client.select_folder("INBOX")
             header = client.fetch([uid], ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
             key = _message_id(next(v for v in header[uid].values() if isinstance(v, bytes)))
-            notices = self.results.idle_notice.setdefault("flag", [])
-            with observer.watching(b"FETCH", notices) as t:
+            with _watching(observer, b"FETCH", self.results.idle_notice, "flag") as started:
                 client.add_flags([uid], [b"\\Seen"], silent=True)
-                t()
+                started()
                 since = time.perf_counter()
                 seconds = wait_until(lambda: (phone.row(key) or ("", 0, 0))[1] == 1,
                                      since, PHONE_POLL)  # fmt: skip
-        self._record(
-            "desktop \\Seen → phone", seconds, service, self.results.idle_notice["flag"][-1]
-        )
+        self._record("desktop \\Seen → phone", seconds, service, observer is None)
 
     def desktop_new(
-        self, service: ServiceProcess, observer: IdleObserver, phone: PhoneView
+        self, service: ServiceProcess, phone: PhoneView, observer: IdleObserver | None = None
     ) -> None:
+        """One mail APPENDed; *observer* as for :meth:`desktop_flag`."""
         self.bench.count += 1
         date = mail_date(self.bench.count)
         raw = make_mail(self.bench.count, date, self.rng)
         key = _message_id(raw)
-        notices = self.results.idle_notice.setdefault("new", [])
         with (
             self.bench.dovecot.client(self.bench.user) as client,
-            observer.watching(b"EXISTS", notices) as t,
+            _watching(observer, b"EXISTS", self.results.idle_notice, "new") as started,
         ):
             client.append("INBOX", raw, msg_time=date)
-            t()
+            started()
             since = time.perf_counter()
             seconds = wait_until(lambda: phone.row(key) is not None, since, PHONE_POLL)
-        self._record("desktop new mail → phone", seconds, service, notices[-1])
+        self._record("desktop new mail → phone", seconds, service, observer is None)
 
     # -- 3. phone -> desktop -----------------------------------------------------------
     def phone_flag(self, service: ServiceProcess) -> None:
@@ -424,7 +454,23 @@ class ServiceBench:
 
     # -- 4. no change, push link up ------------------------------------------------------
     def nochange_vouched(self) -> None:
+        """(4), after the same worker applied one phone flag per repeat right after it
+        was made (where such a session's time goes: IMAP, server link, the rest)."""
+        from imapsync_bridge.server.store import PhoneStore
+
         running: RunningAgent = self.bench.running
+        store = PhoneStore(self.product.database)
+        try:
+            for r in range(self.bench.args.repeat):
+                time.sleep(SETTLE)
+                message = next(m for m in store.list_folder("running", "inbox") if not m.flagged)
+                store.set_flagged("running", message.id, True)
+                run = running.sync(f"phoneflag{r}")
+                self.results.phone_worker.append(run)
+                log(f"  phone flag, one worker session: {run.wall * 1000:.1f} ms, IMAP "
+                    f"{run.detail['imap_s'] * 1000:.1f} ms, {run.turns} IMAP turns")  # fmt: skip
+        finally:
+            store.close()
         time.sleep(SETTLE)
         running.sync("service-settle")  # takes in what the service scenarios changed
         for r in range(3 * self.bench.args.repeat):
