@@ -26,15 +26,38 @@ PASSWORD_FILE = "imap.pass"
 class Product:
     root: Path
     server_ini: Path
-    oneshot_ini: Path
-    running_ini: Path
     server: subprocess.Popen
+    sync_port: int
+    inis: dict[str, Path]  # agent name (= phone user) -> its agent.ini
+
+    @property
+    def oneshot_ini(self) -> Path:
+        return self.inis["oneshot"]
+
+    @property
+    def running_ini(self) -> Path:
+        return self.inis["running"]
+
+    @property
+    def database(self) -> Path:
+        """The hosted server's SQLite store (``server init``'s default)."""
+        return self.root / "server" / "phone.sqlite3"
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """One paired agent: its IMAP port (a proxy), phone window, extra ``[agent]`` lines."""
+
+    imap_port: int
+    window: int
+    options: str = ""
 
 
 def start_product(
-    root: Path, imap_user: str, password: str, window: int, ports: dict[str, int]
+    root: Path, imap_user: str, password: str, agents: dict[str, AgentSpec]
 ) -> Product:
-    """server init / add-user / run (a subprocess) / agent pair, two agents."""
+    """server init / add-user / run (a subprocess) / agent pair, one agent per entry of
+    *agents* (each its own phone user on the same IMAP inbox)."""
     sync_port = free_port()
     cli("server", "init", "--data-dir", str(root / "server"), "--hostname", "127.0.0.1",
         "--sync-port", str(sync_port))  # fmt: skip
@@ -46,35 +69,44 @@ def start_product(
         env=python_env(), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     log_file.close()
-    product = Product(root, server_ini, root / "oneshot" / "agent.ini",
-                      root / "running" / "agent.ini", server)  # fmt: skip
+    inis = {name: root / name / "agent.ini" for name in agents}
+    product = Product(root, server_ini, server, sync_port, inis)
     try:
         wait_for_port(sync_port, server, "server run")
-        for name, ini in (("oneshot", product.oneshot_ini), ("running", product.running_ini)):
+        for name, spec in agents.items():
             out = cli("server", "add-user", "--config", str(server_ini), name,
                       "--address", f"{name}@phone.example", "--desktop-address",
-                      f"{imap_user}@corp.example", "--window", str(window))  # fmt: skip
+                      f"{imap_user}@corp.example", "--window", str(spec.window))  # fmt: skip
             code = out.strip().splitlines()[-1]
-            write_agent_ini(ini, sync_port, ports[name], imap_user, password)
-            cli("agent", "pair", "--config", str(ini), "--code", code)
+            write_agent_ini(inis[name], sync_port, spec, imap_user, password)
+            cli("agent", "pair", "--config", str(inis[name]), "--code", code)
     except BaseException:
         stop_process(server)
         raise
     return product
 
 
-def write_agent_ini(ini: Path, sync_port: int, imap_port: int, user: str, password: str) -> None:
+def write_agent_ini(ini: Path, sync_port: int, spec: AgentSpec, user: str, password: str) -> None:
     ini.parent.mkdir(parents=True, exist_ok=True)
     secret = ini.parent / PASSWORD_FILE
     secret.write_text(password + "\n")
     secret.chmod(0o600)
     ini.write_text(
         "[agent]\nstate_dir = state\n"
-        f"server = 127.0.0.1:{sync_port}\n"
+        f"server = 127.0.0.1:{sync_port}\n{spec.options}"
         "[imap]\nhost = 127.0.0.1\n"
-        f"port = {imap_port}\nsecurity = none\nusername = {user}\n"
+        f"port = {spec.imap_port}\nsecurity = none\nusername = {user}\n"
         f"password_file = {PASSWORD_FILE}\n"
     )
+
+
+def point_at_server(ini: Path, port: int) -> None:
+    """After pairing: the agent reaches the hosted server at 127.0.0.1:*port* (a proxy)."""
+    lines = [
+        f"server = 127.0.0.1:{port}" if line.startswith("server = ") else line
+        for line in ini.read_text().splitlines()
+    ]
+    ini.write_text("\n".join(lines) + "\n")
 
 
 def oneshot_sync(ini: Path, proxy: CountingProxy, profile: Path | None) -> Run:
@@ -116,18 +148,29 @@ class RunningAgent:
             raise RuntimeError(f"running agent: {reply['error']}")
         return reply
 
-    def sync(self, label: str, noop_first: bool = False) -> Run:
-        """One session; *noop_first*: a NOOP (inside the timing) refreshes the
-        connection's view of the selected mailbox before the session starts."""
+    def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self.proc.stdin is not None
-        before = self.proxy.counts()
-        request = {"cmd": "sync", "label": label, "noop": noop_first}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
-        r = self._reply()
+        return self._reply()
+
+    def sync(self, label: str, noop_first: bool = False, vouched: bool = False) -> Run:
+        """One session; *noop_first*: a NOOP (inside the timing) refreshes the
+        connection's view of the selected mailbox before the session starts;
+        *vouched*: ``phone_vouched=True``, as ``agent run`` passes it while its push
+        link is up and said nothing."""
+        before = self.proxy.counts()
+        r = self._ask({"cmd": "sync", "label": label, "noop": noop_first, "vouched": vouched})
         traffic = self.proxy.counts().minus(before)
         return Run(r["wall"], traffic.turns, traffic.commands, traffic.bytes_read,
                    r["maxrss_kb"], r)  # fmt: skip
+
+    def status_round_trip(self) -> Run:
+        """One ``STATUS`` of the Trash on the worker's IMAP connection (same proxy)."""
+        before = self.proxy.counts()
+        r = self._ask({"cmd": "status"})
+        traffic = self.proxy.counts().minus(before)
+        return Run(r["wall"], traffic.turns, traffic.commands, traffic.bytes_read)
 
     def close(self) -> None:
         if self.proc.poll() is None and self.proc.stdin is not None:

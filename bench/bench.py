@@ -36,13 +36,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from agents import RunningAgent, start_product
+from agents import AgentSpec, RunningAgent, start_product
 from measuring import CountingProxy, log
 from peers import write_mbsync_config
 from processes import REPO, stop_process, terminate_as_exit, use_pycache
 from reporting import print_profiles, report_text, startup_cost, write_docs
 from scenarios import Bench
 from seeding import seed_inbox
+from service import BULK_WINDOW, SERVICE_AGENTS, ServiceBench, service_agents
 from worker import worker_main
 
 sys.path.insert(0, str(REPO))
@@ -56,10 +57,12 @@ def start_bench(
     server: Any,
     messages: int,
     profile_dir: Path | None,
+    with_service: bool = False,
 ) -> Bench:
     """A Dovecot playing *server* (a tests/dovecot.py ``Profile``) with its own inbox of
     *messages* seeded, a counting proxy per tool, the hosted server with two paired agents
-    (one of them running), mbsync's config. All of it stops when *stack* closes."""
+    (one of them running; *with_service*: also the two of the running-service step),
+    mbsync's config. All of it stops when *stack* closes."""
     from dovecot import Dovecot
 
     work = root / f"{server.name}-{messages}"
@@ -69,14 +72,15 @@ def start_bench(
     stack.callback(dovecot.stop)
     user = dovecot.new_user()
     seed_seconds = seed_inbox(dovecot, user, messages)
-    proxies = {name: CountingProxy(dovecot.port) for name in ("oneshot", "running", "mbsync")}
+    names = ["oneshot", "running", "mbsync", *(SERVICE_AGENTS if with_service else ())]
+    proxies = {name: CountingProxy(dovecot.port) for name in names}
     for proxy in proxies.values():
         stack.callback(proxy.close)
-    log("starting the hosted server and pairing two agents")
-    product = start_product(
-        work, user, dovecot.password, args.window,
-        {name: p.port for name, p in proxies.items()},
-    )  # fmt: skip
+    agents = {name: AgentSpec(proxies[name].port, args.window) for name in ("oneshot", "running")}
+    if with_service:
+        agents |= service_agents(args.window, {n: p.port for n, p in proxies.items()})
+    log(f"starting the hosted server and pairing {len(agents)} agents")
+    product = start_product(work, user, dovecot.password, agents)
     stack.callback(stop_process, product.server)
     running = RunningAgent(product.running_ini, proxies["running"], profile_dir)
     stack.callback(running.close)
@@ -103,13 +107,17 @@ def run_bench(args: argparse.Namespace) -> int:
             profile_dir.mkdir(parents=True, exist_ok=True)
         benches: list[Bench] = []
         large: list[Bench] = []
-        for server in args.servers:  # one after the other: each has the machine to itself
+        for n, server in enumerate(args.servers):  # one after the other: each has the machine
             with contextlib.ExitStack() as run:
-                bench = start_bench(run, root, args, server, args.messages, profile_dir)
+                bench = start_bench(run, root, args, server, args.messages, profile_dir,
+                                    args.service)  # fmt: skip
                 bench.first_sync()
                 bench.no_change()
                 bench.one_flag()
                 bench.one_new()
+                if args.service:
+                    idle = args.idle_seconds if n == 0 else 0.0
+                    bench.service = ServiceBench(bench, idle).run(run)
                 benches.append(bench)
             if args.large:
                 with contextlib.ExitStack() as run:
@@ -155,6 +163,19 @@ def main(argv: list[str] | None = None) -> int:
         "--docs",
         help="results file (default docs/benchmark.md, not with --quick, --profile, --cprofile)",
     )
+    parser.add_argument(
+        "--no-service",
+        dest="service",
+        action="store_false",
+        help="skip the running service (agent run: push latency, 1,000 actions, idle)",
+    )
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="idle agent run measured this long, on the first profile (60; --quick: 5)",
+    )
     parser.add_argument("--cprofile", metavar="DIR", help="cProfile every bridge sync into DIR")
     parser.add_argument("--worker", metavar="INI", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -163,11 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.messages = 2000
         args.large = 0
+        args.idle_seconds = min(args.idle_seconds, 5.0)
     elif args.docs is None and not args.cprofile and not args.profile:
         args.docs = "docs/benchmark.md"
     args.servers = [by_name[name] for name in dict.fromkeys(args.profile or default_servers)]
     if args.repeat < 1 or args.window < 1 or args.messages < args.window + 3 * args.repeat:
         parser.error("need --repeat >= 1 and more messages than the window")
+    if args.service and (args.messages < BULK_WINDOW + args.window or 2 * args.repeat > 20):
+        parser.error(f"the running service needs {BULK_WINDOW + args.window}+ messages and "
+                     "--repeat <= 10 (or --no-service)")  # fmt: skip
     if args.large and args.large < args.window + 1:
         parser.error("--large N needs more messages than the window (or 0: off)")
     return run_bench(args)

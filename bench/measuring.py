@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import re
 import resource
 import socket
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,12 +107,17 @@ class CommandCounter:
 
 
 class CountingProxy:
-    """127.0.0.1:port -> Dovecot. Counts, over all its connections: turns (the client
-    speaking again after the server spoke: one network round trip, pipelining included),
-    commands, and bytes sent by the server."""
+    """127.0.0.1:port -> Dovecot (or any TCP server). Counts, over all its connections:
+    turns (the client speaking again after the server spoke: one network round trip,
+    pipelining included), commands (IMAP only), and bytes sent by the server.
 
-    def __init__(self, target_port: int) -> None:
+    ``one_way_delay`` seconds > 0 make it a delaying proxy: every chunk is forwarded that
+    long after it arrived, in order, in both directions (a link with twice that added
+    round-trip time and no bandwidth limit)."""
+
+    def __init__(self, target_port: int, one_way_delay: float = 0.0) -> None:
         self.target_port = target_port
+        self.one_way_delay = one_way_delay
         self._lock = threading.Lock()
         self._counts = Counts()
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -139,6 +146,10 @@ class CountingProxy:
                 threading.Thread(target=self._pump, args=args, daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, state: dict, upstream: bool) -> None:
+        send: Callable[[bytes], None] = dst.sendall
+        finish: Callable[[], None] = lambda: None  # noqa: E731
+        if self.one_way_delay > 0:
+            send, finish = _delayed(dst, self.one_way_delay)
         try:
             while data := src.recv(262144):
                 with self._lock:
@@ -153,10 +164,11 @@ class CountingProxy:
                     else:
                         state["last"] = "s"
                         self._counts.bytes_read += len(data)
-                dst.sendall(data)
+                send(data)
         except OSError:
             pass
         finally:
+            finish()
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
 
@@ -165,6 +177,31 @@ class CountingProxy:
         for s in [self._listener, *self._sockets]:
             with contextlib.suppress(OSError):
                 s.close()
+
+
+def _delayed(
+    dst: socket.socket, delay: float
+) -> tuple[Callable[[bytes], None], Callable[[], None]]:
+    """(send, finish): send(data) forwards *data* to *dst* *delay* seconds from now, in
+    order; finish() waits until everything queued went out."""
+    pending: queue.SimpleQueue[tuple[float, bytes] | None] = queue.SimpleQueue()
+
+    def forward() -> None:
+        with contextlib.suppress(OSError):
+            while (item := pending.get()) is not None:
+                due, data = item
+                if (wait := due - time.monotonic()) > 0:
+                    time.sleep(wait)
+                dst.sendall(data)
+
+    sender = threading.Thread(target=forward, daemon=True)
+    sender.start()
+
+    def finish() -> None:
+        pending.put(None)
+        sender.join(10)
+
+    return (lambda data: pending.put((time.monotonic() + delay, data))), finish
 
 
 # -- child processes: wall time and peak RSS ----------------------------------------
@@ -198,7 +235,21 @@ def run_measured(argv: list[str], env: dict[str, str] | None = None) -> tuple[in
 
 def peak_rss_self() -> int:
     """This process's own peak RSS in KB (VmHWM: unlike ru_maxrss, not inherited)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return proc_memory_kb("self")["VmHWM"] or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def proc_memory_kb(pid: int | str) -> dict[str, int]:
+    """VmHWM (peak RSS) and VmRSS of a running process, in KB (0 where not shown)."""
+    found = {"VmHWM": 0, "VmRSS": 0}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in found:
+            found[name] = int(value.split()[0])
+    return found
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """CPU time a running process used so far, all its threads: utime + stime."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

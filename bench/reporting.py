@@ -19,6 +19,7 @@ from measuring import Measurement, log, run_measured
 from processes import REPO, python_env
 from scenarios import DIRTY_SYNC_PAUSE, RUNNING, RUNNING_NOOP, SCENARIOS, TOOLS, Bench
 from seeding import UNREAD_NEWEST
+from service import BULK_WINDOW, LINK_DELAY, ServiceResults
 
 DOCS_MARKER = "<!-- bench.py keeps everything below this line -->"
 
@@ -30,6 +31,8 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def _ms(seconds: float) -> str:
+    if seconds < 0.01:
+        return f"{seconds * 1000:.2f} ms"
     return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.2f} s"
 
 
@@ -105,6 +108,183 @@ def running_table(rows: list[tuple[str, Measurement]]) -> str:
             f"{_ms(rest)} | {d['adapter_cmds']} | {d['adapter_bytes']:,} | {summary} |"
         )
     return "\n".join(lines)
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def _latency(values: list[float | None]) -> tuple[str, float | None]:
+    """A latency cell (median of the runs that saw the change) and that median."""
+    seen = [v for v in values if v is not None]
+    if not seen:
+        return f"**not seen within 10 s** ({len(values)} of {len(values)})", None
+    text = _ms(_median(seen)) + (f" (median of {len(seen)})" if len(seen) > 1 else "")
+    if len(seen) < len(values):
+        text += f", **{len(values) - len(seen)} of {len(values)} not seen within 10 s**"
+    return text, _median(seen)
+
+
+def _met(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**missed**")
+
+
+SERVICE_METHOD = f"""`imapsync-bridge agent run` as a child process (`idle = true`,
+`sync_on_change = true`, `sync_interval = 3600`, so only IMAP IDLE and the push link start
+its sessions), its own phone user (window W) on the same inbox, after the scenarios above,
+measured from outside:
+
+- **desktop → phone**: one `\\Seen` set (`STORE … +FLAGS.SILENT`) and one mail APPENDed
+  through another IMAP connection; from that command's tagged OK until the phone store
+  (the hosted server's SQLite, opened read-only, looked at every 2 ms) shows it.
+  Detection included. *Dovecot's IDLE notice* is when a second observer connection,
+  IDLEing beside the agent's watcher, was told of one more such change (measured apart:
+  at the notice its own Dovecot process re-scans the Maildir too): Dovecot waits 500 ms
+  after a change before it tells IDLE clients (`NOTIFY_DELAY_MSECS` in its
+  `index-mailbox-check.c`, not configurable), so that is the floor of any IDLE client;
+- **phone → desktop**: a phone "flag" committed through the store API (`PhoneStore`, as
+  the `phone` CLI and the web page do) in the bench process; from the commit until
+  Dovecot renamed the message's Maildir file (Maildir keeps the flags in the file name;
+  Dovecot renames it inside the agent's `STORE`, before the tagged OK), looked at every
+  1 ms. The server's change notifier polls SQLite's `data_version` every 50 ms;
+- **1,000 phone actions over a slow link**: a third agent (window {BULK_WINDOW:,}) whose
+  link to the hosted server goes through a delaying TCP proxy ({LINK_DELAY * 1000:.0f} ms
+  each way: +{2 * LINK_DELAY * 1000:.0f} ms round trip, `bench/measuring.py`), run as a
+  worker (`SyncSession.run()` on an open link, as `agent run` does); its phone flips the
+  read state of 1,000 messages, then one session applies them to the desktop: *link
+  round trips* = the client speaking again after the server spoke, counted by that proxy;
+- **no-change session, push link up**: the running-agent worker runs `SyncSession.run()`
+  with `phone_vouched=True` (what `agent run` passes while its push link is up and
+  quiet), each beside one `STATUS` of the Trash on the same IMAP connection and proxy;
+- **idle**: after its first session, the process's CPU time (utime + stime of all
+  threads, `/proc/PID/stat`) over the idle stretch and its peak RSS (`VmHWM`) at its
+  end, with IDLE on and the push link up.
+
+mbsync has no push and no resident process: beside the push latencies stands its best
+case, a timer firing right after the change: the same kind of change (a `\\Seen` or an
+APPEND on the IMAP side; for phone → desktop a flag set in mbsync's own Maildir, its
+"phone"), mbsync run at once, timed from the change to its exit; and its one-flag /
+one-new-mail sync above, run 2 s after the change (Dovecot's re-scan of a just-changed
+Maildir over). The ratio is against the run right after the change. Beside the no-change
+session stands mbsync's no-change sync. The agent's sessions are also timed by its own
+log lines (`sync (…): … in X s`, 10 ms resolution), and for phone changes the time until
+its `server: changed` line."""
+
+
+def service_table(bench: Bench) -> str:
+    res: ServiceResults = bench.service
+    mb = {m.scenario: m.median() for m in bench.results if m.tool == "mbsync"}
+    lines = [
+        "| measure | bridge `agent run` | target | | mbsync, best case | bridge/mbsync |",
+        "| --- | --- | --- | --- | --- | ---: |",
+    ]
+
+    def latency_row(what: str, key: str, mbsync: str, notice: str | None = None) -> None:
+        totals = res.latency.get(key, [])
+        text, value = _latency(totals)
+        notices = [n for n in res.idle_notice.get(notice or "", []) if n is not None]
+        if notices and value is not None:
+            text += (
+                f"; of which Dovecot's IDLE notice (to an observer, measured apart) "
+                f"{_ms(_median(notices))}, the agent after it ≈ "
+                f"{_ms(value - _median(notices))}"
+            )
+        if pushed := res.push_notice.get(key):
+            text += f"; the push reached the agent after {_ms(_median(pushed))}"
+        if sessions := res.sessions.get(key):
+            text += f"; its session, by its log: {_ms(_median(sessions))}"
+        right_after = res.mbsync.get(key)
+        later = mb.get(mbsync)
+        base = _median(right_after) if right_after else (later.wall if later else None)
+        cells = []
+        if right_after:
+            cells.append(f"{_ms(_median(right_after))} run right after the change")
+        if later:
+            cells.append(f"{_ms(later.wall)} 2 s later (its {mbsync} sync above)")
+        met = "**missed**" if value is None else _met(value < 0.2)
+        lines.append(
+            f"| {what} | {text} | < 0.2 s | {met} | {'; '.join(cells) or 'n/a'} "
+            f"| {_ratio(value, base)} |"
+        )
+
+    latency_row("desktop `\\Seen` → phone", "desktop \\Seen → phone", "one flag", "flag")
+    latency_row("desktop new mail → phone", "desktop new mail → phone", "one new message", "new")
+    latency_row("phone flag → desktop", "phone flag → desktop", "one flag")
+    if res.phone_worker:
+        run = sorted(res.phone_worker, key=lambda r: r.wall)[(len(res.phone_worker) - 1) // 2]
+        d = run.detail
+        lines.append(
+            f"| … the same applied by one session of the running-agent worker (median of "
+            f"{len(res.phone_worker)}) | {_ms(run.wall)}: IMAP command time "
+            f"{_ms(d['imap_s'])}, server link {_ms(d['link_s'])}, rest "
+            f"{_ms(run.wall - d['imap_s'] - d['link_s'])}; {_num(run.turns)} IMAP turns, "
+            f"{_num(run.bytes_read)} bytes | | | | |"
+        )
+    if res.bulk:
+        run = min(res.bulk, key=lambda r: r.detail["link_turns"])
+        turns = max(r.detail["link_turns"] for r in res.bulk)
+        walls = _median([r.wall for r in res.bulk])
+        actions = ", ".join(str(r.detail["actions"]) for r in res.bulk)
+        lines.append(
+            f"| {BULK_WINDOW:,} phone actions → desktop over +{2 * LINK_DELAY * 1000:.0f} ms "
+            f"RTT: sync-link round trips | {turns} (runs: "
+            + ", ".join(str(r.detail["link_turns"]) for r in res.bulk)
+            + f"; phone actions: {actions}) | ≤ 5 | {_met(turns <= 5)} | n/a | |"
+        )
+        lines.append(
+            f"| … its wall time (median of {len(res.bulk)}) | {_ms(walls)}, "
+            f"{_num(run.turns)} IMAP turns, {_num(run.detail['link_bytes'])} bytes from the "
+            f"server | — | | n/a | |"
+        )
+    if res.nochange:
+        wall = _median([r.wall for r in res.nochange])
+        status = _median([r.wall for r in res.status])
+        turns = _median([float(r.turns or 0) for r in res.nochange])
+        imap_s = _median([r.detail["imap_s"] for r in res.nochange])
+        link_s = _median([r.detail["link_s"] for r in res.nochange])
+        base = mb.get("no change")
+        lines.append(
+            f"| no-change session, push link up (median of {len(res.nochange)}) | "
+            f"{_ms(wall)} (IMAP command time {_ms(imap_s)}, server link {_ms(link_s)}, "
+            f"rest {_ms(wall - imap_s - link_s)}), {turns:.0f} IMAP turns; "
+            f"{wall / status:.2f}× one `STATUS` ({_ms(status)}) | ≤ 1.5× one `STATUS` "
+            f"| {_met(wall <= 1.5 * status)} | {_ms(base.wall) if base else 'n/a'} (its "
+            f"no-change sync) | {_ratio(wall, base.wall if base else None)} |"
+        )
+    if res.idle:
+        idle = res.idle
+        lines.append(
+            f"| idle {idle['seconds']:.0f} s, IDLE on, push link up: CPU | "
+            f"{idle['cpu_s']:.2f} s ({idle['sessions']:.0f} sessions, "
+            f"{idle['imap_turns']:.0f} IMAP turns) | < 0.5 s | {_met(idle['cpu_s'] < 0.5)} "
+            f"| n/a (no resident process) | |"
+        )
+        lines.append(
+            f"| … its peak RSS | {_mb(int(idle['hwm_kb']))} (RSS now "
+            f"{_mb(int(idle['rss_kb']))}) | ≤ 60 MB | {_met(idle['hwm_kb'] <= 60 * 1024)} | "
+            f"n/a | |"
+        )
+    first = res.bulk_first
+    if first is not None:
+        lines.append(
+            f"| (first sync of the {BULK_WINDOW:,}-message phone over that link) | "
+            f"{_ms(first.wall)}, {first.detail['link_turns']} sync-link round trips | — | | | |"
+        )
+    return "\n".join(lines)
+
+
+def service_section(benches: list[Bench]) -> str:
+    parts = ["### The running service\n", SERVICE_METHOD, ""]
+    for bench in benches:
+        if bench.service is None:
+            continue
+        parts += [
+            f"#### Profile `{bench.server.name}` (the whole step took "
+            f"{bench.service.seconds:.0f} s)\n",
+            service_table(bench),
+            "",
+        ]
+    return "\n".join(parts)
 
 
 def machine_info() -> dict[str, str]:
@@ -232,6 +412,8 @@ def report_text(benches: list[Bench], large: list[Bench], startup: float, profil
     if profiled:
         head.append("- **profiled run**: timings include cProfile overhead")
     parts = ["\n".join(head) + "\n", *(profile_section(b) for b in benches)]
+    if any(b.service is not None for b in benches):
+        parts.append(service_section(benches))
     if large:
         seeded = ", ".join(f"{b.server.name} {b.seed_seconds:.1f} s" for b in large)
         parts.append(

@@ -39,6 +39,7 @@ class Bench:
     results: list[Measurement] = field(default_factory=list)
     count: int = 0
     unread: list[int] = field(default_factory=list)
+    service: Any = None  # service.ServiceResults of the running-service step, if it ran
 
     def __post_init__(self) -> None:
         self.count = self.messages

@@ -37,6 +37,14 @@ class _Timer:
         setattr(obj, name, timed)
 
 
+def status_round_trip(imap: Any, mailbox: str) -> float:
+    """Seconds of one ``STATUS`` (the counts the agent asks for) on the agent's own
+    connection: the floor of any session that has to look at the desktop."""
+    started = time.perf_counter()
+    imap.status(mailbox)
+    return time.perf_counter() - started
+
+
 def worker_main(ini: Path, profile_dir: Path | None) -> int:
     """A running agent: connections opened once, then one SyncSession per request."""
     from imapsync_bridge.agent import runner
@@ -68,8 +76,12 @@ def worker_main(ini: Path, profile_dir: Path | None) -> int:
     reply({"ready": True, "connect_s": time.perf_counter() - started})
     for sessions, line in enumerate(sys.stdin):
         request = json.loads(line)
+        if request["cmd"] == "status":
+            reply({"wall": status_round_trip(imap, desktop.trash)})
+            continue
         if request["cmd"] != "sync":
             break
+        vouched = bool(request.get("vouched"))
         counters = (imap.round_trips, imap.bytes_read, imap_timer.seconds, link_timer.seconds)
         profiler = cProfile.Profile() if profile_dir is not None else None
         reconnected = False
@@ -80,7 +92,7 @@ def worker_main(ini: Path, profile_dir: Path | None) -> int:
             if request.get("noop"):
                 imap._client.noop()
             try:
-                report = SyncSession(state, desktop, link, options).run()
+                report = SyncSession(state, desktop, link, options, phone_vouched=vouched).run()
             except Exception as exc:  # noqa: BLE001 - e.g. the server ended the connection
                 if sessions == 0:
                     raise
