@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from agents import AgentSpec, RunningAgent, start_product
+from mailflow import MAILFLOW_HEADING, mailflow_figures
+from mailflow import report as mailflow_report
 from measuring import CountingProxy, log
 from peers import write_mbsync_config
 from processes import REPO, stop_process, terminate_as_exit, use_pycache
@@ -126,6 +128,9 @@ def run_bench(args: argparse.Namespace) -> int:
                     large.append(bench)
         startup = startup_cost()
         body = report_text(benches, large, startup, profile_dir is not None)
+        if args.mailflow:
+            log("mail flow: inbound SMTP throughput, phone → recipient via the desktop")
+            body += MAILFLOW_HEADING + mailflow_report(mailflow_figures()) + "\n"
         print(body)
         if args.docs:
             write_docs(REPO / args.docs, body, args)
@@ -177,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         help="idle agent run measured this long, on the first profile (60; --quick: 5)",
     )
     parser.add_argument("--cprofile", metavar="DIR", help="cProfile every bridge sync into DIR")
+    parser.add_argument(
+        "--no-mailflow", dest="mailflow", action="store_false",
+        help="leave out the mail flow figures (inbound SMTP, via-desktop latency)",
+    )  # fmt: skip
     parser.add_argument("--worker", metavar="INI", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

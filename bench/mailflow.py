@@ -38,6 +38,13 @@ from imapsync_bridge.config import load_server_config  # noqa: E402
 from imapsync_bridge.server.phone import PhoneService  # noqa: E402
 from imapsync_bridge.server.store import PhoneStore  # noqa: E402
 
+MAILFLOW_HEADING = (
+    "\n## Mail flow (issue 8)\n\nThe real `server run` and `agent run` on loopback against a"
+    " small Dovecot of their own (`bench/mailflow.py`): 1,000 small messages from 10"
+    " concurrent SMTP clients into the hosted server (time from the end of DATA to the"
+    " 250), and a via-desktop message from the phone's compose to its arrival at the"
+    " corporate SMTP server (aiosmtpd), push, session and SMTP included.\n\n"
+)
 CLIENTS = 10
 PER_CLIENT = 100
 LATENCY_RUNS = 5
