@@ -266,13 +266,30 @@ class SmtpListener:
     """The Listener plumbing (see :class:`.app.Listener`) of an aiosmtpd protocol served
     with ``loop.create_server`` in the running loop; subclasses make the protocol."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, hostname: str, max_message_size: int, tls_context: ssl.SSLContext | None
+    ) -> None:
+        self.hostname = hostname
+        self.max_message_size = max_message_size
+        self.tls_context = tls_context
         self._server: asyncio.Server | None = None
         self._connections: weakref.WeakSet[SMTP] = weakref.WeakSet()
 
     def protocol(self) -> SMTP:
         """A new protocol instance for one connection."""
         raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """What every listener's aiosmtpd protocol is made with."""
+        return {
+            "data_size_limit": self.max_message_size,
+            "enable_SMTPUTF8": True,
+            "hostname": self.hostname,
+            "ident": "imapsync-bridge",
+            "tls_context": self.tls_context,
+            "timeout": TIMEOUT,
+            "loop": asyncio.get_running_loop(),
+        }
 
     def _connection(self) -> SMTP:
         protocol = self.protocol()
@@ -313,20 +330,8 @@ class SmtpInListener(SmtpListener):
         tls_context: ssl.SSLContext | None = None,
         delivered: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(hostname, max_message_size, tls_context)
         self.handler = InboundHandler(store, max_message_size, max_unsynced, delivered)
-        self.hostname = hostname
-        self.max_message_size = max_message_size
-        self.tls_context = tls_context
 
     def protocol(self) -> SMTP:
-        return InboundSMTP(
-            self.handler,
-            data_size_limit=self.max_message_size,
-            enable_SMTPUTF8=True,
-            hostname=self.hostname,
-            ident="imapsync-bridge",
-            tls_context=self.tls_context,
-            timeout=TIMEOUT,
-            loop=asyncio.get_running_loop(),
-        )
+        return InboundSMTP(self.handler, **self.settings())

@@ -391,23 +391,14 @@ class SubmissionListener(SmtpListener):
     ) -> None:
         """``relay``: how send-now mail leaves (``[server]``'s ``[relay]``; None: it waits
         queued for a process that has one)."""
-        super().__init__()
+        super().__init__(hostname, max_message_size, tls_context)
         self.handler = SubmissionHandler(store, logins, max_message_size, submit, relay)
-        self.hostname = hostname
-        self.max_message_size = max_message_size
-        self.tls_context = tls_context
 
     def protocol(self) -> SMTP:
         return SubmissionSMTP(
             self.handler,
-            data_size_limit=self.max_message_size,
-            enable_SMTPUTF8=True,
-            hostname=self.hostname,
-            ident="imapsync-bridge",
-            tls_context=self.tls_context,
             require_starttls=True,
             auth_required=True,
             auth_require_tls=True,
-            timeout=smtp_in.TIMEOUT,
-            loop=asyncio.get_running_loop(),
+            **self.settings(),
         )
