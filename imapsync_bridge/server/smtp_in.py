@@ -30,7 +30,6 @@ import asyncio
 import logging
 import ssl
 import weakref
-from collections.abc import Awaitable, Callable
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from pathlib import Path
@@ -132,13 +131,10 @@ class InboundHandler:
         store: InboundStore,
         max_message_size: int,
         max_unsynced: int,
-        delivered: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.max_message_size = max_message_size
         self.max_unsynced = max_unsynced
-        #: called (awaited) with each user who got a new message, e.g. to push a notice
-        self.delivered = delivered
 
     async def handle_RCPT(
         self,
@@ -203,18 +199,7 @@ class InboundHandler:
             "smtp in: accepted %s (%d bytes) from %r via %s for %s",
             key, len(raw), sender, peer, ", ".join(_outcome(u, d) for u, d in done.items()),
         )  # fmt: skip
-        if self.delivered is not None:
-            for user, delivery in done.items():
-                if not delivery.duplicate:
-                    await self._notify(user)
         return ACCEPTED
-
-    async def _notify(self, user: str) -> None:
-        assert self.delivered is not None
-        try:
-            await self.delivered(user)
-        except Exception as exc:  # a notice is a hint; the mail is stored already
-            log.warning("smtp in: could not tell %s's agent about new mail: %s", user, exc)
 
 
 def _outcome(user: str, delivery: Delivery) -> str:
@@ -328,10 +313,9 @@ class SmtpInListener(SmtpListener):
         max_message_size: int,
         max_unsynced: int,
         tls_context: ssl.SSLContext | None = None,
-        delivered: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         super().__init__(hostname, max_message_size, tls_context)
-        self.handler = InboundHandler(store, max_message_size, max_unsynced, delivered)
+        self.handler = InboundHandler(store, max_message_size, max_unsynced)
 
     def protocol(self) -> SMTP:
         return InboundSMTP(self.handler, **self.settings())
