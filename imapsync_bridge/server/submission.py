@@ -317,19 +317,27 @@ def _text(data: bytes) -> str:
         return "\x00"
 
 
+async def _first_response(server: SMTP, args: list[str], prompt: str) -> bytes | None:
+    """The mechanism's first client response: the initial response given with AUTH, or
+    the answer to a challenge; None (answered, or the client gave up) when unusable."""
+    if len(args) > 1:
+        data = _decode(args[1])
+    else:
+        answer = await server.challenge_auth(prompt)
+        if answer is MISSING:
+            return None
+        assert isinstance(answer, bytes)
+        data = answer
+    if data is None:
+        await server.push("501 5.5.2 cannot decode base64")
+    return data
+
+
 async def _plain(server: SMTP, args: list[str]) -> tuple[str, str] | None:
     """RFC 4616: ``[authzid] NUL authcid NUL passwd``; an authzid other than the login
     (acting for someone else) is refused as a bad login."""
-    if len(args) == 1:
-        blob = await server.challenge_auth("")
-        if blob is MISSING:
-            return None
-        assert isinstance(blob, bytes)
-        data: bytes | None = blob
-    else:
-        data = _decode(args[1])
+    data = await _first_response(server, args, "")
     if data is None:
-        await server.push("501 5.5.2 cannot decode base64")
         return None
     parts = data.split(b"\x00")
     if len(parts) != 3:
@@ -343,17 +351,9 @@ async def _plain(server: SMTP, args: list[str]) -> tuple[str, str] | None:
 
 async def _login(server: SMTP, args: list[str]) -> tuple[str, str] | None:
     """The LOGIN mechanism: user name and password in two base64 challenges."""
-    if len(args) == 1:
-        answer = await server.challenge_auth("Username:")
-        if answer is MISSING:
-            return None
-        assert isinstance(answer, bytes)
-        login: bytes | None = answer
-    else:
-        login = _decode(args[1])
-        if login is None:
-            await server.push("501 5.5.2 cannot decode base64")
-            return None
+    login = await _first_response(server, args, "Username:")
+    if login is None:
+        return None
     password = await server.challenge_auth("Password:")
     if password is MISSING:
         return None
