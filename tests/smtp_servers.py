@@ -59,6 +59,9 @@ class MailServer:
     port: int = field(default_factory=free_port)
     received: list[Received] = field(default_factory=list)
     hooks: dict[str, Callable[[], None]] = field(default_factory=dict)
+    #: aiosmtpd ``SMTP`` keyword options (``tls_context``, ``require_starttls``,
+    #: ``authenticator``...), e.g. for a relay that wants STARTTLS and AUTH
+    options: dict[str, Any] = field(default_factory=dict)
     _replies: dict[str, _Reply] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _controller: Controller | None = None
@@ -125,7 +128,7 @@ class MailServer:
     def start(self) -> MailServer:
         self._controller = Controller(
             self, hostname=self.host, port=self.port, server_hostname="smtp.test",
-            ready_timeout=10,
+            ready_timeout=10, **self.options,
         )  # fmt: skip
         self._controller.start()
         return self

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from bridge import Bridge, ServerThread
 from dovecot import Dovecot
-from smtp import CorporateSmtp
+from smtp_servers import MailServer as SmtpServer
 from test_agent_run import stop_agent, wait_for
 
 from imapsync_bridge.headers import display_text
@@ -35,7 +35,7 @@ MAX_AGE = 900
 @dataclass
 class Running:
     bridge: Bridge
-    smtp: CorporateSmtp
+    smtp: SmtpServer
     phrase: str
     key: bytes
     agent: object
@@ -59,7 +59,7 @@ class Running:
 
 @pytest.fixture
 def running(dovecot: Dovecot, tmp_path: Path) -> Iterator[Running]:
-    with CorporateSmtp(dovecot) as smtp:
+    with SmtpServer(dovecot) as smtp:
         bridge = Bridge(dovecot, tmp_path, window=4).start()
         bridge.stop()  # again, with [relay] pointing at the corporate SMTP server
         ini = bridge.server_ini.read_text()
@@ -105,7 +105,7 @@ def test_a_requested_trigger_goes_through_the_relay_and_the_running_agent_syncs(
     assert waiting not in bridge.phone_inbox_ids()
     bridge.phone("request-sync")
     wait_for(lambda: waiting in bridge.phone_inbox_ids(), 10, "the triggered sync")
-    assert len(running.smtp.delivered) == 1, "one trigger mail, through the relay"
+    assert len(running.smtp.received) == 1, "one trigger mail, through the relay"
     wait_for(lambda: running.phrase not in " ".join(running.subjects()), 5, "the expunge")
     assert running.phrase not in " ".join(running.subjects(bridge.trash)), "not to Trash"
     assert all(running.phrase not in m["subject"] for m in bridge.phone_list()["inbox"])
@@ -168,7 +168,7 @@ def test_forged_stale_replayed_and_look_alike_mails_start_nothing(running: Runni
     # A valid trigger, consumed; then its byte-exact copy: a replay.
     bridge.phone("request-sync")
     wait_for(lambda: waiting in bridge.phone_inbox_ids(), 10, "the valid trigger's sync")
-    _user, consumed = running.smtp.delivered[-1]
+    consumed = running.smtp.received[-1].raw
     wait_for(lambda: len(bridge.mails()) == 5, 5, "the valid trigger expunged")
     second = bridge.deliver(2)
     time.sleep(1.5)  # past min_interval

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from bridge import Bridge, run_cli
 from dovecot import Dovecot
-from smtp import CorporateSmtp
+from smtp_servers import MailServer as SmtpServer
 
 from imapsync_bridge.agent.imap import ImapMailbox
 from imapsync_bridge.agent.runner import connect_imap, open_state
@@ -63,8 +63,8 @@ OTHER = "stranger@elsewhere.example"
 
 
 @pytest.fixture
-def smtp(dovecot: Dovecot) -> Iterator[CorporateSmtp]:
-    with CorporateSmtp(dovecot) as server:
+def smtp(dovecot: Dovecot) -> Iterator[SmtpServer]:
+    with SmtpServer(dovecot) as server:
         yield server
 
 
@@ -74,7 +74,7 @@ class Desk:
     secret as the server keeps it, and the relay the server would send through."""
 
     bridge: Bridge
-    smtp: CorporateSmtp
+    smtp: SmtpServer
     state: AgentState
     imap: ImapMailbox
     phrase: str
@@ -107,7 +107,7 @@ MAX_AGE = 900
 
 
 @pytest.fixture
-def desk(bridge: Bridge, smtp: CorporateSmtp) -> Iterator[Desk]:
+def desk(bridge: Bridge, smtp: SmtpServer) -> Iterator[Desk]:
     config = load_agent_config(bridge.agent_ini)
     secret = server_secret(bridge)
     assert secret is not None
@@ -146,7 +146,7 @@ def test_a_sent_trigger_is_expunged_once_and_its_exact_copy_is_a_replay(
         desk.relay(), user="alice", sender="alice@phone.example", to=desk.address,
         phrase=desk.phrase, key=desk.key,
     )  # fmt: skip
-    assert desk.smtp.delivered and desk.phrase in desk.subjects()
+    assert desk.smtp.received and desk.phrase in desk.subjects()
     copy = desk.raw(desk.phrase)
     assert message_id.encode() in copy and b"X-Bridge-Trigger: v1; nonce=" in copy
 
@@ -217,7 +217,7 @@ def test_trigger_mail_never_reaches_the_phone_even_when_a_sync_comes_first(
         assert secret is not None
         phrase, key = secret
         desktop = f"{b.user}@corp.example"
-        with CorporateSmtp(profiled_dovecot) as smtp:
+        with SmtpServer(profiled_dovecot) as smtp:
             relay = MailServer("relay", smtp.host, smtp.port, "none", "", None)
 
             def trigger() -> None:

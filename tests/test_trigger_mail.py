@@ -10,9 +10,9 @@ from email.policy import default
 from pathlib import Path
 
 import pytest
+import smtp_servers
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from dovecot import Dovecot
-from smtp import CorporateSmtp
 
 from imapsync_bridge.config import MailServer
 from imapsync_bridge.errors import AuthError, MailRefused, TransientError
@@ -28,15 +28,16 @@ def send(relay: MailServer, to: str) -> str:
                              phrase=PHRASE, key=KEY)  # fmt: skip
 
 
-def plain(smtp: CorporateSmtp) -> MailServer:
+def plain(smtp: smtp_servers.MailServer) -> MailServer:
     return MailServer("relay", smtp.host, smtp.port, "none", "", None)
 
 
 def test_the_trigger_mail_arrives_as_specified(dovecot: Dovecot, imap_user: str) -> None:
-    with CorporateSmtp(dovecot) as smtp:
+    with smtp_servers.MailServer(dovecot) as smtp:
         message_id = send(plain(smtp), f"{imap_user}@corp.example")
-        ((user, raw),) = smtp.delivered
-    assert user == imap_user
+        (got,) = smtp.received
+    raw = got.raw
+    assert got.rcpt_tos == [f"{imap_user}@corp.example"]
     mail = BytesParser(policy=default).parsebytes(raw)
     assert (mail["Subject"], mail["From"], mail["To"], mail["Message-ID"].strip()) == (
         PHRASE, "alice@phone.example", f"{imap_user}@corp.example", message_id,
@@ -53,11 +54,11 @@ def test_the_trigger_mail_arrives_as_specified(dovecot: Dovecot, imap_user: str)
 def test_a_refusal_is_transient_for_4xx_and_permanent_for_5xx(
     dovecot: Dovecot, reply: str, error: type[Exception]
 ) -> None:
-    with CorporateSmtp(dovecot) as smtp:
-        smtp.rcpt_reply = reply
+    with smtp_servers.MailServer(dovecot) as smtp:
+        smtp.answer("rcpt", reply)
         with pytest.raises(error, match=reply.split()[0]):
             send(plain(smtp), "nobody@corp.example")
-        assert smtp.delivered == []
+        assert smtp.received == []
 
 
 def test_an_unreachable_relay_is_transient() -> None:
@@ -85,18 +86,18 @@ def test_starttls_is_required_verified_and_carries_auth(
     password.write_text("relay-secret\n")
     password.chmod(0o600)
     to = f"{imap_user}@corp.example"
-    with CorporateSmtp(dovecot) as bare:  # offers no STARTTLS: never sent in plain text
+    with smtp_servers.MailServer(dovecot) as bare:  # offers no STARTTLS: never sent in plain text
         with pytest.raises(AuthError, match="STARTTLS"):
             send(MailServer("relay", bare.host, bare.port, "starttls", "", None), to)
-        assert bare.delivered == []
+        assert bare.received == []
     options = {"tls_context": context, "require_starttls": True, "authenticator": authenticator}
-    with CorporateSmtp(dovecot, **options) as smtp:
+    with smtp_servers.MailServer(dovecot, options=options) as smtp:
         relay = MailServer("relay", smtp.host, smtp.port, "starttls", "phone-relay", password)
         with pytest.raises(AuthError, match="TLS"):  # the test CA is not trusted yet
             send(relay, to)
         monkeypatch.setenv("SSL_CERT_FILE", str(dovecot.cert_path))
         send(relay, to)
-        assert logins == [(b"phone-relay", b"relay-secret")] and len(smtp.delivered) == 1
+        assert logins == [(b"phone-relay", b"relay-secret")] and len(smtp.received) == 1
         password.write_text("wrong\n")
         with pytest.raises(MailRefused, match="refused the login: 535"):
             send(relay, to)
