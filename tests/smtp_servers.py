@@ -1,4 +1,4 @@
-"""SMTP servers for the outgoing-mail tests: aiosmtpd on loopback, no mocks.
+"""SMTP servers for the mail tests (outgoing, trigger, submission): aiosmtpd on loopback.
 
 :class:`MailServer` plays the corporate SMTP server (the agent's ``[smtp]``) or the hosted
 server's ``[relay]``. Every accepted message is recorded (``received``) and, for a

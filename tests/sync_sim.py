@@ -37,6 +37,7 @@ from imapsync_bridge.model import (
     PhoneFact,
     Where,
 )
+from imapsync_bridge.sync.ledger import roll_forward
 from imapsync_bridge.sync.merge import MergePlan, keys_in_scope, merge
 from imapsync_bridge.sync.normalize import NormalizePlan, normalize
 from imapsync_bridge.sync.ops import (
@@ -353,6 +354,9 @@ class SimLedger(dict[str, LedgerEntry]):
 
     last: LastSession | None = None
     interrupted: bool = False  # a session began changing things and did not commit
+    #: phone actions a session that did not commit sent (the agent's journal); the
+    #: next session rolls the ledger forward over them
+    journal: tuple[PhoneAction, ...] = ()
 
 
 # The points a simulated session can be stopped at or let users act at, in order; each is
@@ -397,6 +401,9 @@ def sync(
     assert crash_after in (None, *CRASH_POINTS)
     last = getattr(ledger, "last", None) or LastSession(None, None, 0, False)
     last = replace(last, interrupted=getattr(ledger, "interrupted", False))
+    journal: tuple[PhoneAction, ...] = getattr(ledger, "journal", ())
+    base = roll_forward(ledger, journal) if journal else dict(ledger)
+    sent: list[PhoneAction] = []
 
     def phone_now() -> PhoneSnapshot:
         return PhoneSnapshot(
@@ -431,7 +438,7 @@ def sync(
             case ReadPhoneSnapshot():
                 return phone_now()
             case ReadLedger():
-                return dict(ledger)
+                return dict(base)
             case CheckWindowFlags(saved):
                 return desktop.window_flags_agree(saved)
             case FindDesktopFacts(keys):
@@ -445,6 +452,7 @@ def sync(
                 return DesktopOutcome(desktop.with_uids(planned), {}, changed)
             case SendToPhone(actions, planned_at):
                 apply_phone(phone, list(actions), planned_at)
+                sent.extend(actions)
                 return None
             case ListNewest(_count, skip):
                 return [m for m in desktop.newest_first() if m.key not in skip]
@@ -476,6 +484,8 @@ def sync(
     except StopIteration:
         pass
     except _Stop:
+        if isinstance(ledger, SimLedger):
+            ledger.journal = (*journal, *sent)  # journaled durably before each send
         return ledger
     return committed[-1]
 

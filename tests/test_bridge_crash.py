@@ -183,6 +183,27 @@ def test_sigkill_during_the_first_sync(
     bridge.assert_in_sync()
 
 
+def test_a_desktop_delete_made_after_a_crash_is_not_undone(
+    killer_bridge: tuple[Bridge, Killer],
+) -> None:
+    """The session that pulls new mail (and evicts the oldest) dies after the server
+    applied its one batch of ops, before its commit; the desktop user then deletes the
+    new mail. The next session must carry that delete to the phone, not read the
+    phone's copy as the phone user's and restore it to the desktop inbox."""
+    bridge, killer = killer_bridge
+    for n in range(1, 7):
+        bridge.deliver(n)
+    bridge.sync_ok()
+    new = bridge.deliver(20)
+    crash_at_frame(bridge, killer, "ops", 1)  # the server applies the batch; no commit
+    assert new in bridge.phone_inbox_ids()  # its put was applied before the kill
+    bridge.desktop_move(new, bridge.trash)
+    bridge.sync_ok()
+    assert new in bridge.desktop_ids(bridge.trash) and new not in bridge.desktop_ids()
+    assert new in [m["message_id"] for m in bridge.phone_list()["trash"]]
+    bridge.assert_in_sync()
+
+
 IMAP_POINTS = [
     (rb"^\S+ UID MOVE", 1, False),  # the delete to Trash never reached Dovecot
     (rb"^\S+ UID MOVE", 1, True),  # moved on Dovecot, the answer never read

@@ -463,3 +463,46 @@ def test_a_session_vouched_by_the_push_link_ends_as_a_full_one(
         assert state_of(w) == state_of(reference)
         check_all(w)
         check_idle(w)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dates=st.lists(st.integers(0, 100_000), min_size=1, max_size=20, unique=True),
+    window=st.integers(1, 8),
+    new_mail=st.integers(1, 4),
+    crash=st.sampled_from(CRASH_POINTS),
+    after=st.lists(op, min_size=1, max_size=5),
+    condstore=st.booleans(),
+)
+def test_users_acting_between_a_crash_and_the_next_session_lose_nothing(
+    dates, window, new_mail, crash, after, condstore
+) -> None:
+    """New mail; the session that pulls it dies part way (the phone may hold its puts
+    and evictions, the ledger does not); users act before the next session: their
+    changes still carry over, nothing is lost or doubled."""
+    w = synced_world(dates, window, condstore)
+    for n in range(new_mail):
+        do_op(w, "d_new", n)
+    old = w.ledger
+    assert sync(w.desktop, w.phone, w.ledger, window, crash_after=crash) is old
+    alive_before = w.alive()
+    keys_before = set(alive_before)
+    d0 = {k: w.where_desktop(k) for k in keys_before}
+    p0 = {k: w.where_phone(k) for k in keys_before}
+    f0 = {k: flags_of(w, k) for k in keys_before}
+    created: set[str] = set()
+    destroyed: set[str] = set()
+    for name, n in after:
+        serial = w.serial
+        if k := do_op(w, name, n):
+            destroyed.add(k)
+        if w.serial != serial:
+            created.add(f"<m{w.serial}@example.org>")
+    d1 = {k: w.where_desktop(k) for k in keys_before}
+    p1 = {k: w.where_phone(k) for k in keys_before}
+    phone_restores = set(w.phone.restored)
+    f1 = {k: flags_of(w, k) for k in keys_before}
+    w.ledger = sync(w.desktop, w.phone, old, window)
+    check_all(w)
+    check_round(w, alive_before, created, destroyed, d0, p0, d1, p1, phone_restores)
+    check_flag_changes(w, f0, f1)

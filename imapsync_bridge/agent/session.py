@@ -21,8 +21,16 @@ from imapsync_bridge.agent.desktop import DesktopSide
 from imapsync_bridge.agent.link import ServerLink
 from imapsync_bridge.agent.outbox import Outbox, OutgoingSettings
 from imapsync_bridge.agent.state import AgentState, PendingOp
-from imapsync_bridge.model import DesktopStatus, Flags, PhoneFact, Where, message_id_of
+from imapsync_bridge.model import (
+    DesktopStatus,
+    FlagChange,
+    Flags,
+    PhoneFact,
+    Where,
+    message_id_of,
+)
 from imapsync_bridge.protocol import schema
+from imapsync_bridge.sync.ledger import roll_forward
 from imapsync_bridge.sync.ops import (
     DestroyOnPhone,
     EvictFromPhone,
@@ -104,6 +112,24 @@ def phone_op(action: PhoneAction, planned_at: int = 0) -> dict[str, Any]:
     raise TypeError(f"unknown phone action {action!r}")
 
 
+def phone_action_of(op: dict[str, Any]) -> PhoneAction:
+    """The phone action a journaled op (:func:`phone_op`'s form) carried out."""
+    key = op["key"]
+    kind = op["kind"]
+    if kind == "put":
+        internaldate = datetime.fromisoformat(op["internaldate"])
+        return PutOnPhone(key, 0, Flags(op["seen"], op["flagged"]), internaldate)
+    if kind == "flags":
+        return SetPhoneFlags(key, FlagChange(seen=op["seen"], flagged=op["flagged"]))
+    if kind == "move":
+        return MoveOnPhone(key, Where(op["folder"]))
+    if kind == "evict":
+        return EvictFromPhone(key)
+    if kind == "destroy":
+        return DestroyOnPhone(key)
+    raise ValueError(f"unknown journaled op kind {kind!r}")
+
+
 def phone_facts(snapshot: schema.Snapshot) -> dict[str, PhoneFact]:
     restored = set(snapshot.restored)
     return {
@@ -149,6 +175,7 @@ class SyncSession:
         self.options = options
         self.phone_vouched = phone_vouched
         self._acked = 0  # highest op the server acknowledged; retired with the ledger
+        self._journaled: list[PhoneAction] = []
         self.outgoing = outgoing
         self._outgoing: list[schema.AnyAction] = []  # the snapshot's deliver/file_sent
 
@@ -156,6 +183,10 @@ class SyncSession:
         started = time.monotonic()
         last = last_session(self.state)
         journal = self.state.pending()
+        # An earlier session sent these and died before its commit; by the time the flow
+        # reads the ledger the server has applied them all (the greeting resends what it
+        # had not), so the ledger is rolled forward over them.
+        self._journaled = [phone_action_of(pending.op) for pending in journal]
         unfinished = self.outgoing is not None and bool(self.state.deliveries())
         vouched = self.phone_vouched and not journal and not unfinished
         snapshot = None if vouched else self._greet(journal)
@@ -194,7 +225,7 @@ class SyncSession:
         if isinstance(step, ReadPhoneSnapshot):
             return self._greet([])
         if isinstance(step, ReadLedger):
-            return self.state.ledger()
+            return roll_forward(self.state.ledger(), self._journaled)
         if isinstance(step, CheckWindowFlags):
             return self.desktop.window_flags_agree(step.ledger)
         if isinstance(step, FindDesktopFacts):
