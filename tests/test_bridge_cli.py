@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -123,3 +125,31 @@ def test_phone_verbs_go_through_the_service(tmp_path: Path, capsys) -> None:
         assert store.take_sync_request("alice") is not None
     assert main([*phone, "list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["inbox"][0]["seen"] is True
+
+
+def test_a_no_change_sync_refreshes_last_sync_at_most_once_a_minute(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """It writes nothing else; a failure recorded before is cleared at once."""
+    bridge = Bridge(dovecot, tmp_path).start()
+    try:
+        bridge.pair()
+        bridge.deliver(1)
+        bridge.sync_ok()
+        first = bridge.agent_status()["last_sync"]
+        assert "fast_path=True" in bridge.sync_ok()
+        assert bridge.agent_status()["last_sync"] == first  # within the minute: unwritten
+        path = tmp_path / "agent" / "state" / "agent.sqlite3"
+
+        def set_meta(name: str, value: str) -> None:
+            with contextlib.closing(sqlite3.connect(path)) as state, state:
+                state.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+
+        set_meta("last_error", "an old failure")
+        assert "fast_path=True" in bridge.sync_ok()
+        assert bridge.agent_status()["last_error"] is None
+        set_meta("last_sync", "2026-01-01T00:00:00+00:00")
+        assert "fast_path=True" in bridge.sync_ok()
+        assert bridge.agent_status()["last_sync"] > "2026-01-01T00:00:00+00:00"
+    finally:
+        bridge.stop()

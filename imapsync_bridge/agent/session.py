@@ -64,10 +64,13 @@ from imapsync_bridge.sync.session import (
 
 log = logging.getLogger(__name__)
 
+# Seconds a no-change session may leave `last_sync` as it was (see _worth_recording).
+LAST_SYNC_REFRESH = 60
 
-def last_session(state: AgentState) -> LastSession:
-    """What the last completed session left in the state, read once per session."""
-    meta = state.meta()
+
+def last_session(state: AgentState, meta: dict[str, str]) -> LastSession:
+    """What the last completed session left in the state (*meta*: its facts, read once
+    per session)."""
     saved = meta.get("desktop_status")
     window = meta.get("window")
     return LastSession(
@@ -176,12 +179,14 @@ class SyncSession:
         self.phone_vouched = phone_vouched
         self._acked = 0  # highest op the server acknowledged; retired with the ledger
         self._journaled: list[PhoneAction] = []
+        self._meta: dict[str, str] = {}
         self.outgoing = outgoing
         self._outgoing: list[schema.AnyAction] = []  # the snapshot's deliver/file_sent
 
     def run(self) -> SessionReport:
         started = time.monotonic()
-        last = last_session(self.state)
+        self._meta = self.state.meta()
+        last = last_session(self.state, self._meta)
         journal = self.state.pending()
         # An earlier session sent these and died before its commit; by the time the flow
         # reads the ledger the server has applied them all (the greeting resends what it
@@ -257,7 +262,9 @@ class SyncSession:
             self.link.ack_actions(step.up_to)
             return None
         if isinstance(step, NothingToDo):
-            self.state.set_many(self._done_meta(), durable=False)
+            done = self._done_meta()
+            if self._worth_recording(done):
+                self.state.set_many(done, durable=False)
             return None
         if isinstance(step, Commit):
             meta = self._done_meta()
@@ -273,6 +280,20 @@ class SyncSession:
             self.state.commit_session(step.ledger, meta, step.quarantined, self._acked)
             return None
         raise TypeError(f"unknown session step {step!r}")
+
+    def _worth_recording(self, done: dict[str, str | int | None]) -> bool:
+        """Whether a session that found nothing to do writes its facts: when they
+        changed, or its ``last_sync`` is LAST_SYNC_REFRESH old. A running agent's
+        no-change session is otherwise one IMAP round trip; the write would double it."""
+        if any(
+            self._meta.get(name) != value for name, value in done.items() if name != "last_sync"
+        ):
+            return True
+        try:
+            recorded = datetime.fromisoformat(self._meta.get("last_sync") or "")
+        except ValueError:
+            return True
+        return (datetime.now(UTC) - recorded).total_seconds() >= LAST_SYNC_REFRESH
 
     def _done_meta(self) -> dict[str, str | int | None]:
         return {
