@@ -316,12 +316,13 @@ class ImapSession:
         with self._guard(f"STATUS {', '.join(mailboxes)}"):
             imap.untagged_responses.clear()
             sent = []
-            if self._selected in mailboxes:
-                sent.append(("UNSELECT", imap._command("UNSELECT")))
-                self._selected = None
-            for mailbox in mailboxes:
-                name = self._client._normalise_folder(mailbox)
-                sent.append(("STATUS", imap._command("STATUS", name, what)))
+            with _one_write(imap):
+                if self._selected in mailboxes:
+                    sent.append(("UNSELECT", imap._command("UNSELECT")))
+                    self._selected = None
+                for mailbox in mailboxes:
+                    name = self._client._normalise_folder(mailbox)
+                    sent.append(("STATUS", imap._command("STATUS", name, what)))
             for command, tag in sent:
                 typ, data = imap._command_complete(command, tag)
                 if typ != "OK":
@@ -337,6 +338,20 @@ class ImapSession:
         makes Dovecot re-scan a Maildir: ~200 ms at 50,000 messages)."""
         if self._selected != mailbox:
             self.select(mailbox)
+
+
+@contextlib.contextmanager
+def _one_write(imap: Any) -> Iterator[None]:
+    """imaplib's commands issued inside go out in one write at the end (commands
+    without literals: ``_command`` returns as soon as it has sent), so a pipeline is one
+    TCP segment rather than one per command that Nagle's algorithm may hold back."""
+    lines: list[bytes] = []
+    imap.send = lines.append
+    try:
+        yield
+    finally:
+        del imap.send  # the class's method again
+    imap.send(b"".join(lines))
 
 
 def _status_of(line: Any) -> MailboxStatus:
