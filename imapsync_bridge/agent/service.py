@@ -464,7 +464,7 @@ class AgentService:
                 if running and next_run is not None
                 else None
             ),
-            "syncs": self._syncs,
+            "syncs": self._syncs,  # sessions run (bench/service.py waits on it)
         }
         if shown == self._shown:
             return
