@@ -181,6 +181,12 @@ def cmd_agent_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent_check(args: argparse.Namespace) -> int:
+    from imapsync_bridge.agent.check import report
+
+    return report(Path(args.config), lambda line: print(line, flush=True))
+
+
 def cmd_set_password(args: argparse.Namespace) -> int:
     import keyring
     from keyring.errors import KeyringError
@@ -189,7 +195,11 @@ def cmd_set_password(args: argparse.Namespace) -> int:
     server = config.imap.server if args.role == "imap" else config.smtp
     if server is None:
         raise ConfigError(f"{config.path}: no [{args.role}] section")
-    secret = getpass.getpass(f"{args.role} password for {server.username}@{server.host}: ")
+    if not server.username:
+        raise ConfigError(f"{config.path}: [{args.role}] username is empty: no password is used")
+    secret = read_new_password(f"{args.role} password for {server.username}@{server.host}: ")
+    if not secret:
+        raise ConfigError("an empty password; nothing stored")
     try:
         keyring.set_password(
             KEYRING_SERVICE, keyring_account(args.role, server.username, server.host), secret
@@ -198,7 +208,7 @@ def cmd_set_password(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"no usable keyring ({exc}); use password_file or a systemd credential instead"
         ) from None
-    print(f"stored the {args.role} password in the keyring")
+    print(f"stored the {args.role} password for {server.username}@{server.host} in the keyring")
     return 0
 
 
@@ -325,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_agent_status)
+    p = agent.add_parser(
+        "check",
+        help="check the set-up step by step (config, secrets, IMAP, SMTP, server); changes nothing",
+    )
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_agent_check)
 
     p = top.add_parser("set-password", help="store the IMAP or SMTP password in the keyring")
     p.add_argument("--config", required=True)

@@ -455,17 +455,28 @@ def keyring_account(role: str, username: str, host: str) -> str:
 
 def lookup_secret(role: str, username: str, host: str, password_file: Path | None) -> str:
     """Password file, else the OS keyring, else ``$CREDENTIALS_DIRECTORY/<role>``."""
+    return find_secret(role, username, host, password_file)[0]
+
+
+def find_secret(role: str, username: str, host: str, password_file: Path | None) -> tuple[str, str]:
+    """The secret and where it came from, in the documented order (docs/secrets.md):
+    ``password_file`` when set (never falling through: a set file that is missing or
+    readable by others is an error), else the OS keyring, else the systemd credential
+    ``$CREDENTIALS_DIRECTORY/<role>``. The source names no secret (``agent check``)."""
     if password_file is not None:
-        return read_password_file(password_file)
+        return read_password_file(password_file), f"password_file {password_file}"
     secret = _keyring_secret(role, username, host)
     if secret is not None:
-        return secret
+        account = keyring_account(role, username, host)
+        return secret, f"the OS keyring (service {KEYRING_SERVICE}, {account})"
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
     if credentials and (Path(credentials) / role).exists():
-        return read_password_file(Path(credentials) / role)
+        path = Path(credentials) / role
+        return read_password_file(path), f"the systemd credential {path}"
     raise ConfigError(
         f"no {role} password for {username}@{host}: set password_file in [{role}], "
-        f"run `imapsync-bridge set-password {role}`, or pass a systemd credential named {role}"
+        f"run `imapsync-bridge set-password --config <agent.ini> {role}`, "
+        f"or pass a systemd credential named {role}"
     )
 
 

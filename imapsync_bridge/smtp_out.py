@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from imapsync_bridge.config import MailServer
+from imapsync_bridge.errors import AuthError, ConnectionLost
 from imapsync_bridge.sync.outgoing import Outcome, classify
 
 log = logging.getLogger(__name__)
@@ -150,4 +151,29 @@ def send(
             conn.close()
 
 
-__all__ = ["Result", "send"]
+def probe(server: MailServer, *, timeout: float = TIMEOUT) -> None:
+    """Connect, secure and log in as configured, then QUIT, sending nothing (``agent
+    check``). ``ConnectionLost`` when the server cannot be reached or secured,
+    ``AuthError`` when it refuses the login; no message names a secret."""
+    password = server.password() if server.username else None
+    where = f"{server.host}:{server.port}"
+    try:
+        conn = _connect(server, socket.gethostname(), timeout)
+    except _Unreachable as exc:
+        raise ConnectionLost(str(exc)) from None
+    try:
+        if server.username:
+            conn.login(server.username, password or "")
+    except smtplib.SMTPAuthenticationError as exc:
+        reply = _reply(exc.smtp_code, exc.smtp_error)
+        raise AuthError(f"{where} refused the login as {server.username!r}: {reply}") from None
+    except (OSError, smtplib.SMTPException) as exc:
+        raise ConnectionLost(f"{where}: AUTH failed: {exc}") from None
+    finally:
+        try:
+            conn.quit()
+        except (OSError, smtplib.SMTPException):
+            conn.close()
+
+
+__all__ = ["Result", "probe", "send"]

@@ -95,13 +95,12 @@ class ImapMailbox(ImapWatching):
     imapclient upgrade that changes them fails loudly.
     """
 
-    def resolve_folders(self, configured: Mapping[str, str | None]) -> dict[str, str]:
-        """The folder for each role of :data:`folders.ROLES` (trash, sent, outbox),
-        created under the personal namespace when missing (see :mod:`.folders`).
+    def find_folders(self, configured: Mapping[str, str | None]) -> dict[str, folders.Choice]:
+        """The folder for each role of :data:`folders.ROLES` (trash, sent, outbox), and
+        whether it exists, without creating anything (``agent check`` shows this).
 
         *configured* maps a role name to the ``[imap]`` setting (empty = find it).
-        One LIST; NAMESPACE only when a folder is not found without it. ImapError naming
-        the ``[imap]`` key to set when a folder cannot be created.
+        One LIST; NAMESPACE only when a folder is not found without it.
         """
         with self._guard("LIST"):
             listing = self._client.list_folders()
@@ -119,6 +118,12 @@ class ImapMailbox(ImapWatching):
         if not all(c.exists for c in choices.values()) and self.has("NAMESPACE"):
             prefix, sep_text = self._personal_namespace(sep_text)
             choices = choose_all(prefix, sep_text)
+        return choices
+
+    def resolve_folders(self, configured: Mapping[str, str | None]) -> dict[str, str]:
+        """:meth:`find_folders`, creating under the personal namespace those missing.
+        ImapError naming the ``[imap]`` key to set when a folder cannot be created."""
+        choices = self.find_folders(configured)
         for role, choice in choices.items():
             if not choice.exists:
                 self._create(choice.name, role)

@@ -1,0 +1,262 @@
+"""`agent check`: each thing a new set-up gets wrong, in order, one line each.
+
+The checks only read: they log in, LIST, STATUS and greet the hosted server, but create
+no folder, store no state and send no mail, so a user can run them as often as they
+like. A check that fails says what to do; checks that depend on it are left out (no
+IMAP login: no capabilities and no folders), the others still run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from imapsync_bridge.agent import folders
+from imapsync_bridge.agent.imap import ImapMailbox
+from imapsync_bridge.agent.link import AGENT_CRT, SERVER_CA, ServerLink
+from imapsync_bridge.config import AgentConfig, MailServer, find_secret, load_agent_config
+from imapsync_bridge.errors import AuthError, BridgeError, ConfigError, ImapError
+
+CHECK_INSTANCE = "agent-check"  # how the check's session names itself to the server
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One line of the report."""
+
+    ok: bool
+    what: str  # e.g. "IMAP login"
+    detail: str  # what was found, or what went wrong
+    hint: str = ""  # what to do (failures)
+
+    def line(self) -> str:
+        mark = "✓" if self.ok else "✗"
+        hint = f" — {self.hint}" if self.hint and not self.ok else ""
+        return f"{mark} {self.what}: {self.detail}{hint}"
+
+
+# What the agent does with each capability, and without it (docs/compat.md).
+CAPABILITIES: tuple[tuple[str, str, str], ...] = (
+    (
+        "CONDSTORE",
+        "a sync fetches only the flags changed since the last one",
+        "without it each sync compares every message's flags (slower on a big inbox)",
+    ),
+    (
+        "IDLE",
+        "`agent run` hears inbox changes at once",
+        "without it `agent run` syncs every sync_interval and polls for trigger mail",
+    ),
+    (
+        "MOVE",
+        "deletes move messages to Trash in one command",
+        "without it: COPY, then \\Deleted and UID EXPUNGE of just those messages",
+    ),
+    (
+        "SPECIAL-USE",
+        "Trash and Sent are found by their attributes",
+        "without it Trash and Sent are found by their usual names",
+    ),
+)
+
+
+def run_checks(path: Path) -> Iterator[Outcome]:
+    """Every check of ``agent check`` for the agent.ini at *path*, in order."""
+    try:
+        config = load_agent_config(path)
+    except ConfigError as exc:
+        yield Outcome(False, "config", str(exc), "fix the setting named, then run this again")
+        return
+    yield Outcome(True, "config", f"{path} loads")
+    imap_secret = yield from _secret(config.imap.server)
+    if imap_secret is not None:
+        yield from _imap(config, imap_secret)
+    if config.smtp is None:
+        yield Outcome(
+            True, "SMTP", "no [smtp] section: the phone's 'send via desktop' is not available"
+        )
+    elif (yield from _secret(config.smtp)) is not None:
+        yield _smtp(config.smtp)
+    yield _server(config)
+
+
+def _secret(server: MailServer) -> Generator[Outcome, None, str | None]:
+    """The password lookup (never the password): returns it, or None when missing."""
+    what = f"{server.role} password"
+    if not server.username:
+        yield Outcome(True, what, "none needed (empty username: no login)")
+        return ""
+    if server.auth == "oauth2":
+        yield Outcome(
+            False, what, "auth = oauth2 is not supported by this version", "use auth = password"
+        )
+        return None
+    try:
+        secret, source = find_secret(
+            server.role, server.username, server.host, server.password_file
+        )
+    except ConfigError as exc:
+        yield Outcome(False, what, str(exc), "see docs/secrets.md for the lookup order")
+        return None
+    yield Outcome(True, what, f"found in {source}")
+    return secret
+
+
+def _imap(config: AgentConfig, password: str) -> Iterator[Outcome]:
+    server = config.imap.server
+    where = f"{server.host}:{server.port} ({server.security})"
+    try:
+        imap = ImapMailbox.connect(
+            server.host,
+            server.port,
+            security=server.security,
+            username=server.username,
+            password=password,
+        )
+    except AuthError as exc:
+        yield Outcome(True, "IMAP connection", f"{where} answered")
+        yield Outcome(False, "IMAP login", str(exc), _auth_hint("imap", str(exc)))
+        return
+    except BridgeError as exc:
+        yield Outcome(
+            False,
+            "IMAP connection",
+            str(exc),
+            "check [imap] host, port and security (993 for tls, 143 for starttls) "
+            "and that this machine may connect there",
+        )
+        return
+    with imap:
+        yield Outcome(True, "IMAP connection", f"{where} answered")
+        who = f"as {server.username}" if server.username else "without a login"
+        yield Outcome(True, "IMAP login", f"logged in {who}")
+        for name, used, fallback in CAPABILITIES:
+            offered = imap.has(name)
+            yield Outcome(True, f"IMAP {name}", "offered: " + used if offered else fallback)
+        yield from _folders(config, imap)
+
+
+def _auth_hint(role: str, message: str) -> str:
+    if "certificate" in message:
+        return (
+            "the server's certificate is not trusted by this machine: install its CA in "
+            "the system store, or use the name the certificate carries in [imap] host"
+        )
+    if "STARTTLS" in message:
+        return "the server offers no STARTTLS on this port: use security = tls (port 993)"
+    return (
+        f"check [{role}] username and the password: `imapsync-bridge set-password "
+        f"--config agent.ini {role}` stores a new one (docs/secrets.md)"
+    )
+
+
+def _folders(config: AgentConfig, imap: ImapMailbox) -> Iterator[Outcome]:
+    mailbox = config.imap.mailbox
+    try:
+        status = imap.status(mailbox)
+    except ImapError as exc:
+        yield Outcome(False, "mailbox", str(exc), "set [imap] mailbox to an existing folder")
+    else:
+        yield Outcome(True, "mailbox", f"{mailbox} ({status.messages} messages)")
+    try:
+        choices = imap.find_folders(
+            {"trash": config.imap.trash, "sent": config.imap.sent, "outbox": config.imap.outbox}
+        )
+    except ImapError as exc:
+        yield Outcome(False, "folders", str(exc), "the server refused LIST; ask its admin")
+        return
+    for role in folders.ROLES:
+        yield _folder(role, choices[role.name])
+
+
+def _folder(role: folders.Role, choice: folders.Choice) -> Outcome:
+    """Trash and Sent must exist (a new folder would split them from the one the user's
+    mail client uses); the agent's own Outbox is created at the first sync."""
+    what = f"{role.name} folder"
+    if choice.exists:
+        return Outcome(True, what, f"{choice.name} ({choice.how})")
+    if choice.how == "configured":
+        return Outcome(
+            False,
+            what,
+            f"[imap] {role.name} = {choice.name}: no such folder",
+            f"set [imap] {role.name} to a folder that exists, or empty to find it",
+        )
+    if role.attribute is None:
+        return Outcome(True, what, f"{choice.name} (missing: made at the first sync)")
+    return Outcome(
+        False,
+        what,
+        f"none found (no {role.attribute} attribute, none of the usual names); "
+        f"a sync would create {choice.name}",
+        f"set [imap] {role.name} = <the {role.name} folder your mail client uses>, "
+        f"or create {choice.name} there if that is the one you want",
+    )
+
+
+def _smtp(server: MailServer) -> Outcome:
+    from imapsync_bridge import smtp_out
+
+    where = f"{server.host}:{server.port} ({server.security})"
+    try:
+        smtp_out.probe(server, timeout=15.0)
+    except AuthError as exc:
+        return Outcome(False, "SMTP", str(exc), _auth_hint("smtp", str(exc)))
+    except BridgeError as exc:
+        return Outcome(
+            False,
+            "SMTP",
+            str(exc),
+            "check [smtp] host, port and security (465 for tls, 587 for starttls)",
+        )
+    who = f"logged in as {server.username}" if server.username else "no login configured"
+    return Outcome(True, "SMTP", f"{where} answered, {who}")
+
+
+def _server(config: AgentConfig) -> Outcome:
+    host, port = config.server
+    what = "hosted server"
+    if not (config.state_dir / AGENT_CRT).exists():
+        return Outcome(
+            False,
+            what,
+            f"this agent is not paired ({config.state_dir / AGENT_CRT} is missing)",
+            "run `imapsync-bridge agent pair --config agent.ini --code CODE` with the code "
+            "`server add-user` or `server pair-code` printed",
+        )
+    try:
+        with ServerLink.open(host, port, config.state_dir, timeout=15.0) as link:
+            link.hello(CHECK_INSTANCE)
+    except AuthError as exc:
+        return Outcome(
+            False,
+            what,
+            str(exc),
+            f"the server and {SERVER_CA} do not agree: ask for a new code "
+            "(`server pair-code`) and pair again",
+        )
+    except BridgeError as exc:
+        return Outcome(
+            False,
+            what,
+            str(exc),
+            "check [agent] server (host:port of the sync listener) and that this machine "
+            "may connect there",
+        )
+    return Outcome(
+        True, what, f"{host}:{port} verified with the pinned CA, this agent is {link.user}"
+    )
+
+
+def report(path: Path, write: Callable[[str], None]) -> int:
+    """Print each line as it is known; the exit status: 0 all passed, 2 the config is
+    unusable, 1 another check failed."""
+    failed = False
+    for outcome in run_checks(path):
+        write(outcome.line())
+        if not outcome.ok:
+            if outcome.what == "config":
+                return 2
+            failed = True
+    return 1 if failed else 0

@@ -1,0 +1,192 @@
+"""`agent check` against real servers: the test Dovecot, an aiosmtpd SMTP server with
+AUTH, the hosted server over mutual TLS. Every line is what the user reads; the check
+must change nothing (no folder created, no state written)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import smtp_servers
+from aiosmtpd.smtp import AuthResult, LoginPassword
+from bridge import Bridge, run_cli
+from dovecot import Dovecot, Profile
+
+SMTP_PASSWORD = "smtp-pass-4711"
+#: A server whose Trash the agent would have to create (no \\Trash, no usual name).
+NO_TRASH = Profile("no-trash", None, "", "/", {"Sent": "\\Sent"})
+
+
+def check(ini: Path) -> tuple[int, list[str], str]:
+    rc, out, err = run_cli("agent", "check", "--config", str(ini))
+    return rc, out.splitlines(), err
+
+
+def line(lines: list[str], what: str) -> str:
+    found = [text for text in lines if text[2:].startswith(what + ":")]
+    assert len(found) == 1, f"no single {what!r} line in {lines}"
+    return found[0]
+
+
+def folder_names(dovecot: Dovecot, user: str) -> set[str]:
+    with dovecot.client(user) as client:
+        return {name for _flags, _sep, name in client.list_folders()}
+
+
+def authenticator(server, session, envelope, mechanism, data):  # type: ignore[no-untyped-def]
+    assert isinstance(data, LoginPassword)
+    return AuthResult(success=data.password == SMTP_PASSWORD.encode(), handled=False)
+
+
+@pytest.fixture
+def bridge(dovecot: Dovecot, tmp_path: Path) -> Iterator[Bridge]:
+    """A paired agent with [smtp] (AUTH, password_file) on the stock test Dovecot."""
+    options = {"authenticator": authenticator, "auth_require_tls": False}
+    with smtp_servers.MailServer(dovecot, options=options) as smtp:
+        b = Bridge(dovecot, tmp_path, window=6)
+        b.smtp_port = smtp.port
+        b.start()
+        b.pair()
+        text = b.agent_ini.read_text()
+        b.agent_ini.write_text(
+            text.replace("username =\n", "username = agent\npassword_file = smtp.pass\n")
+        )
+        write_private(b.agent_ini.parent / "smtp.pass", SMTP_PASSWORD)
+        try:
+            yield b
+        finally:
+            b.stop()
+
+
+def write_private(path: Path, text: str) -> None:
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+
+
+def plain_agent_ini(root: Path, port: int, user: str, password: str) -> Path:
+    """An unpaired agent with IMAP only (the hosted server is not the point here)."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_private(root / "imap.pass", password)
+    ini = root / "agent.ini"
+    ini.write_text(
+        "[agent]\nstate_dir = state\nserver = 127.0.0.1:9\n"
+        f"[imap]\nhost = 127.0.0.1\nport = {port}\nsecurity = none\nusername = {user}\n"
+        "password_file = imap.pass\n"
+    )
+    return ini
+
+
+def test_a_good_set_up_passes_every_check_and_changes_nothing(bridge: Bridge) -> None:
+    state = bridge.agent_ini.parent / "state"
+    state_before = sorted(os.listdir(state))
+    folders_before = folder_names(bridge.dovecot, bridge.user)
+    rc, lines, err = check(bridge.agent_ini)
+    assert rc == 0, lines
+    assert err == ""
+    assert all(text.startswith("✓ ") for text in lines), lines
+    assert line(lines, "imap password").endswith(
+        f"found in password_file {bridge.agent_ini.parent}/imap.pass"
+    )
+    assert line(lines, "IMAP login") == f"✓ IMAP login: logged in as {bridge.user}"
+    for capability in ("CONDSTORE", "IDLE", "MOVE", "SPECIAL-USE"):
+        assert line(lines, f"IMAP {capability}").startswith(f"✓ IMAP {capability}: offered: ")
+    assert line(lines, "mailbox") == "✓ mailbox: INBOX (0 messages)"
+    assert line(lines, "trash folder") == "✓ trash folder: Trash (special-use)"
+    assert line(lines, "sent folder") == "✓ sent folder: Sent (special-use)"
+    assert (
+        line(lines, "outbox folder") == "✓ outbox folder: Outbox (missing: made at the first sync)"
+    )
+    assert "logged in as agent" in line(lines, "SMTP")
+    assert line(lines, "hosted server").startswith(
+        f"✓ hosted server: 127.0.0.1:{bridge.server.port if bridge.server else 0} verified "
+        "with the pinned CA, this agent is alice"
+    )
+    # nothing was created or stored: no Outbox, the state directory as it was
+    assert folder_names(bridge.dovecot, bridge.user) == folders_before
+    assert "Outbox" not in folders_before
+    assert sorted(os.listdir(state)) == state_before
+    # a wrong SMTP password is the SMTP line's ✗, with what to do; exit 1
+    write_private(bridge.agent_ini.parent / "smtp.pass", "not-it")
+    rc, lines, _err = check(bridge.agent_ini)
+    assert rc == 1
+    smtp = line(lines, "SMTP")
+    assert smtp.startswith("✗ SMTP: 127.0.0.1:") and "refused the login as 'agent': 535" in smtp
+    assert "set-password --config agent.ini smtp" in smtp
+    assert "not-it" not in "\n".join(lines)
+
+
+def test_a_wrong_password_is_the_login_line(tmp_path: Path) -> None:
+    with Dovecot() as dovecot:  # its own: a failed login slows later ones (auth penalty)
+        user = dovecot.new_user()
+        ini = plain_agent_ini(tmp_path, dovecot.port, user, "wrong-password-123")
+        rc, lines, _err = check(ini)
+    assert rc == 1
+    assert line(lines, "IMAP connection").startswith("✓ ")
+    login = line(lines, "IMAP login")
+    assert login.startswith(f"✗ IMAP login: IMAP login as {user!r} at 127.0.0.1:{dovecot.port}")
+    assert login.endswith(
+        "— check [imap] username and the password: `imapsync-bridge set-password "
+        "--config agent.ini imap` stores a new one (docs/secrets.md)"
+    )
+    assert "wrong-password-123" not in "\n".join(lines)
+    assert not [text for text in lines if text[2:].startswith(("IMAP CONDSTORE", "trash"))]
+    hosted = line(lines, "hosted server")
+    assert hosted.startswith("✗ hosted server: this agent is not paired")
+    assert "agent pair --config agent.ini --code CODE" in hosted
+
+
+def test_a_wrong_port_is_the_connection_line(dovecot: Dovecot, tmp_path: Path) -> None:
+    port = smtp_servers.free_port()  # nothing listens there
+    ini = plain_agent_ini(tmp_path, port, dovecot.new_user(), dovecot.password)
+    rc, lines, _err = check(ini)
+    assert rc == 1
+    connection = line(lines, "IMAP connection")
+    assert connection.startswith(
+        f"✗ IMAP connection: cannot connect to IMAP server 127.0.0.1:{port}"
+    )
+    assert "Connection refused" in connection
+    assert connection.endswith(
+        "— check [imap] host, port and security (993 for tls, 143 for starttls) "
+        "and that this machine may connect there"
+    )
+    assert not [text for text in lines if text[2:].startswith("IMAP login")]
+
+
+def test_a_missing_trash_is_named_with_the_setting_to_use(tmp_path: Path) -> None:
+    with Dovecot(profile=NO_TRASH) as dovecot:
+        user = dovecot.new_user()
+        ini = plain_agent_ini(tmp_path, dovecot.port, user, dovecot.password)
+        rc, lines, _err = check(ini)
+        assert "Trash" not in folder_names(dovecot, user)  # the check created nothing
+    assert rc == 1
+    assert line(lines, "IMAP login").startswith("✓ ")
+    assert line(lines, "sent folder") == "✓ sent folder: Sent (special-use)"
+    assert line(lines, "trash folder") == (
+        "✗ trash folder: none found (no \\Trash attribute, none of the usual names); "
+        "a sync would create Trash — set [imap] trash = <the trash folder your mail client "
+        "uses>, or create Trash there if that is the one you want"
+    )
+
+
+def test_a_configured_folder_that_does_not_exist(dovecot: Dovecot, tmp_path: Path) -> None:
+    ini = plain_agent_ini(tmp_path, dovecot.port, dovecot.new_user(), dovecot.password)
+    ini.write_text(ini.read_text() + "trash = Papierkorb\n")
+    rc, lines, _err = check(ini)
+    assert rc == 1
+    assert line(lines, "trash folder") == (
+        "✗ trash folder: [imap] trash = Papierkorb: no such folder — set [imap] trash to a "
+        "folder that exists, or empty to find it"
+    )
+
+
+def test_a_broken_config_is_the_only_line_and_exit_2(tmp_path: Path) -> None:
+    ini = tmp_path / "agent.ini"
+    ini.write_text("[agent]\nstate_dir = state\nserver = nowhere\n[imap]\nhost = x\n")
+    rc, lines, _err = check(ini)
+    assert rc == 2
+    assert lines == [
+        f"✗ config: {ini}: [agent] server: expected host:port, got 'nowhere' — fix the "
+        "setting named, then run this again"
+    ]
