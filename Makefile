@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_PACKAGES := dovecot-imapd
 
-.PHONY: install system-deps test lint demo bench clean
+.PHONY: install system-deps test lint demo bench clean install-systemd
 
 install: $(VENV)/.installed
 
@@ -57,6 +57,22 @@ demo: install system-deps
 bench: EXTRA_DEB = isync
 bench: install system-deps
 	$(PY) bench/bench.py $(BENCH_ARGS)
+
+# The systemd units (contrib/systemd, docs/systemd.md), with ExecStart pointing at the
+# installed command: BINDIR (default /usr/local/bin, where `sudo pip install .` puts it).
+BINDIR      ?= /usr/local/bin
+SYSTEMD_DIR ?= /etc/systemd/system
+SYSTEMCTL   ?= systemctl
+install-systemd:
+	@test -x $(BINDIR)/imapsync-bridge || { echo "no $(BINDIR)/imapsync-bridge:" \
+	  "install the package first (sudo pip install .) or pass BINDIR=DIR" >&2; exit 1; }
+	@for unit in contrib/systemd/*.service; do \
+	  sed "s|/usr/local/bin/imapsync-bridge|$(BINDIR)/imapsync-bridge|" $$unit \
+	    | $(SUDO) tee $(SYSTEMD_DIR)/$$(basename $$unit) >/dev/null || exit 1; \
+	  echo "installed $(SYSTEMD_DIR)/$$(basename $$unit)"; \
+	done
+	$(SUDO) $(SYSTEMCTL) daemon-reload
+	@echo "next: docs/systemd.md (configuration, credentials, pairing, systemctl enable --now)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

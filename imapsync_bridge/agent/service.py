@@ -56,6 +56,7 @@ from imapsync_bridge.agent.trigger import TriggerWatch
 from imapsync_bridge.config import AgentConfig
 from imapsync_bridge.errors import AuthError, BridgeError, TransientError
 from imapsync_bridge.protocol import schema
+from imapsync_bridge.sdnotify import Notifier
 from imapsync_bridge.sync.session import SessionReport
 
 log = logging.getLogger(__name__)
@@ -113,9 +114,16 @@ class Wakeup:
 
 
 class AgentService:
-    def __init__(self, config: AgentConfig, timing: ServiceTiming | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        timing: ServiceTiming | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.config = config
         self.timing = timing or ServiceTiming()
+        # systemd (Type=notify): ready once the loop runs, the watchdog pinged from it
+        self.notifier = notifier or Notifier.from_environment()
         self.wake = Wakeup()
         self.state: AgentState  # opened by run(), in the thread that uses it
         self.scheduler = schedule.Scheduler()
@@ -175,6 +183,7 @@ class AgentService:
         if self.watcher is not None:
             self.watcher.start()
         self.wake.add("start")
+        self.notifier.ready(f"syncing every {self.config.sync_interval} s")
         try:
             while not self._stopping.is_set():
                 self._turn()
@@ -183,6 +192,7 @@ class AgentService:
         log.info("agent run stopped")
 
     def _shut_down(self) -> None:
+        self.notifier.stopping()
         if self.watcher is not None:
             self.watcher.stop(timeout=2.0)
         self.connector.stop(timeout=2.0)
@@ -201,6 +211,7 @@ class AgentService:
             if self.push.has_buffered():
                 timeout = 0.0
         ready, _, _ = select.select(readable, [], [], timeout)
+        self.notifier.ping()
         self._pending |= self.wake.take()
         self._take_handed_over()
         if self.push is not None and (self.push in ready or self.push.has_buffered()):
@@ -218,6 +229,8 @@ class AgentService:
         now = time.monotonic()
         if self._deferred:
             waits.append(self._last_started + MERGE_WINDOW - now)
+        if (ping := self.notifier.seconds_to_ping()) is not None:
+            waits.append(ping)
         for due in (self._retry_at, self._trigger_at):
             if due is not None:
                 waits.append(due - now)

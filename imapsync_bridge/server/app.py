@@ -14,6 +14,7 @@ from typing import Protocol
 from imapsync_bridge.config import ServerConfig
 from imapsync_bridge.errors import BridgeError, ConfigError
 from imapsync_bridge.protocol import pki
+from imapsync_bridge.sdnotify import Notifier
 from imapsync_bridge.server.credentials import Logins
 from imapsync_bridge.server.listener import SyncListener
 from imapsync_bridge.server.notify import ChangeNotifier, MailTrigger
@@ -195,6 +196,13 @@ async def relay_worker(config: ServerConfig, store: PhoneStore, poll: float = RE
         await asyncio.sleep(poll)
 
 
+async def _ping_watchdog(notifier: Notifier, every: float) -> None:
+    """Runs on the event loop: a loop that stops turning stops the pings."""
+    while True:
+        notifier.ping()
+        await asyncio.sleep(every)
+
+
 @dataclass
 class Running:
     """What ``serve`` started, handed to its ``ready`` callback (on the event loop)."""
@@ -218,10 +226,14 @@ async def serve(
     stop: asyncio.Event | None = None,
     ready: Callable[[Running], None] | None = None,
     entries: Sequence[ListenerEntry] = LISTENERS,
+    systemd: Notifier | None = None,
 ) -> None:
     """Start every listener the config enables, over one store, and run until ``stop`` is
     set (without one: until SIGTERM or SIGINT). ``ready`` is called once all of them
-    listen; a listener that fails to start stops the ones already started."""
+    listen; a listener that fails to start stops the ones already started. Under systemd
+    (``Type=notify``) ``systemd`` says READY=1 then, and the event loop pings the
+    watchdog."""
+    systemd = systemd or Notifier.from_environment()
     store = open_store(config)
     if stop is None:
         stop = asyncio.Event()
@@ -232,6 +244,7 @@ async def serve(
     running = Running(store, stop, shared.logins)
     notifier: ChangeNotifier | None = None
     relaying: asyncio.Task[None] | None = None
+    watchdog: asyncio.Task[None] | None = None
     try:
         for entry in entries:
             address = entry.address(config)
@@ -250,12 +263,17 @@ async def serve(
             relaying = asyncio.create_task(relay_worker(config, store))
         if ready is not None:
             ready(running)
+        systemd.ready(", ".join(f"{name} on {port}" for name, port in running.ports.items()))
+        if systemd.ping_every is not None:
+            watchdog = asyncio.create_task(_ping_watchdog(systemd, systemd.ping_every))
         await stop.wait()
     finally:
-        if relaying is not None:
-            relaying.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await relaying
+        systemd.stopping()
+        for task in (relaying, watchdog):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if notifier is not None:
             await notifier.close()
         for listener in reversed(running.listeners.values()):
