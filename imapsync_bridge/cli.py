@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from imapsync_bridge import __version__, logs
 from imapsync_bridge.config import (
     KEYRING_SERVICE,
     keyring_account,
@@ -123,7 +124,8 @@ def cmd_agent_pair(args: argparse.Namespace) -> int:
 def cmd_agent_sync(args: argparse.Namespace) -> int:
     from imapsync_bridge.agent.runner import sync_once
 
-    report = sync_once(load_agent_config(Path(args.config)), args.allow_mass_delete)
+    config = load_agent_config(Path(args.config))
+    report = sync_once(config, args.allow_mass_delete, progress=logs.Progress())
     summary = report.summary()
     print(" ".join(f"{name}={value}" for name, value in summary.items()))
     return 0
@@ -274,51 +276,94 @@ def _phone_verb(service: PhoneService, args: argparse.Namespace) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------
+def command(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    purpose: str,
+    example: str,
+) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` starts with its purpose and ends with an example."""
+    return subparsers.add_parser(
+        name,
+        help=purpose,
+        description=purpose[0].upper() + purpose[1:] + ".",
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="imapsync-bridge", description="Sync a corporate IMAP inbox with a phone mailbox."
+        prog="imapsync-bridge",
+        description="Sync a corporate IMAP inbox with a phone mailbox.",
+        epilog="example:\n  imapsync-bridge agent check --config agent.ini",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", help="log debug details too")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     top = parser.add_subparsers(dest="command", required=True)
 
-    server = top.add_parser("server", help="the hosted server").add_subparsers(
-        dest="action", required=True
-    )
-    p = server.add_parser("init", help="create a CA, certificates, store and server.ini")
+    server = command(
+        top, "server", "the hosted server", "imapsync-bridge server run --config server.ini"
+    ).add_subparsers(dest="action", required=True)
+    p = command(
+        server, "init", "create a CA, certificates, store and server.ini",
+        "imapsync-bridge server init --data-dir /var/lib/imapsync-bridge-server "
+        "--hostname sync.example.com",
+    )  # fmt: skip
     p.add_argument("--data-dir", required=True)
     p.add_argument("--hostname", default="localhost", help="DNS name or IP address")
     p.add_argument("--sync-port", type=int, default=4465)
     p.set_defaults(func=cmd_server_init)
-    p = server.add_parser("add-user", help="add a phone mailbox; prints a pairing code")
+    p = command(
+        server, "add-user", "add a phone mailbox; prints a pairing code",
+        "imapsync-bridge server add-user --config server.ini alice --address "
+        "alice@phone.example.com --desktop-address alice@corp.example.com --window 50",
+    )  # fmt: skip
     p.add_argument("--config", required=True)
     p.add_argument("user")
     p.add_argument("--address", required=True)
     p.add_argument("--desktop-address", required=True)
     p.add_argument("--window", type=int)
     p.set_defaults(func=cmd_server_add_user)
-    p = server.add_parser("pair-code", help="a new pairing code (revokes the old agent)")
+    p = command(
+        server, "pair-code", "a new pairing code (revokes the old agent)",
+        "imapsync-bridge server pair-code --config server.ini alice",
+    )  # fmt: skip
     p.add_argument("--config", required=True)
     p.add_argument("user")
     p.set_defaults(func=cmd_server_pair_code)
-    p = server.add_parser(
-        "set-password",
-        help="the phone user's password (submission, web); stdin when not a terminal",
-    )
+    p = command(
+        server, "set-password",
+        "the phone user's password (submission, web); stdin when not a terminal",
+        "imapsync-bridge server set-password --config server.ini alice",
+    )  # fmt: skip
     p.add_argument("--config", required=True)
     p.add_argument("user")
     p.set_defaults(func=cmd_server_set_password)
-    p = server.add_parser("run", help="run the server's listeners")
+    p = command(
+        server, "run", "run the server's listeners",
+        "imapsync-bridge server run --config server.ini",
+    )  # fmt: skip
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_server_run)
 
-    agent = top.add_parser("agent", help="the desktop agent").add_subparsers(
-        dest="action", required=True
-    )
-    p = agent.add_parser("pair", help="pair with the server using a one-time code")
+    agent = command(
+        top, "agent", "the desktop agent", "imapsync-bridge agent sync --config agent.ini"
+    ).add_subparsers(dest="action", required=True)
+    p = command(
+        agent, "pair", "pair with the server using a one-time code",
+        "imapsync-bridge agent pair --config agent.ini --code 'CODE FROM server add-user'",
+    )  # fmt: skip
     p.add_argument("--config", required=True)
     p.add_argument("--code", required=True)
     p.set_defaults(func=cmd_agent_pair)
-    p = agent.add_parser("sync", help="one sync session now; exit 0 only if it completed")
+    p = command(
+        agent, "sync", "one sync session now; exit 0 only if it completed",
+        "imapsync-bridge agent sync --config agent.ini",
+    )  # fmt: skip
     p.add_argument("--config", required=True)
     p.add_argument(
         "--allow-mass-delete",
@@ -326,44 +371,64 @@ def build_parser() -> argparse.ArgumentParser:
         help="carry out a mass delete the breaker stopped",
     )
     p.set_defaults(func=cmd_agent_sync)
-    p = agent.add_parser(
-        "run", help="the service: periodic sync, IMAP IDLE and server push, trigger mail"
-    )
+    p = command(
+        agent, "run", "the service: periodic sync, IMAP IDLE and server push, trigger mail",
+        "imapsync-bridge agent run --config agent.ini",
+    )  # fmt: skip
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_agent_run)
-    p = agent.add_parser("status", help="pairing, last sync, quarantine")
+    p = command(
+        agent, "status",
+        "the service, last sync and its result, pending actions, window, quarantine",
+        "imapsync-bridge agent status --config agent.ini --json",
+    )  # fmt: skip
     p.add_argument("--config", required=True)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON document (fields: README)")
     p.set_defaults(func=cmd_agent_status)
-    p = agent.add_parser(
-        "check",
-        help="check the set-up step by step (config, secrets, IMAP, SMTP, server); changes nothing",
-    )
+    p = command(
+        agent, "check",
+        "check the set-up step by step (config, secrets, IMAP, SMTP, server); changes nothing",
+        "imapsync-bridge agent check --config agent.ini",
+    )  # fmt: skip
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_agent_check)
 
-    p = top.add_parser("set-password", help="store the IMAP or SMTP password in the keyring")
+    p = command(
+        top, "set-password",
+        "store the IMAP or SMTP password in the OS keyring; stdin when not a terminal",
+        "imapsync-bridge set-password --config agent.ini imap",
+    )  # fmt: skip
     p.add_argument("--config", required=True)
     p.add_argument("role", choices=["imap", "smtp"])
     p.set_defaults(func=cmd_set_password)
 
-    p = top.add_parser("phone", help="act as the phone user")
+    p = command(
+        top, "phone", "act as the phone user",
+        "imapsync-bridge phone --config server.ini --user alice list",
+    )  # fmt: skip
     p.add_argument("--config", required=True)
     p.add_argument("--user", required=True)
     verbs = p.add_subparsers(dest="verb", required=True)
-    v = verbs.add_parser("list")
+    example = "imapsync-bridge phone --config server.ini --user alice"
+    v = command(verbs, "list", "the phone inbox and trash", f"{example} list --json")
     v.add_argument("--json", action="store_true")
-    v = verbs.add_parser("show", help="the raw message; --json: fields, text, attachments")
+    v = command(
+        verbs, "show", "the raw message; --json: fields, text, attachments",
+        f"{example} show 12 --json",
+    )  # fmt: skip
     v.add_argument("id", type=int)
     v.add_argument("--json", action="store_true")
-    for verb in ("delete", "restore", "destroy", "read", "unread", "flag", "unflag"):
-        verbs.add_parser(verb).add_argument("id", type=int)
-    verbs.add_parser(
-        "request-sync", help="ask for a sync: pushed to a connected agent, else the trigger mail"
-    )
-    v = verbs.add_parser(
-        "compose", help="write a message: sent now through [relay], or via the desktop"
-    )
+    for verb, purpose in PHONE_CHANGES.items():
+        command(verbs, verb, purpose, f"{example} {verb} 12").add_argument("id", type=int)
+    command(
+        verbs, "request-sync",
+        "ask for a sync: pushed to a connected agent, else the trigger mail",
+        f"{example} request-sync",
+    )  # fmt: skip
+    v = command(
+        verbs, "compose", "write a message: sent now through [relay], or via the desktop",
+        f"{example} compose --to bob@example.com --subject Hi --body 'See you' --via-desktop",
+    )  # fmt: skip
     v.add_argument("--to", action="append", required=True, help="a recipient (repeatable)")
     v.add_argument("--subject", required=True)
     v.add_argument("--body", required=True)
@@ -374,14 +439,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PHONE_CHANGES = {
+    "delete": "move a message to the phone trash (the desktop's Trash at the next sync)",
+    "restore": "bring a message back from the trash",
+    "destroy": "delete a message for good, on both sides",
+    "read": "mark a message read",
+    "unread": "mark a message unread",
+    "flag": "flag a message",
+    "unflag": "remove a message's flag",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(logs.VERBOSE if args.verbose else logs.QUIET if args.quiet else logs.NORMAL)
     try:
         return int(args.func(args))
     except ConfigError as exc:

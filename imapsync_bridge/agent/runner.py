@@ -19,6 +19,7 @@ from imapsync_bridge.agent.session import SyncSession
 from imapsync_bridge.agent.state import STATE_FILE, AgentState
 from imapsync_bridge.config import AgentConfig
 from imapsync_bridge.errors import BridgeError, ConfigError, TransientError
+from imapsync_bridge.logs import Progress
 from imapsync_bridge.model import Where
 from imapsync_bridge.sync.outgoing import Limits
 from imapsync_bridge.sync.session import SessionOptions, SessionReport
@@ -97,18 +98,26 @@ def outgoing_settings(config: AgentConfig) -> OutgoingSettings:
     wait=wait_exponential(multiplier=0.5, max=5),
     reraise=True,
 )
-def _attempt(config: AgentConfig, state: AgentState, options: SessionOptions) -> SessionReport:
+def _attempt(
+    config: AgentConfig, state: AgentState, options: SessionOptions, progress: Progress | None
+) -> SessionReport:
     with open_link(config) as link, connect_imap(config) as imap:
         desktop = open_desktop(config, imap, state.get("sync_phrase"))
-        return SyncSession(state, desktop, link, options, outgoing=outgoing_settings(config)).run()
+        outgoing = outgoing_settings(config)
+        session = SyncSession(state, desktop, link, options, outgoing=outgoing, progress=progress)
+        return session.run()
 
 
-def sync_once(config: AgentConfig, allow_mass_delete: bool = False) -> SessionReport:
-    """One complete session (retried on connection loss); records the outcome."""
+def sync_once(
+    config: AgentConfig, allow_mass_delete: bool = False, progress: Progress | None = None
+) -> SessionReport:
+    """One complete session (retried on connection loss); records the outcome.
+    ``progress``: where a long send to the phone shows its counts (a terminal)."""
     state = open_state(config)
     try:
         with session_lock(config):
-            report = _attempt(config, state, session_options(config, allow_mass_delete))
+            options = session_options(config, allow_mass_delete)
+            report = _attempt(config, state, options, progress)
     except BridgeError as exc:
         state.set_many({"last_result": "failed", "last_error": str(exc)})
         raise

@@ -11,9 +11,11 @@ any point is recovered by simply running the next session.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +23,7 @@ from imapsync_bridge.agent.desktop import DesktopSide
 from imapsync_bridge.agent.link import ServerLink
 from imapsync_bridge.agent.outbox import Outbox, OutgoingSettings
 from imapsync_bridge.agent.state import AgentState, PendingOp
+from imapsync_bridge.logs import Progress
 from imapsync_bridge.model import (
     DesktopStatus,
     FlagChange,
@@ -66,6 +69,9 @@ log = logging.getLogger(__name__)
 
 # Seconds a no-change session may leave `last_sync` as it was (see _worth_recording).
 LAST_SYNC_REFRESH = 60
+# A send to the phone of at least this many actions (a first sync, a large pull) shows a
+# progress line on a terminal.
+PROGRESS_MIN_OPS = 50
 
 
 def last_session(state: AgentState, meta: dict[str, str]) -> LastSession:
@@ -167,11 +173,13 @@ class SyncSession:
         *,
         phone_vouched: bool = False,
         outgoing: OutgoingSettings | None = None,
+        progress: Progress | None = None,
     ) -> None:
         """``phone_vouched``: the caller knows the phone has not changed since the last
         session (``agent run``'s push link said nothing), so the session greets the
         server only if the desktop moved. ``outgoing``: how to send the snapshot's
-        outgoing mail (None: the session leaves it to a session that can)."""
+        outgoing mail (None: the session leaves it to a session that can). ``progress``:
+        where a long send to the phone (a first sync) shows its counts."""
         self.state = state
         self.desktop = desktop
         self.link = link
@@ -182,6 +190,7 @@ class SyncSession:
         self._meta: dict[str, str] = {}
         self.outgoing = outgoing
         self._outgoing: list[schema.AnyAction] = []  # the snapshot's deliver/file_sent
+        self.progress = progress
 
     def run(self) -> SessionReport:
         started = time.monotonic()
@@ -316,8 +325,20 @@ class SyncSession:
         """Journal the ops (durably), then send them. Their retirement waits for the
         ledger commit: if the session dies first, the server's ``last_seq`` at the next
         hello retires them instead."""
-        if ops:
-            self.link.send_ops(self.state.journal(ops), self._note_acked)
+        if not ops:
+            return
+        pending = self.state.journal(ops)
+        on_acked: Callable[[int], None] = self._note_acked
+        if self.progress is not None and len(pending) >= PROGRESS_MIN_OPS:
+            on_acked = self._counting([op.seq for op in pending], self.progress)
+        self.link.send_ops(pending, on_acked)
+
+    def _counting(self, seqs: list[int], progress: Progress) -> Callable[[int], None]:
+        def acked(seq: int) -> None:
+            self._note_acked(seq)
+            progress.update("sending to the phone", bisect.bisect_right(seqs, seq), len(seqs))
+
+        return acked
 
     def _note_acked(self, seq: int) -> None:
         self._acked = max(self._acked, seq)
