@@ -168,18 +168,10 @@ def _abandon_session() -> None:
 
 
 def cmd_agent_status(args: argparse.Namespace) -> int:
-    from imapsync_bridge.agent.runner import status
+    from imapsync_bridge.agent.runner import status, status_lines
 
     info = status(load_agent_config(Path(args.config)))
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        for name, value in info.items():
-            if name == "quarantined":
-                value = len(value)
-            print(f"{name:16} {value if value is not None else '-'}")
-        for item in info["quarantined"]:
-            print(f"  quarantined {item['key']} (uid {item['uid']}): {item['reason']}")
+    print(json.dumps(info, indent=2) if args.json else "\n".join(status_lines(info)))
     return 0
 
 

@@ -34,8 +34,8 @@ def test_pairing_leaves_the_key_private_and_pins_the_servers_ca(
         assert status["paired"] is True and status["last_sync"] is None
         expected = {
             "paired", "server", "user", "window", "last_sync", "last_result", "last_error",
-            "pending_actions", "mapped", "quarantined", "sync_phrase", "folders", "running",
-            "connections", "next_sync",
+            "pending_actions", "pending", "mapped", "quarantined", "sync_phrase", "folders",
+            "service", "running", "connections", "next_sync",
         }  # fmt: skip
         assert set(status) == expected
         bridge.deliver(1)

@@ -127,6 +127,41 @@ def sync_once(
     return report
 
 
+def status_lines(info: dict[str, Any]) -> list[str]:
+    """`agent status` for a person: one fact a line, the same facts as ``--json``."""
+    who = f" as {info['user']}" if info["user"] else ""
+    lines = [f"paired        {'yes' if info['paired'] else 'no'}, server {info['server']}{who}"]
+    if info["running"]:
+        lines.append(
+            f"service       running (pid {info['service_pid']}, since "
+            f"{info['service_started']}), next sync {info['next_sync'] or '-'}"
+        )
+        connections = info["connections"] or {}
+        idle, push = connections.get("imap_idle"), connections.get("push") or {}
+        lines.append(f"  imap idle   {idle['state'] if idle else 'off (idle = false)'}")
+        lines.append(f"  push link   {push.get('state', '-')}")
+    else:
+        lines.append(f"service       {info['service']}")
+    result = info["last_result"] or "-"
+    lines.append(f"last sync     {info['last_sync'] or 'never'} ({result})")
+    lines.append(f"last error    {info['last_error'] or '-'}")
+    window = info["window"] if info["window"] is not None else "-"
+    lines.append(f"window        {window}, {info['mapped']} messages mapped")
+    pending = info["pending"]
+    lines.append(
+        f"pending       {pending['to_phone']} to the phone, {pending['held_for_desktop']} held "
+        f"for the desktop, {pending['outgoing_mail']} outgoing mail"
+    )
+    if info["folders"]:
+        lines.append("folders       " + ", ".join(f"{k} {v}" for k, v in info["folders"].items()))
+    lines.append(f"sync phrase   {info['sync_phrase'] or '-'}")
+    lines.append(f"quarantined   {len(info['quarantined'])}")
+    lines += [
+        f"  {item['key']} (uid {item['uid']}): {item['reason']}" for item in info["quarantined"]
+    ]
+    return lines
+
+
 def status(config: AgentConfig) -> dict[str, Any]:
     """What `agent status --json` prints (stable field names, see README); ``running``,
     ``connections`` and ``next_sync`` come from a running `agent run`."""
@@ -145,6 +180,11 @@ def status(config: AgentConfig) -> dict[str, Any]:
             "last_result": state.get("last_result"),
             "last_error": state.get("last_error"),
             "pending_actions": state.pending_count(),
+            "pending": {
+                "to_phone": state.pending_count(),
+                "held_for_desktop": state.get_int("held"),
+                "outgoing_mail": len(state.deliveries()),
+            },
             "mapped": sum(
                 e.desktop is Where.INBOX and e.phone is Where.INBOX for e in ledger.values()
             ),

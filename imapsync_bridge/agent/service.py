@@ -493,10 +493,13 @@ def service_status(config: AgentConfig) -> dict[str, Any]:
     try:
         shown = json.loads((config.state_dir / SERVICE_FILE).read_text())
     except (OSError, ValueError):
-        return {"running": False, "connections": None, "next_sync": None}
+        return {"service": "never run", "running": False, "connections": None, "next_sync": None}
     alive = bool(shown.get("running")) and _process_alive(int(shown.get("pid", 0)))
     return {
+        "service": "running" if alive else "stopped",
         "running": alive,
+        "service_pid": shown.get("pid") if alive else None,
+        "service_started": shown.get("started") if alive else None,
         "connections": shown.get("connections") if alive else None,
         "next_sync": shown.get("next_sync") if alive else None,
     }
