@@ -117,10 +117,15 @@ def _check_keys(
             raise ConfigError(f"{path}: unknown section [{name}] (expected {expected})")
         for key in parser[name]:
             if key == "password" and "password_file" in known[name]:
+                keyring = (
+                    f"`imapsync-bridge set-password --config {path.name} {name}` (the keyring), "
+                    if name in ("imap", "smtp")
+                    else ""
+                )
                 raise ConfigError(
                     f"{path}: [{name}] password: a password is never read from the INI file; "
-                    f"use password_file (mode 0600), `imapsync-bridge set-password {name}` "
-                    f"(the keyring) or a systemd credential named {name}"
+                    f"use password_file (mode 0600), {keyring}or a systemd credential named "
+                    f"{name}"
                 )
             if key not in known[name]:
                 close = difflib.get_close_matches(key, sorted(known[name]), n=1)

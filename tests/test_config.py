@@ -297,3 +297,67 @@ def test_a_server_config_copied_elsewhere_names_the_missing_file(
         "to server.ini)"
     ]
     assert "None" not in err
+
+
+# -- each bad agent.ini: its exact one-line message, exit 2 (issue 9) ----------------------
+# (change to GOOD, the message after "imapsync-bridge: {ini}: ")
+EXACT = [
+    (("[agent]\n", "[agent]\nsync_interval = 0\n"),
+     "[agent] sync_interval must be an integer >= 1, got '0'"),
+    (("[agent]\n", "[agent]\nsync_interval = soon\n"),
+     "[agent] sync_interval must be an integer >= 1, got 'soon'"),
+    (("[agent]\n", "[agent]\nidle = maybe\n"), "[agent] idle must be true or false"),
+    (("[agent]\n", "[agent]\nmass_delete_share = 1.5\n"),
+     "[agent] mass_delete_share must be a number in [0.0, 1.0]"),
+    (("[agent]\n", "[agent]\nmax_message_size = 10\n"),
+     "[agent] max_message_size must be an integer >= 1024, got '10'"),
+    (("server = 127.0.0.1:4465", "server = 127.0.0.1"),
+     "[agent] server: expected host:port, got '127.0.0.1'"),
+    (("server = 127.0.0.1:4465", "server = 127.0.0.1:99999"),
+     "[agent] server: expected host:port, got '127.0.0.1:99999'"),
+    (("state_dir = state\n", ""), "[agent] state_dir is required"),
+    (("host = 127.0.0.1\n", ""), "[imap] host is required"),
+    (("port = 143", "port = 0"), "[imap] port must be an integer >= 1, got '0'"),
+    (("security = none", "security = ssl"),
+     "[imap] security must be one of tls, starttls, none"),
+    (("host = 127.0.0.1", "host = imap.corp.example"),
+     "[imap] security = none is only allowed for a loopback host, not 'imap.corp.example'"),
+    (("username = alice", "usernme = alice"),
+     "[imap] usernme: unknown key (did you mean username?)"),
+    (("[imap]\n", "[imap]\npassword = hunter2\n"),
+     "[imap] password: a password is never read from the INI file; use password_file "
+     "(mode 0600), `imapsync-bridge set-password --config agent.ini imap` (the keyring), or "
+     "a systemd credential named imap"),
+    (("[imap]\n", "[imap]\nauth = kerberos\n"),
+     "[imap] auth must be one of password, oauth2, got 'kerberos'"),
+    (("[imap]\n", "[imap]\ntoken_endpoint = ftp://login.example/token\n"),
+     "[imap] token_endpoint must be an https:// URL, got 'ftp://login.example/token'"),
+    (("[agent]\n", "[phone]\nwindow = 5\n[agent]\n"),
+     "unknown section [phone] (expected [agent], [imap], [smtp], [trigger])"),
+    (("[agent]\n", "[DEFAULT]\nport = 1\n[agent]\n"),
+     "unknown section [DEFAULT] (expected [agent], [imap], [smtp], [trigger])"),
+    (("[imap]\nhost = 127.0.0.1\nport = 143\nsecurity = none\nusername = alice\n"
+      "password_file = imap.pass\n", ""), "missing section [imap]"),
+    (("[agent]\n", ""), "unreadable configuration: File contains no section headers."),
+    (("password_file = imap.pass\n", "password_file = imap.pass\n[smtp]\nhost = 127.0.0.1\n"
+      "security = none\nfrom_address = alice\n"),
+     "[smtp] from_address must be a mail address, got 'alice'"),
+    (("password_file = imap.pass\n", "password_file = imap.pass\n[trigger]\nmax_age = 0\n"),
+     "[trigger] max_age must be an integer >= 1, got '0'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("change", "message"), EXACT, ids=[m for _c, m in EXACT])
+def test_each_bad_agent_config_has_its_exact_message_and_exit_2(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    _private(tmp_path / "imap.pass", 0o600)
+    text = GOOD.replace(*change, 1)
+    assert text != GOOD
+    ini = write(tmp_path, text)
+    for command in (["agent", "status"], ["agent", "sync"]):
+        rc, out, err = run_cli(*command, "--config", str(ini))
+        assert (rc, out, err) == (2, "", f"imapsync-bridge: {ini}: {message}\n"), command
+    rc, out, _err = run_cli("agent", "check", "--config", str(ini))
+    assert rc == 2
+    assert out == f"✗ config: {ini}: {message} — fix the setting named, then run this again\n"
