@@ -190,3 +190,29 @@ def test_a_broken_config_is_the_only_line_and_exit_2(tmp_path: Path) -> None:
         f"✗ config: {ini}: [agent] server: expected host:port, got 'nowhere' — fix the "
         "setting named, then run this again"
     ]
+
+
+def test_each_server_profile_passes_with_its_own_folders_and_fall_backs(
+    profiled_dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Exchange-like and Cyrus-like servers lack capabilities: the agent falls back, so
+    those lines pass and say how; their Trash and Sent are found by name."""
+    profile = profiled_dovecot.profile
+    bridge = Bridge(profiled_dovecot, tmp_path).start()
+    try:
+        bridge.pair()
+        rc, lines, _err = check(bridge.agent_ini)
+    finally:
+        bridge.stop()
+    assert rc == 0 and all(text.startswith("✓ ") for text in lines), lines
+    how = "special-use" if profile.name == "full" else "usual name"
+    assert line(lines, "trash folder") == f"✓ trash folder: {profile.trash} ({how})"
+    assert line(lines, "sent folder") == f"✓ sent folder: {profile.sent} ({how})"
+    condstore = line(lines, "IMAP CONDSTORE")
+    if profile.name == "full":
+        assert condstore.startswith("✓ IMAP CONDSTORE: offered: ")
+    else:
+        assert condstore == (
+            "✓ IMAP CONDSTORE: not offered: each sync compares every message's flags "
+            "(slower on a big inbox)"
+        )

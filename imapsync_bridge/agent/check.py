@@ -41,22 +41,23 @@ CAPABILITIES: tuple[tuple[str, str, str], ...] = (
     (
         "CONDSTORE",
         "a sync fetches only the flags changed since the last one",
-        "without it each sync compares every message's flags (slower on a big inbox)",
+        "not offered: each sync compares every message's flags (slower on a big inbox)",
     ),
     (
         "IDLE",
         "`agent run` hears inbox changes at once",
-        "without it `agent run` syncs every sync_interval and polls for trigger mail",
+        "not offered: `agent run` syncs every sync_interval; set idle = false there so it "
+        "looks for trigger mail every poll_interval",
     ),
     (
         "MOVE",
         "deletes move messages to Trash in one command",
-        "without it: COPY, then \\Deleted and UID EXPUNGE of just those messages",
+        "not offered: COPY, then \\Deleted and UID EXPUNGE of just those messages",
     ),
     (
         "SPECIAL-USE",
         "Trash and Sent are found by their attributes",
-        "without it Trash and Sent are found by their usual names",
+        "not offered: Trash and Sent are found by their usual names",
     ),
 )
 
