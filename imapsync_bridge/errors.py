@@ -11,6 +11,7 @@
     ├── ProtocolError             the peer broke the sync protocol (bad frame, schema)
     │   └── FrameTooLarge         a frame exceeded the size limit
     ├── AuthError                 TLS / certificate / pairing refused
+    │   └── LoginRefused          the server refused the user name or password
     ├── StoreError                the local SQLite state is unusable
     └── SyncAborted               the sync stopped itself to protect data (mass delete)
 
@@ -64,6 +65,10 @@ class FrameTooLarge(ProtocolError):
 
 class AuthError(BridgeError):
     pass
+
+
+class LoginRefused(AuthError):
+    """An IMAP or SMTP server refused the user name or password (TLS was fine)."""
 
 
 class StoreError(BridgeError):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from imapsync_bridge.config import MailServer
-from imapsync_bridge.errors import AuthError, ConnectionLost
+from imapsync_bridge.errors import ConnectionLost, LoginRefused
 from imapsync_bridge.sync.outgoing import Outcome, classify
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def send(
 def probe(server: MailServer, *, timeout: float = TIMEOUT) -> None:
     """Connect, secure and log in as configured, then QUIT, sending nothing (``agent
     check``). ``ConnectionLost`` when the server cannot be reached or secured,
-    ``AuthError`` when it refuses the login; no message names a secret."""
+    ``LoginRefused`` when it refuses the login; no message names a secret."""
     password = server.password() if server.username else None
     where = f"{server.host}:{server.port}"
     try:
@@ -166,7 +166,7 @@ def probe(server: MailServer, *, timeout: float = TIMEOUT) -> None:
             conn.login(server.username, password or "")
     except smtplib.SMTPAuthenticationError as exc:
         reply = _reply(exc.smtp_code, exc.smtp_error)
-        raise AuthError(f"{where} refused the login as {server.username!r}: {reply}") from None
+        raise LoginRefused(f"{where} refused the login as {server.username!r}: {reply}") from None
     except (OSError, smtplib.SMTPException) as exc:
         raise ConnectionLost(f"{where}: AUTH failed: {exc}") from None
     finally:

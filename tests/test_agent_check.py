@@ -216,3 +216,28 @@ def test_each_server_profile_passes_with_its_own_folders_and_fall_backs(
             "✓ IMAP CONDSTORE: not offered: each sync compares every message's flags "
             "(slower on a big inbox)"
         )
+
+
+def test_tls_untrusted_then_trusted(
+    dovecot: Dovecot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert dovecot.tls_port is not None and dovecot.cert_path is not None
+    user = dovecot.new_user()
+    ini = plain_agent_ini(tmp_path, dovecot.tls_port, user, dovecot.password)
+    ini.write_text(ini.read_text().replace("security = none", "security = tls"))
+    rc, lines, _err = check(ini)
+    assert rc == 1
+    connection = line(lines, "IMAP connection")
+    assert connection.startswith(
+        f"✗ IMAP connection: IMAP server 127.0.0.1:{dovecot.tls_port}: TLS certificate not trusted"
+    )
+    assert connection.endswith(
+        "— the server's certificate is not trusted here: install its CA in the system store "
+        "(or SSL_CERT_FILE), and use the name it carries as [imap] host"
+    )
+    monkeypatch.setenv("SSL_CERT_FILE", str(dovecot.cert_path))
+    rc, lines, _err = check(ini)
+    assert line(lines, "IMAP connection") == (
+        f"✓ IMAP connection: 127.0.0.1:{dovecot.tls_port} (tls) answered"
+    )
+    assert line(lines, "IMAP login") == f"✓ IMAP login: logged in as {user}"

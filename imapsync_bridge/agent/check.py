@@ -16,7 +16,7 @@ from imapsync_bridge.agent import folders
 from imapsync_bridge.agent.imap import ImapMailbox
 from imapsync_bridge.agent.link import AGENT_CRT, SERVER_CA, ServerLink
 from imapsync_bridge.config import AgentConfig, MailServer, find_secret, load_agent_config
-from imapsync_bridge.errors import AuthError, BridgeError, ConfigError, ImapError
+from imapsync_bridge.errors import AuthError, BridgeError, ConfigError, ImapError, LoginRefused
 
 CHECK_INSTANCE = "agent-check"  # how the check's session names itself to the server
 
@@ -115,9 +115,12 @@ def _imap(config: AgentConfig, password: str) -> Iterator[Outcome]:
             username=server.username,
             password=password,
         )
-    except AuthError as exc:
+    except LoginRefused as exc:
         yield Outcome(True, "IMAP connection", f"{where} answered")
-        yield Outcome(False, "IMAP login", str(exc), _auth_hint("imap", str(exc)))
+        yield Outcome(False, "IMAP login", str(exc), _login_hint("imap"))
+        return
+    except AuthError as exc:
+        yield Outcome(False, "IMAP connection", str(exc), _tls_hint(str(exc), "imap", "993"))
         return
     except BridgeError as exc:
         yield Outcome(
@@ -138,14 +141,16 @@ def _imap(config: AgentConfig, password: str) -> Iterator[Outcome]:
         yield from _folders(config, imap)
 
 
-def _auth_hint(role: str, message: str) -> str:
-    if "certificate" in message:
-        return (
-            "the server's certificate is not trusted by this machine: install its CA in "
-            "the system store, or use the name the certificate carries in [imap] host"
-        )
+def _tls_hint(message: str, role: str, tls_port: str) -> str:
     if "STARTTLS" in message:
-        return "the server offers no STARTTLS on this port: use security = tls (port 993)"
+        return f"the server offers no STARTTLS on this port: use security = tls (port {tls_port})"
+    return (
+        "the server's certificate is not trusted here: install its CA in the system "
+        f"store (or SSL_CERT_FILE), and use the name it carries as [{role}] host"
+    )
+
+
+def _login_hint(role: str) -> str:
     return (
         f"check [{role}] username and the password: `imapsync-bridge set-password "
         f"--config agent.ini {role}` stores a new one (docs/secrets.md)"
@@ -202,15 +207,14 @@ def _smtp(server: MailServer) -> Outcome:
     where = f"{server.host}:{server.port} ({server.security})"
     try:
         smtp_out.probe(server, timeout=15.0)
-    except AuthError as exc:
-        return Outcome(False, "SMTP", str(exc), _auth_hint("smtp", str(exc)))
+    except LoginRefused as exc:
+        return Outcome(False, "SMTP", str(exc), _login_hint("smtp"))
     except BridgeError as exc:
-        return Outcome(
-            False,
-            "SMTP",
-            str(exc),
-            "check [smtp] host, port and security (465 for tls, 587 for starttls)",
-        )
+        text = str(exc)
+        hint = "check [smtp] host, port and security (465 for tls, 587 for starttls)"
+        if "certificate" in text.lower() or "STARTTLS" in text:  # smtplib's own words
+            hint = _tls_hint(text, "smtp", "465")
+        return Outcome(False, "SMTP", text, hint)
     who = f"logged in as {server.username}" if server.username else "no login configured"
     return Outcome(True, "SMTP", f"{where} answered, {who}")
 

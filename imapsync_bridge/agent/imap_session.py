@@ -25,6 +25,7 @@ from imapsync_bridge.errors import (
     ConfigError,
     ConnectionLost,
     ImapError,
+    LoginRefused,
     MessageError,
 )
 from imapsync_bridge.model import MailboxStatus
@@ -117,7 +118,7 @@ class ImapSession:
                     try:
                         client.login(username, password)
                     except imap_exc.LoginError as exc:
-                        raise AuthError(
+                        raise LoginRefused(
                             f"IMAP login as {username!r} at {where} refused ({exc})"
                         ) from exc
                 caps = client.capabilities()
