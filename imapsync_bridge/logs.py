@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from typing import TextIO
+from typing import Protocol, TextIO
 
 QUIET, NORMAL, VERBOSE = logging.WARNING, logging.INFO, logging.DEBUG
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
@@ -52,16 +52,27 @@ def configure(level: int, stream: TextIO = sys.stderr) -> None:
     logging.basicConfig(level=level, handlers=[handler])
 
 
+class ProgressSink(Protocol):
+    """Told of each step of long work: a terminal's progress line, a service's watchdog."""
+
+    def update(self, what: str, done: int, total: int) -> None: ...
+
+
+# Work of at least this many steps (a first sync, a large pull) shows a progress line.
+PROGRESS_MIN_TOTAL = 50
+
+
 class Progress:
-    """One line rewritten in place on a terminal (``what: done/total``); nothing when
-    the stream is not a terminal (a service, a pipe, a log file)."""
+    """One line rewritten in place on a terminal (``what: done/total``) for work of
+    PROGRESS_MIN_TOTAL steps or more; nothing when the stream is not a terminal (a
+    service, a pipe, a log file)."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream if stream is not None else sys.stderr
         self.enabled = self._stream.isatty()
 
     def update(self, what: str, done: int, total: int) -> None:
-        if not self.enabled:
+        if not self.enabled or total < PROGRESS_MIN_TOTAL:
             return
         end = "\n" if done >= total else ""
         self._stream.write(f"\r{what}: {done}/{total}{end}")

@@ -66,6 +66,11 @@ class Notifier:
             self.notify(WATCHDOG="1")
             self._last_ping = now
 
+    def update(self, what: str, done: int, total: int) -> None:
+        """A step of long work was done (a :class:`~imapsync_bridge.logs.ProgressSink`):
+        the service is alive, ping the watchdog."""
+        self.ping()
+
     def seconds_to_ping(self) -> float | None:
         """How long a loop may wait before it must call :meth:`ping` (None: never)."""
         if self.ping_every is None:

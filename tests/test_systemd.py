@@ -62,6 +62,9 @@ def test_notifier_sends_datagrams_and_paces_the_watchdog(notify_socket: socket.s
     notifier.ping()
     assert notify_socket.recv(4096) == b"WATCHDOG=1"
     assert 0.0 < (notifier.seconds_to_ping() or 0) <= 0.1
+    time.sleep(0.12)
+    notifier.update("sending to the phone", 64, 500)  # a long session's step pings too
+    assert notify_socket.recv(4096) == b"WATCHDOG=1"
     notifier.stopping()
     assert notify_socket.recv(4096) == b"STOPPING=1"
 

@@ -19,7 +19,7 @@ from imapsync_bridge.agent.session import SyncSession
 from imapsync_bridge.agent.state import STATE_FILE, AgentState
 from imapsync_bridge.config import AgentConfig
 from imapsync_bridge.errors import BridgeError, ConfigError, TransientError
-from imapsync_bridge.logs import Progress
+from imapsync_bridge.logs import ProgressSink
 from imapsync_bridge.model import Where
 from imapsync_bridge.sync.outgoing import Limits
 from imapsync_bridge.sync.session import SessionOptions, SessionReport
@@ -99,7 +99,7 @@ def outgoing_settings(config: AgentConfig) -> OutgoingSettings:
     reraise=True,
 )
 def _attempt(
-    config: AgentConfig, state: AgentState, options: SessionOptions, progress: Progress | None
+    config: AgentConfig, state: AgentState, options: SessionOptions, progress: ProgressSink | None
 ) -> SessionReport:
     with open_link(config) as link, connect_imap(config) as imap:
         desktop = open_desktop(config, imap, state.get("sync_phrase"))
@@ -109,7 +109,7 @@ def _attempt(
 
 
 def sync_once(
-    config: AgentConfig, allow_mass_delete: bool = False, progress: Progress | None = None
+    config: AgentConfig, allow_mass_delete: bool = False, progress: ProgressSink | None = None
 ) -> SessionReport:
     """One complete session (retried on connection loss); records the outcome.
     ``progress``: where a long send to the phone shows its counts (a terminal)."""

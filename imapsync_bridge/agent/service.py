@@ -346,11 +346,12 @@ class AgentService:
         if self.push is None:
             with open_link(self.config) as link:
                 return SyncSession(
-                    self.state, desktop, link, options, outgoing=outgoing_settings(self.config)
-                ).run()
+                    self.state, desktop, link, options, outgoing=outgoing_settings(self.config),
+                    progress=self.notifier,
+                ).run()  # fmt: skip
         report = SyncSession(
             self.state, desktop, self.push, options, phone_vouched=vouched,
-            outgoing=outgoing_settings(self.config),
+            outgoing=outgoing_settings(self.config), progress=self.notifier,
         ).run()  # fmt: skip
         self._push_said = self._push_heard = time.monotonic()
         return report

@@ -23,7 +23,7 @@ from imapsync_bridge.agent.desktop import DesktopSide
 from imapsync_bridge.agent.link import ServerLink
 from imapsync_bridge.agent.outbox import Outbox, OutgoingSettings
 from imapsync_bridge.agent.state import AgentState, PendingOp
-from imapsync_bridge.logs import Progress
+from imapsync_bridge.logs import ProgressSink
 from imapsync_bridge.model import (
     DesktopStatus,
     FlagChange,
@@ -69,9 +69,6 @@ log = logging.getLogger(__name__)
 
 # Seconds a no-change session may leave `last_sync` as it was (see _worth_recording).
 LAST_SYNC_REFRESH = 60
-# A send to the phone of at least this many actions (a first sync, a large pull) shows a
-# progress line on a terminal.
-PROGRESS_MIN_OPS = 50
 
 
 def last_session(state: AgentState, meta: dict[str, str]) -> LastSession:
@@ -173,13 +170,14 @@ class SyncSession:
         *,
         phone_vouched: bool = False,
         outgoing: OutgoingSettings | None = None,
-        progress: Progress | None = None,
+        progress: ProgressSink | None = None,
     ) -> None:
         """``phone_vouched``: the caller knows the phone has not changed since the last
         session (``agent run``'s push link said nothing), so the session greets the
         server only if the desktop moved. ``outgoing``: how to send the snapshot's
         outgoing mail (None: the session leaves it to a session that can). ``progress``:
-        where a long send to the phone (a first sync) shows its counts."""
+        told of each batch the server acknowledged (a terminal's progress line of a first
+        sync; `agent run`'s watchdog, so a long session is not taken for a hung one)."""
         self.state = state
         self.desktop = desktop
         self.link = link
@@ -329,11 +327,11 @@ class SyncSession:
             return
         pending = self.state.journal(ops)
         on_acked: Callable[[int], None] = self._note_acked
-        if self.progress is not None and len(pending) >= PROGRESS_MIN_OPS:
+        if self.progress is not None:
             on_acked = self._counting([op.seq for op in pending], self.progress)
         self.link.send_ops(pending, on_acked)
 
-    def _counting(self, seqs: list[int], progress: Progress) -> Callable[[int], None]:
+    def _counting(self, seqs: list[int], progress: ProgressSink) -> Callable[[int], None]:
         def acked(seq: int) -> None:
             self._note_acked(seq)
             progress.update("sending to the phone", bisect.bisect_right(seqs, seq), len(seqs))
