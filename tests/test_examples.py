@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,17 @@ def test_each_documented_default_is_the_loaders_default(which: str, tmp_path: Pa
             continue
         written = [*lines[: key.line], f"{key.name} = {key.default}", *lines[key.line + 1 :]]
         assert loaded(without) == loaded(written), f"[{key.section}] {key.name}"
+
+
+def test_the_committed_picture_is_what_docs_parts_py_draws() -> None:
+    """README's picture of the parts is generated: edit docs/parts.py, then re-run it."""
+    sys.path.insert(0, str(REPO / "docs"))
+    try:
+        import parts
+    finally:
+        sys.path.remove(str(REPO / "docs"))
+    svg = (REPO / "docs" / "parts.svg").read_text(encoding="utf-8")
+    assert svg == parts.draw(), "docs/parts.svg is stale: run python3 docs/parts.py"
+    for part in ("Corporate IMAP server", "Corporate SMTP server", "Agent", "firewall",
+                 "Hosted server", "Phone"):  # fmt: skip
+        assert part in svg
