@@ -3,6 +3,7 @@ with the default they really use, and both load as they are."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bridge import run_cli
 
 from imapsync_bridge.config import (
     AGENT_KEYS,
@@ -124,3 +126,28 @@ def test_the_committed_picture_is_what_docs_parts_py_draws() -> None:
     for part in ("Corporate IMAP server", "Corporate SMTP server", "Agent", "firewall",
                  "Hosted server", "Phone"):  # fmt: skip
         assert part in svg
+
+
+def test_readme_documents_every_json_field(tmp_path: Path) -> None:
+    """Each field `agent status --json` and `phone list --json` print is in README.md's
+    field tables, so a new field cannot go undocumented."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    ini = init_server(tmp_path / "server", "127.0.0.1", sync_port=0)
+    code, _, err = run_cli("server", "add-user", "--config", str(ini), "alice",
+                           "--address", "alice@phone.example", "--desktop-address",
+                           "alice@corp.example")  # fmt: skip
+    assert code == 0, err
+    code, out, err = run_cli("phone", "--config", str(ini), "--user", "alice", "list", "--json")
+    assert code == 0, err
+    listing = json.loads(out)
+    agent_ini = tmp_path / "agent.ini"
+    agent_ini.write_text(
+        "[agent]\nstate_dir = state\nserver = 127.0.0.1:4465\n[imap]\nhost = 127.0.0.1\n"
+    )
+    code, out, err = run_cli("agent", "status", "--config", str(agent_ini), "--json")
+    assert code == 0, err
+    status = json.loads(out)
+    fields = set(listing) | set(status) | {"id", "message_id", "subject", "from", "date"}
+    fields |= {"seen", "flagged", "to", "state", "reason"}  # of each message / outgoing entry
+    missing = sorted(f for f in fields if f"| `{f}`" not in readme and f", `{f}`" not in readme)
+    assert not missing, f"README.md does not document {missing}"
