@@ -19,6 +19,7 @@ check the same invariants the same way.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import logging
 import shlex
@@ -360,6 +361,8 @@ def story(s: Story) -> None:
 
 
 def main() -> int:
+    if isinstance(sys.stdout, io.TextIOWrapper):  # each step as it happens, also into a pipe
+        sys.stdout.reconfigure(line_buffering=True)
     for signum in STOP_SIGNALS:
         signal.signal(signum, _interrupted)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -91,4 +91,5 @@ def test_a_stopped_demo_leaves_nothing_running() -> None:
     output = "".join(seen) + out
     assert demo.returncode == 130, output + err
     assert "demo interrupted (SIGTERM); everything it started is stopped" in err
+    assert "== 3." not in output and "demo complete" not in output  # it stopped there
     assert left_behind(output) == []
