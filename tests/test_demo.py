@@ -18,8 +18,9 @@ HEADER = re.compile(r"^\s+slot\s+desktop INBOX\s+read flag\s+phone inbox\s+read 
 
 def left_behind(output: str) -> list[str]:
     """The demo's temp directories still on disk, or named by a running process."""
-    roots = re.findall(r"/tmp/(?:imapsync-demo|test-dovecot)-\w+", output)
-    assert len(roots) >= 2, output  # it says where it works
+    where = re.search(r"^demo workspace: (\S+) \(Dovecot in (\S+)\)$", output, flags=re.M)
+    assert where, output  # it says where it works
+    roots = list(where.groups())
     found = [root for root in roots if Path(root).exists()]
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
