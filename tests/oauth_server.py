@@ -9,6 +9,7 @@ Endpoints (form-encoded POSTs, JSON answers, as RFC 6749, 7662 and 8628 say):
 ``/introspect``  token introspection, which the test Dovecot calls: ``active`` and
                  ``username`` for a valid, unexpired access token
 ``/approve``     what the user does on the verification page: ``user_code`` + ``username``
+                 (:meth:`AuthorizationServer.deny` declines instead)
 ``/revoke``      an administrator revoking a user's sessions: their refresh tokens die;
                  access tokens already issued live until they expire (as with Entra)
 
@@ -42,7 +43,7 @@ class _Device:
     user_code: str
     expires: float
     username: str | None = None  # set on approval
-    denied: bool = False
+    denied: bool = False  # the user said no
 
 
 @dataclass
@@ -88,6 +89,13 @@ class AuthorizationServer:
         with self._lock:
             for token in [t for t, u in self.refresh_tokens.items() if u == username]:
                 del self.refresh_tokens[token]
+
+    def deny(self) -> bool:
+        """The user declines every pending sign-in; whether there was one."""
+        with self._lock:
+            for device in self.devices.values():
+                device.denied = True
+            return bool(self.devices)
 
     def approve(self, user_code: str, username: str) -> bool:
         with self._lock:
@@ -147,6 +155,8 @@ class AuthorizationServer:
             if device is None or device.expires < time.time():
                 self.log.append(("device", "expired_token"))
                 return 400, {"error": "expired_token"}
+            if device.denied:
+                return 400, {"error": "access_denied"}
             if device.username is None:
                 return 400, {"error": "authorization_pending"}
             del self.devices[form["device_code"]]
