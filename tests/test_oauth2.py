@@ -181,6 +181,8 @@ def test_agent_run_refreshes_keeps_rotated_tokens_and_recovers_from_a_revocation
         outputs.append(json.dumps(status))
         assert "invalid_grant" in status["last_error"]
         assert f"agent login --config {bridge.agent_ini} imap" in status["last_error"]
+        time.sleep(2)  # the service and the watcher wait for a new sign-in, no retry storm
+        assert authority.refreshes("invalid_grant") <= 2
         outputs.append(login(bridge.agent_ini, authority, bridge.user))
         ids.insert(0, bridge.deliver(5))
         wait_for(lambda: bridge.phone_inbox_ids() == ids, 20, "syncing again after login")

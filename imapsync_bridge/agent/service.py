@@ -262,8 +262,10 @@ class AgentService:
         wanted = reasons & SYNC_REASONS
         if self.config.sync_on_change:
             wanted |= reasons & INBOX_CHANGES
-        if wanted and self._retry_at is not None and wanted <= {"timer", *INBOX_CHANGES}:
-            return  # a failed session waits for its retry; only a user's request jumps it
+        if wanted and self._retry_at is not None and wanted <= {"timer", "push", *INBOX_CHANGES}:
+            # A failed session waits for its retry; only a user's request jumps it (not
+            # the push link coming back: the failure dropped it, and would again at once).
+            return
         wanted |= self._deferred
         if wanted and now - self._last_started < MERGE_WINDOW:
             self._deferred = wanted
