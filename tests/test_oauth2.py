@@ -93,7 +93,15 @@ def test_login_then_sync_with_oauthbearer(bridge: Bridge, authority: Authorizati
     assert stored["refresh_token"] in authority.refresh_tokens
     assert stored["refresh_token"] not in bridge.agent_ini.read_text()
 
-    bridge.sync_ok()
+    # With debug logging on (-v): every line imapclient, authlib and urllib3 log.
+    synced = subprocess.run(
+        [sys.executable, "-m", "imapsync_bridge.cli", "-v", "agent", "sync",
+         "--config", str(bridge.agent_ini)],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert synced.returncode == 0, synced.stderr
+    assert "AUTHENTICATE" in synced.stderr  # the debug log has the IMAP commands...
+    assert not [t for t in authority.issued if t in synced.stderr + shown]  # ...no token
     assert bridge.phone_inbox_ids() == [first]
     assert f"user=<{bridge.user}>, method=OAUTHBEARER" in bridge.dovecot.log()
     config = load_agent_config(bridge.agent_ini)

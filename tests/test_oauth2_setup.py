@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 from bridge import run_cli
 from oauth_server import AuthorizationServer
+from smtp_servers import MailServer
 
+from imapsync_bridge import smtp_out
 from imapsync_bridge.config import OAuth2Settings, load_agent_config
 from imapsync_bridge.errors import ConfigError
 from imapsync_bridge.oauth2 import tokens
 from imapsync_bridge.oauth2.providers import endpoints
+from imapsync_bridge.sync.outgoing import Outcome
 
 
 @pytest.fixture
@@ -140,3 +143,45 @@ def test_a_systemd_credential_and_its_rotations(
     (credentials / "imap-oauth2").write_text(authority._access_token("alice")["refresh_token"])
     assert tokens.check_sign_in(imap) is None
     assert not [t for t in authority.issued if t in error]
+
+
+def approve_pending(authority: AuthorizationServer, user: str) -> threading.Thread:
+    """Approves the next device sign-in as *user* (the tests' user at the browser)."""
+
+    def approve() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            codes = [d.user_code for d in list(authority.devices.values())]
+            if codes and authority.approve(codes[0], user):
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=approve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_smtp_xoauth2_and_a_refused_token(tmp_path: Path, authority: AuthorizationServer) -> None:
+    with MailServer(
+        oauth2=authority.user_of,  # XOAUTH2 only: the mechanism Microsoft offers
+        options={"auth_require_tls": False, "auth_exclude_mechanism": ["OAUTHBEARER"]},
+    ) as smtp:
+        ini = agent_ini(tmp_path, ["username = alice", "password_file = imap.pass"])
+        smtp_lines = ["[smtp]", "host = 127.0.0.1", f"port = {smtp.port}", "security = none",
+                      "username = alice", *authority.ini_lines()]  # fmt: skip
+        ini.write_text(ini.read_text() + "\n".join(smtp_lines) + "\n")
+        approve_pending(authority, "alice")
+        assert run_cli("agent", "login", "--config", str(ini), "smtp")[0] == 0
+        config = load_agent_config(ini)
+        assert config.smtp is not None
+        raw = b"From: alice@corp.example\r\nSubject: hi\r\n\r\nhello\r\n"
+        sent = smtp_out.send(config.smtp, "alice@corp.example", ["bob@example.net"], raw)
+        assert sent.accepted and smtp.logins == [("XOAUTH2", "alice")]
+
+        approve_pending(authority, "mallory")  # a token for someone else: refused
+        assert run_cli("agent", "login", "--config", str(ini), "smtp")[0] == 0
+        refused = smtp_out.send(config.smtp, "alice@corp.example", ["bob@example.net"], raw)
+        assert refused.outcome is Outcome.TEMPORARY and refused.code == 535
+        assert len(smtp.received) == 1
+        stored = json.loads((tmp_path / "state" / "oauth2-smtp.json").read_text())
+        assert stored["access_token"] == ""  # the next attempt refreshes first
