@@ -56,12 +56,14 @@ def bridge(
         b.stop()
 
 
-def login(ini: Path, authority: AuthorizationServer, user: str, role: str = "imap") -> str:
+def login(
+    ini: Path, authority: AuthorizationServer, user: str, role: str = "imap", **env: str
+) -> str:
     """`agent login` as a real process; approves the code it shows as *user* would on
     the verification page (the authorization server's approve endpoint)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "imapsync_bridge.cli", "agent", "login", "--config", str(ini), role],
-        env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -106,6 +108,34 @@ def test_login_then_sync_with_oauthbearer(bridge: Bridge, authority: Authorizati
     assert f"user=<{bridge.user}>, method=OAUTHBEARER" in bridge.dovecot.log()
     config = load_agent_config(bridge.agent_ini)
     assert tokens.check_sign_in(config.imap.server) is None
+
+
+def test_the_keyring_holds_the_sign_in_where_there_is_one(
+    bridge: Bridge, authority: AuthorizationServer, tmp_path: Path
+) -> None:
+    # A keyring backend, as a desktop session has one (tests/file_keyring.py).
+    keyring_env = {
+        "PYTHON_KEYRING_BACKEND": "file_keyring.FileKeyring",
+        "TEST_KEYRING_FILE": str(tmp_path / "keyring.json"),
+        "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
+    }
+    first = bridge.deliver(1)
+    bridge.pair()
+    assert "tokens stored in the keyring" in login(
+        bridge.agent_ini, authority, bridge.user, **keyring_env
+    )
+    assert not (bridge.agent_ini.parent / "state" / "oauth2-imap.json").exists()
+    kept = json.loads((tmp_path / "keyring.json").read_text())
+    grant = json.loads(kept[f"imapsync-bridge/imap-oauth2:{bridge.user}@127.0.0.1"])
+    assert grant["refresh_token"] in authority.refresh_tokens
+    synced = subprocess.run(
+        [sys.executable, "-m", "imapsync_bridge.cli", "agent", "sync",
+         "--config", str(bridge.agent_ini)],
+        env={**os.environ, **keyring_env}, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert synced.returncode == 0, synced.stderr
+    assert bridge.phone_inbox_ids() == [first]
 
 
 def test_xoauth2_where_only_that_is_offered_and_a_refused_token(
