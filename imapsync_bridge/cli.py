@@ -202,6 +202,8 @@ def cmd_set_password(args: argparse.Namespace) -> int:
     server = config.imap.server if args.role == "imap" else config.smtp
     if server is None:
         raise ConfigError(f"{config.path}: no [{args.role}] section")
+    if server.auth == "oauth2":
+        raise ConfigError(f"[{args.role}] auth = oauth2 takes no password: run `agent login`")
     secret = getpass.getpass(f"{args.role} password for {server.username}@{server.host}: ")
     try:
         keyring.set_password(

@@ -185,3 +185,11 @@ def test_smtp_xoauth2_and_a_refused_token(tmp_path: Path, authority: Authorizati
         assert len(smtp.received) == 1
         stored = json.loads((tmp_path / "state" / "oauth2-smtp.json").read_text())
         assert stored["access_token"] == ""  # the next attempt refreshes first
+
+
+def test_set_password_is_refused_for_an_oauth2_role(
+    tmp_path: Path, authority: AuthorizationServer
+) -> None:
+    ini = agent_ini(tmp_path, ["username = alice", *authority.ini_lines()])
+    rc, _out, err = run_cli("set-password", "--config", str(ini), "imap")
+    assert rc == 2 and "auth = oauth2 takes no password: run `agent login`" in err
