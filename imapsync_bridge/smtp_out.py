@@ -12,7 +12,8 @@ refusals defer it).
 
 Security as configured: ``tls`` (implicit TLS), ``starttls`` (required: no plaintext
 fallback) or ``none`` (the config allows it only for a loopback host); AUTH (LOGIN or
-PLAIN, as smtplib picks) when a username is set. Nothing secret is logged.
+PLAIN, as smtplib picks) when a username is set, or with ``auth = oauth2`` SASL
+OAUTHBEARER or XOAUTH2 with a fresh access token. Nothing secret is logged.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from imapsync_bridge.config import MailServer
+from imapsync_bridge.oauth2 import tokens
+from imapsync_bridge.oauth2.providers import oauthbearer, pick_mechanism, xoauth2
 from imapsync_bridge.sync.outgoing import Outcome, classify
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,7 @@ def send(
     what happened), but ``before_data``'s own errors (a failed durable record) propagate
     before DATA is sent. A ``BridgeError`` from the password lookup propagates."""
     password = server.password() if server.username else None
+    token = tokens.access_token(server) if server.auth == "oauth2" else None
     try:
         conn = _connect(server, local_hostname or socket.gethostname(), timeout)
     except _Unreachable as exc:
@@ -108,10 +112,15 @@ def send(
     try:
         if server.username:
             try:
-                conn.login(server.username, password or "")
+                if token is None:
+                    conn.login(server.username, password or "")
+                else:
+                    _oauth2_login(conn, server, token.value)
             except smtplib.SMTPAuthenticationError as exc:
                 # The account's problem, not the message's: retried later, not failed.
                 log.error("%s:%s refused the [%s] login", server.host, server.port, server.role)
+                if token is not None:  # the next attempt refreshes first
+                    tokens.forget_access_token(server)
                 return Result(
                     Outcome.TEMPORARY, exc.smtp_code, _reply(exc.smtp_code, exc.smtp_error)
                 )
@@ -148,6 +157,23 @@ def send(
             conn.quit()
         except (OSError, smtplib.SMTPException):
             conn.close()
+
+
+def _oauth2_login(conn: smtplib.SMTP, server: MailServer, token: str) -> None:
+    """AUTH OAUTHBEARER or XOAUTH2 with the initial response; an error challenge (334)
+    is answered with an empty line, so the server ends with its 5xx."""
+    offered = set(conn.esmtp_features.get("auth", "").upper().split())
+    mechanism = pick_mechanism(offered)
+    if mechanism is None:
+        raise smtplib.SMTPNotSupportedError(
+            f"{server.host}:{server.port} offers neither OAUTHBEARER nor XOAUTH2"
+        )
+    initial = (
+        oauthbearer(server.username, token, server.host, server.port)
+        if mechanism == "OAUTHBEARER"
+        else xoauth2(server.username, token)
+    )
+    conn.auth(mechanism, lambda challenge=None: initial if challenge is None else "")
 
 
 __all__ = ["Result", "send"]
