@@ -181,6 +181,19 @@ def cmd_agent_check(args: argparse.Namespace) -> int:
     return report(Path(args.config), lambda line: print(line, flush=True))
 
 
+def cmd_agent_login(args: argparse.Namespace) -> int:
+    """OAuth2 device sign-in (docs/oauth2.md); a running `agent run` picks it up."""
+    from imapsync_bridge.oauth2.tokens import device_login
+
+    config = load_agent_config(Path(args.config))
+    server = config.imap.server if args.role == "imap" else config.smtp
+    if server is None:
+        raise ConfigError(f"{config.path}: no [{args.role}] section")
+    where = device_login(server, lambda line: print(line, flush=True))
+    print(f"signed in: {args.role} tokens stored in {where}")
+    return 0
+
+
 def cmd_set_password(args: argparse.Namespace) -> int:
     import keyring
     from keyring.errors import KeyringError
@@ -189,6 +202,8 @@ def cmd_set_password(args: argparse.Namespace) -> int:
     server = config.imap.server if args.role == "imap" else config.smtp
     if server is None:
         raise ConfigError(f"{config.path}: no [{args.role}] section")
+    if server.auth == "oauth2":
+        raise ConfigError(f"[{args.role}] auth = oauth2 takes no password: run `agent login`")
     if not server.username:
         raise ConfigError(f"{config.path}: [{args.role}] username is empty: no password is used")
     secret = read_new_password(f"{args.role} password for {server.username}@{server.host}: ")
@@ -384,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_agent_check)
+    p = command(
+        agent, "login", "OAuth2 device sign-in for [imap] or [smtp] (auth = oauth2)",
+        "imapsync-bridge agent login --config agent.ini imap",
+    )  # fmt: skip
+    p.add_argument("--config", required=True)
+    p.add_argument("role", choices=["imap", "smtp"])
+    p.set_defaults(func=cmd_agent_login)
 
     p = command(
         top, "set-password",

@@ -221,7 +221,8 @@ def _read(path: Path) -> configparser.ConfigParser:
 
 @dataclass(frozen=True)
 class OAuth2Settings:
-    """``auth = oauth2`` in [imap] or [smtp]: where the device sign-in goes (read, not yet used)."""
+    """``auth = oauth2`` in [imap] or [smtp]: where the device sign-in goes, and where
+    the agent keeps the grant (docs/oauth2.md)."""
 
     provider: str
     client_id: str
@@ -229,6 +230,8 @@ class OAuth2Settings:
     device_authorization_endpoint: str
     token_endpoint: str
     scopes: str
+    state_dir: Path = Path()  # the token file and its lock live here
+    config_path: Path = Path()  # named in "run `agent login`" errors
 
 
 @dataclass(frozen=True)
@@ -246,13 +249,8 @@ class MailServer:
 
     def password(self) -> str | None:
         """The secret, from the password file, the keyring or systemd credentials."""
-        if not self.username:
-            return None
-        if self.auth == "oauth2":
-            raise ConfigError(
-                f"[{self.role}] auth = oauth2 is not supported by this version of "
-                "imapsync-bridge; use auth = password"
-            )
+        if not self.username or self.auth == "oauth2":
+            return None  # OAuth2 logs in with an access token: imapsync_bridge.oauth2
         return lookup_secret(self.role, self.username, self.host, self.password_file)
 
 
@@ -302,8 +300,52 @@ def _check_password_file(where: str, password_file: Path) -> None:
         )
 
 
+def _oauth2_settings(
+    section: _Section, path: Path, role: str, state_dir: Path, used: bool
+) -> OAuth2Settings:
+    """The OAuth2 keys, checked for type always; when ``auth = oauth2`` (*used*) also a
+    client id, for ``generic`` its endpoints and scopes, and plain-http endpoints only on
+    loopback (a test or a local proxy)."""
+    where = f"{path}: [{role}]"
+    provider = section.text("oauth2_provider", "")
+    settings = OAuth2Settings(
+        provider=section.choice("oauth2_provider", OAUTH2_PROVIDERS, provider or "generic"),
+        client_id=section.text("client_id", ""),
+        tenant=section.text("tenant", ""),
+        device_authorization_endpoint=section.url("device_authorization_endpoint"),
+        token_endpoint=section.url("token_endpoint"),
+        scopes=section.text("scopes", ""),
+        state_dir=state_dir,
+        config_path=path,
+    )
+    if not used:
+        return settings
+    needed = ["client_id"]
+    if settings.provider == "generic":
+        needed += ["device_authorization_endpoint", "token_endpoint", "scopes"]
+    for key in needed:
+        if not getattr(settings, key):
+            raise ConfigError(
+                f"{where} auth = oauth2 with oauth2_provider = {settings.provider} needs {key} "
+                "(docs/oauth2.md says where to find it)"
+            )
+    for key in ("device_authorization_endpoint", "token_endpoint"):
+        url = urllib.parse.urlsplit(getattr(settings, key))
+        if url.scheme == "http" and not is_loopback(url.hostname or ""):
+            raise ConfigError(f"{where} {key} must be an https:// URL (http only on loopback)")
+    if not section.text("username", ""):
+        raise ConfigError(f"{where} auth = oauth2 needs username (the account to sign in as)")
+    return settings
+
+
 def _mail_server(
-    parser: configparser.ConfigParser, path: Path, role: str, port: int, *, oauth2: bool = True
+    parser: configparser.ConfigParser,
+    path: Path,
+    role: str,
+    port: int,
+    *,
+    oauth2: bool = True,
+    state_dir: Path = Path(),
 ) -> MailServer:
     section = _Section(parser, path, role)
     host = section.text("host")
@@ -314,15 +356,7 @@ def _mail_server(
     auth = section.choice("auth", AUTH_MODES, "password") if oauth2 else "password"
     oauth2_settings = None
     if oauth2:
-        provider = section.text("oauth2_provider", "")
-        oauth2_settings = OAuth2Settings(
-            provider=section.choice("oauth2_provider", OAUTH2_PROVIDERS, provider or "generic"),
-            client_id=section.text("client_id", ""),
-            tenant=section.text("tenant", ""),
-            device_authorization_endpoint=section.url("device_authorization_endpoint"),
-            token_endpoint=section.url("token_endpoint"),
-            scopes=section.text("scopes", ""),
-        )
+        oauth2_settings = _oauth2_settings(section, path, role, state_dir, auth == "oauth2")
     return MailServer(
         role=role,
         host=host,
@@ -341,8 +375,13 @@ def load_agent_config(path: Path) -> AgentConfig:
     _check_keys(parser, path, AGENT_KEYS)
     agent = _Section(parser, path, "agent")
     imap_section = _Section(parser, path, "imap")
-    imap_server = _mail_server(parser, path, "imap", 993)
-    smtp = _mail_server(parser, path, "smtp", 587) if parser.has_section("smtp") else None
+    state_dir = path.parent / agent.text("state_dir")
+    imap_server = _mail_server(parser, path, "imap", 993, state_dir=state_dir)
+    smtp = (
+        _mail_server(parser, path, "smtp", 587, state_dir=state_dir)
+        if parser.has_section("smtp")
+        else None
+    )
     from_address = _Section(parser, path, "smtp").text("from_address", "") if smtp else ""
     if from_address and "@" not in from_address:
         raise ConfigError(
@@ -351,7 +390,7 @@ def load_agent_config(path: Path) -> AgentConfig:
     trigger = _Section(parser, path, "trigger") if parser.has_section("trigger") else None
     return AgentConfig(
         path=path,
-        state_dir=path.parent / agent.text("state_dir"),
+        state_dir=state_dir,
         server=agent.host_port("server"),
         server_timeout=agent.integer("server_timeout", 60, minimum=1),
         sync_interval=agent.integer("sync_interval", 300, minimum=1),

@@ -12,7 +12,8 @@ refusals defer it).
 
 Security as configured: ``tls`` (implicit TLS), ``starttls`` (required: no plaintext
 fallback) or ``none`` (the config allows it only for a loopback host); AUTH (LOGIN or
-PLAIN, as smtplib picks) when a username is set. Nothing secret is logged.
+PLAIN, as smtplib picks) when a username is set, or with ``auth = oauth2`` SASL
+OAUTHBEARER or XOAUTH2 with a fresh access token. Nothing secret is logged.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ex
 
 from imapsync_bridge.config import MailServer
 from imapsync_bridge.errors import ConnectionLost, LoginRefused
+from imapsync_bridge.oauth2 import tokens
+from imapsync_bridge.oauth2.providers import oauthbearer, pick_mechanism, xoauth2
 from imapsync_bridge.sync.outgoing import Outcome, classify
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,7 @@ def send(
     what happened), but ``before_data``'s own errors (a failed durable record) propagate
     before DATA is sent. A ``BridgeError`` from the password lookup propagates."""
     password = server.password() if server.username else None
+    token = tokens.access_token(server) if server.auth == "oauth2" else None
     try:
         conn = _connect(server, local_hostname or socket.gethostname(), timeout)
     except _Unreachable as exc:
@@ -109,10 +113,12 @@ def send(
     try:
         if server.username:
             try:
-                conn.login(server.username, password or "")
+                _login(conn, server, password, token)
             except smtplib.SMTPAuthenticationError as exc:
                 # The account's problem, not the message's: retried later, not failed.
                 log.error("%s:%s refused the [%s] login", server.host, server.port, server.role)
+                if token is not None:  # the next attempt refreshes first
+                    tokens.forget_access_token(server)
                 return Result(
                     Outcome.TEMPORARY, exc.smtp_code, _reply(exc.smtp_code, exc.smtp_error)
                 )
@@ -151,11 +157,39 @@ def send(
             conn.close()
 
 
+def _login(
+    conn: smtplib.SMTP, server: MailServer, password: str | None, token: tokens.AccessToken | None
+) -> None:
+    """AUTH as configured: with the password, or with the OAuth2 access token."""
+    if token is None:
+        conn.login(server.username, password or "")
+    else:
+        _oauth2_login(conn, server, token.value)
+
+
+def _oauth2_login(conn: smtplib.SMTP, server: MailServer, token: str) -> None:
+    """AUTH OAUTHBEARER or XOAUTH2 with the initial response; an error challenge (334)
+    is answered with an empty line, so the server ends with its 5xx."""
+    offered = set(conn.esmtp_features.get("auth", "").upper().split())
+    mechanism = pick_mechanism(offered)
+    if mechanism is None:
+        raise smtplib.SMTPNotSupportedError(
+            f"{server.host}:{server.port} offers neither OAUTHBEARER nor XOAUTH2"
+        )
+    initial = (
+        oauthbearer(server.username, token, server.host, server.port)
+        if mechanism == "OAUTHBEARER"
+        else xoauth2(server.username, token)
+    )
+    conn.auth(mechanism, lambda challenge=None: initial if challenge is None else "")
+
+
 def probe(server: MailServer, *, timeout: float = TIMEOUT) -> None:
     """Connect, secure and log in as configured, then QUIT, sending nothing (``agent
     check``). ``ConnectionLost`` when the server cannot be reached or secured,
     ``LoginRefused`` when it refuses the login; no message names a secret."""
     password = server.password() if server.username else None
+    token = tokens.access_token(server) if server.auth == "oauth2" else None
     where = f"{server.host}:{server.port}"
     try:
         conn = _connect(server, socket.gethostname(), timeout)
@@ -163,7 +197,7 @@ def probe(server: MailServer, *, timeout: float = TIMEOUT) -> None:
         raise ConnectionLost(str(exc)) from None
     try:
         if server.username:
-            conn.login(server.username, password or "")
+            _login(conn, server, password, token)
     except smtplib.SMTPAuthenticationError as exc:
         reply = _reply(exc.smtp_code, exc.smtp_error)
         raise LoginRefused(f"{where} refused the login as {server.username!r}: {reply}") from None

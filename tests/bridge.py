@@ -149,6 +149,9 @@ class Bridge:
         self.code = ""
         self.smtp_port: int | None = None  # the corporate SMTP server: adds [smtp]
         self.from_address = f"{self.user}@corp.example"  # the agent's [smtp] from_address
+        #: [imap] and [smtp] sign in with these OAuth2 keys instead of a password
+        #: (AuthorizationServer.ini_lines() of tests/oauth_server.py)
+        self.oauth2: list[str] = []
 
     # -- set-up ----------------------------------------------------------------------
     def start(self, observer: FrameObserver | None = None, relay_port: int | None = None) -> Bridge:
@@ -185,12 +188,13 @@ class Bridge:
             f"port = {imap_port or self.dovecot.port}",
             "security = none",
             f"username = {self.user}",
-            "password_file = imap.pass",
+            *(self.oauth2 or ["password_file = imap.pass"]),
         ]
         if self.smtp_port is not None:
             lines += [
                 "[smtp]", "host = 127.0.0.1", f"port = {self.smtp_port}", "security = none",
-                "username =", f"from_address = {self.from_address}",
+                f"username = {self.user if self.oauth2 else ''}", *self.oauth2,
+                f"from_address = {self.from_address}",
             ]  # fmt: skip
         ini.write_text("\n".join(lines) + "\n")
 

@@ -15,6 +15,11 @@ list (``imap_capability``), a namespace prefix and separator, and its folder nam
 without SPECIAL-USE attributes (:data:`FULL`, :data:`EXCHANGE_LIKE`, :data:`CYRUS_LIKE`;
 see ``docs/compat.md``).
 
+With ``oauth2=URL`` it also takes SASL OAUTHBEARER and XOAUTH2 logins (``mechanisms``
+narrows that), its ``oauth2`` passdb checking each token at that introspection URL (RFC
+7662, ``introspection_mode = post``; tests/oauth_server.py serves one). PLAIN and LOGIN
+still take :attr:`Dovecot.password`, so the test helpers work as before.
+
 With ``tls=True`` an additional implicit-TLS listener (:attr:`Dovecot.tls_port`) is opened
 and STARTTLS is offered on the plain port; :attr:`Dovecot.ca_path` is the self-signed
 certificate to trust (it names ``localhost`` and ``127.0.0.1``).
@@ -63,7 +68,7 @@ default_internal_user = dovecot
 default_login_user = dovenull
 first_valid_uid = 1
 first_valid_gid = 1
-auth_mechanisms = plain login
+auth_mechanisms = plain login{oauth2_mechanisms}
 disable_plaintext_auth = no
 auth_verbose = yes
 auth_failure_delay = 0
@@ -79,7 +84,9 @@ protocol imap {{
 passdb {{
   driver = static
   args = password={password}
+  mechanisms = plain login
 }}
+{oauth2_passdb}
 userdb {{
   driver = static
   args = uid={uid} gid={gid} home={root}/home/%u
@@ -239,9 +246,18 @@ class Dovecot:
     host = "127.0.0.1"
     password = "secret"
 
-    def __init__(self, *, tls: bool = False, profile: Profile = FULL) -> None:
+    def __init__(
+        self,
+        *,
+        tls: bool = False,
+        profile: Profile = FULL,
+        oauth2: str | None = None,
+        mechanisms: tuple[str, ...] = ("oauthbearer", "xoauth2"),
+    ) -> None:
         self.tls = tls
         self.profile = profile
+        self.oauth2 = oauth2
+        self.mechanisms = mechanisms
         self.root: Path | None = None
         self.port = 0
         self.tls_port: int | None = None
@@ -311,8 +327,22 @@ class Dovecot:
             )
         else:
             ssl_settings = "ssl = no"
+        oauth2_passdb = ""
+        if self.oauth2:
+            conf = self.root / "etc" / "dovecot-oauth2.conf.ext"
+            conf.write_text(
+                f"introspection_mode = post\nintrospection_url = {self.oauth2}\n"
+                "username_attribute = username\nactive_attribute = active\n"
+                "active_value = true\nforce_introspection = yes\n"
+            )
+            mechanisms = " ".join(self.mechanisms)
+            oauth2_passdb = (
+                f"passdb {{\n  driver = oauth2\n  mechanisms = {mechanisms}\n  args = {conf}\n}}"
+            )
         text = _CONFIG.format(
             root=self.root,
+            oauth2_mechanisms=" " + " ".join(self.mechanisms) if self.oauth2 else "",
+            oauth2_passdb=oauth2_passdb,
             port=self.port,
             tls_port=self.tls_port or 0,
             uid=MAIL_UID,

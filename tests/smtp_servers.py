@@ -9,11 +9,16 @@ It can be told to answer a reply of its choosing at MAIL, RCPT or end of DATA
 (``answer("rcpt", "450 4.2.0 try later", times=1)``), and to call ``hooks[stage]()``
 at ``mail`` (before it answers MAIL FROM: nothing taken yet) or ``data`` (the message
 taken and recorded, its 250 not yet sent) — where fault tests SIGKILL a process.
+
+With ``oauth2`` (a function from an access token to its user, or None: e.g.
+``AuthorizationServer.user_of``) it offers AUTH OAUTHBEARER and XOAUTH2 (``options`` may
+need ``auth_require_tls=False`` on plain loopback) and records who logged in (``logins``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import socket
 import threading
@@ -24,7 +29,7 @@ from email.policy import compat32
 from typing import Any
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from dovecot import Dovecot
 
 
@@ -62,6 +67,8 @@ class MailServer:
     #: aiosmtpd ``SMTP`` keyword options (``tls_context``, ``require_starttls``,
     #: ``authenticator``...), e.g. for a relay that wants STARTTLS and AUTH
     options: dict[str, Any] = field(default_factory=dict)
+    oauth2: Callable[[str], str | None] | None = None
+    logins: list[tuple[str, str]] = field(default_factory=list)  # (mechanism, user)
     _replies: dict[str, _Reply] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _controller: Controller | None = None
@@ -125,10 +132,35 @@ class MailServer:
             await asyncio.to_thread(self.hooks["data"])
         return "250 2.0.0 queued as test"
 
+    # SASL OAUTHBEARER (RFC 7628) and XOAUTH2, offered only when ``oauth2`` is set
+    async def auth_OAUTHBEARER(self, server: SMTP, args: list[str]) -> AuthResult:  # noqa: N802
+        return await self._bearer(server, args, "OAUTHBEARER")
+
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:  # noqa: N802
+        return await self._bearer(server, args, "XOAUTH2")
+
+    async def _bearer(self, server: SMTP, args: list[str], mechanism: str) -> AuthResult:
+        # args: the mechanism, then the initial response when the client sent one
+        data = base64.b64decode(args[1]) if len(args) > 1 else await server.challenge_auth("")
+        if not isinstance(data, bytes) or self.oauth2 is None:
+            return AuthResult(success=False, handled=False)
+        text = data.decode("utf-8", "replace")
+        fields = dict(f.split("=", 1) for f in text.split("\x01") if "=" in f)
+        claimed = fields.get("user") or text.partition("a=")[2].partition(",")[0]
+        token = fields.get("auth", "").removeprefix("Bearer ")
+        user = self.oauth2(token)
+        if user is None or user != claimed:
+            return AuthResult(success=False, handled=False)
+        self.logins.append((mechanism, user))
+        return AuthResult(success=True, handled=False, auth_data=LoginPassword(user.encode(), b""))
+
     def start(self) -> MailServer:
+        options = dict(self.options)
+        if self.oauth2 is None:
+            options.setdefault("auth_exclude_mechanism", ["OAUTHBEARER", "XOAUTH2"])
         self._controller = Controller(
             self, hostname=self.host, port=self.port, server_hostname="smtp.test",
-            ready_timeout=10, **self.options,
+            ready_timeout=10, **options,
         )  # fmt: skip
         self._controller.start()
         return self

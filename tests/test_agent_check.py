@@ -5,6 +5,7 @@ must change nothing (no folder created, no state written)."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,7 +52,9 @@ def bridge(dovecot: Dovecot, tmp_path: Path) -> Iterator[Bridge]:
         b.pair()
         text = b.agent_ini.read_text()
         b.agent_ini.write_text(
-            text.replace("username =\n", "username = agent\npassword_file = smtp.pass\n")
+            re.sub(
+                r"^username = ?$", "username = agent\npassword_file = smtp.pass", text, flags=re.M
+            )
         )
         write_private(b.agent_ini.parent / "smtp.pass", SMTP_PASSWORD)
         try:

@@ -1,6 +1,6 @@
 """Where the agent's IMAP and SMTP passwords come from, and where they never go.
 
-A real keyring backend (keyrings.alt's file backend, in a temp directory), real
+A real keyring backend (tests/file_keyring.py through keyring's backend API), real
 systemd-style credential files, real 0600 rules; the leak test runs a whole product
 session (first sync, send via desktop, status, check, a failed login, `agent run` as a
 process with --verbose) with distinctive passwords and greps everything it printed,
@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,8 +28,8 @@ import smtp_servers
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from bridge import REPO, Bridge, run_cli
 from dovecot import Dovecot
+from file_keyring import FileKeyring
 from keyring.backends import fail
-from keyrings.alt.file import PlaintextKeyring
 
 from imapsync_bridge.config import KEYRING_SERVICE, find_secret, keyring_account
 from imapsync_bridge.errors import ConfigError
@@ -38,13 +39,14 @@ SMTP_PASSWORD = "smtp-Pw-4Lm#21vd"
 
 
 @pytest.fixture
-def file_keyring(tmp_path: Path) -> Iterator[Path]:
-    """A real keyring backend storing in a file under tmp_path (set for this process)."""
-    before = keyring.get_keyring()
-    backend = PlaintextKeyring()
-    path = tmp_path / "keyring" / "keyring_pass.cfg"
-    backend.file_path = str(path)  # type: ignore[misc]
-    keyring.set_keyring(backend)
+def file_keyring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A real keyring backend storing in a file under tmp_path (set for this process;
+    a child process gets it through the environment, see run_agent_a_while)."""
+    before = keyring.get_keyring()  # the default, chosen without this backend
+    path = tmp_path / "keyring" / "keyring.json"
+    path.parent.mkdir()
+    monkeypatch.setenv("TEST_KEYRING_FILE", str(path))
+    keyring.set_keyring(FileKeyring())
     try:
         yield path
     finally:
@@ -186,7 +188,8 @@ def test_no_secret_in_any_output_log_or_state(
             ini = bridge.agent_ini
             # the IMAP password in the keyring (set-password), SMTP's in a password_file
             text = ini.read_text().replace("password_file = imap.pass\n", "")
-            ini.write_text(text.replace("username =\n", "username = agent\npassword_file = s\n"))
+            smtp_login = "username = agent\npassword_file = s"  # [smtp]'s username is empty
+            ini.write_text(re.sub(r"^username = ?$", smtp_login, text, flags=re.M))
             (ini.parent / "imap.pass").unlink()
             private(ini.parent / "s", SMTP_PASSWORD)
             for role, secret in (("imap", IMAP_PASSWORD),):
@@ -231,17 +234,14 @@ def test_no_secret_in_any_output_log_or_state(
 
 
 def run_agent_a_while(bridge: Bridge, keyring_file: Path) -> str:
-    """`agent run --verbose` as a real process (the keyring file backend through the
+    """`agent run --verbose` as a real process (the same keyring file, through the
     environment) until it has synced once; its whole stderr."""
     env = dict(
         os.environ,
-        PYTHONPATH=str(REPO),
-        PYTHON_KEYRING_BACKEND="keyrings.alt.file.PlaintextKeyring",
-        XDG_DATA_HOME=str(keyring_file.parent.parent / "xdg"),
+        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
+        PYTHON_KEYRING_BACKEND="file_keyring.FileKeyring",
+        TEST_KEYRING_FILE=str(keyring_file),
     )
-    data_root = Path(env["XDG_DATA_HOME"]) / "python_keyring"
-    data_root.mkdir(parents=True)
-    (data_root / keyring_file.name).write_bytes(keyring_file.read_bytes())
     command = [sys.executable, "-m", "imapsync_bridge.cli", "--verbose", "agent", "run"]
     process = subprocess.Popen(
         [*command, "--config", str(bridge.agent_ini)],

@@ -8,15 +8,17 @@ IMAP login: no capabilities and no folders), the others still run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from imapsync_bridge.agent import folders
 from imapsync_bridge.agent.imap import ImapMailbox
 from imapsync_bridge.agent.link import AGENT_CRT, SERVER_CA, ServerLink
+from imapsync_bridge.agent.runner import connect_imap
 from imapsync_bridge.config import AgentConfig, MailServer, find_secret, load_agent_config
 from imapsync_bridge.errors import AuthError, BridgeError, ConfigError, ImapError, LoginRefused
+from imapsync_bridge.oauth2 import tokens
 
 CHECK_INSTANCE = "agent-check"  # how the check's session names itself to the server
 
@@ -70,54 +72,50 @@ def run_checks(path: Path) -> Iterator[Outcome]:
         yield Outcome(False, "config", str(exc), "fix the setting named, then run this again")
         return
     yield Outcome(True, "config", f"{path} loads")
-    imap_secret = yield from _secret(config.imap.server)
-    if imap_secret is not None:
-        yield from _imap(config, imap_secret)
+    found = _secret(config.imap.server)
+    yield found
+    if found.ok:
+        yield from _imap(config)
     if config.smtp is None:
         yield Outcome(
             True, "SMTP", "no [smtp] section: the phone's 'send via desktop' is not available"
         )
-    elif (yield from _secret(config.smtp)) is not None:
-        yield _smtp(config.smtp)
+    else:
+        found = _secret(config.smtp)
+        yield found
+        if found.ok:
+            yield _smtp(config.smtp)
     yield _server(config)
 
 
-def _secret(server: MailServer) -> Generator[Outcome, None, str | None]:
-    """The password lookup (never the password): returns it, or None when missing."""
+def _secret(server: MailServer) -> Outcome:
+    """Where the password (or the OAuth2 sign-in) comes from, never the secret itself."""
+    if server.auth == "oauth2":
+        what = f"{server.role} OAuth2 sign-in"
+        problem = tokens.check_sign_in(server)
+        if problem is not None:
+            return Outcome(False, what, problem, "see docs/oauth2.md")
+        return Outcome(True, what, f"an access token for {server.username}@{server.host}")
     what = f"{server.role} password"
     if not server.username:
-        yield Outcome(True, what, "none needed (empty username: no login)")
-        return ""
-    if server.auth == "oauth2":
-        yield Outcome(
-            False, what, "auth = oauth2 is not supported by this version", "use auth = password"
-        )
-        return None
+        return Outcome(True, what, "none needed (empty username: no login)")
     try:
-        secret, source = find_secret(
+        _secret_value, source = find_secret(
             server.role, server.username, server.host, server.password_file
         )
     except ConfigError as exc:
-        yield Outcome(False, what, str(exc), "see docs/secrets.md for the lookup order")
-        return None
-    yield Outcome(True, what, f"found in {source}")
-    return secret
+        return Outcome(False, what, str(exc), "see docs/secrets.md for the lookup order")
+    return Outcome(True, what, f"found in {source}")
 
 
-def _imap(config: AgentConfig, password: str) -> Iterator[Outcome]:
+def _imap(config: AgentConfig) -> Iterator[Outcome]:
     server = config.imap.server
     where = f"{server.host}:{server.port} ({server.security})"
     try:
-        imap = ImapMailbox.connect(
-            server.host,
-            server.port,
-            security=server.security,
-            username=server.username,
-            password=password,
-        )
+        imap = connect_imap(config)
     except LoginRefused as exc:
         yield Outcome(True, "IMAP connection", f"{where} answered")
-        yield Outcome(False, "IMAP login", str(exc), _login_hint("imap"))
+        yield Outcome(False, "IMAP login", str(exc), _login_hint(config.imap.server))
         return
     except AuthError as exc:
         yield Outcome(False, "IMAP connection", str(exc), _tls_hint(str(exc), "imap", "993"))
@@ -150,7 +148,11 @@ def _tls_hint(message: str, role: str, tls_port: str) -> str:
     )
 
 
-def _login_hint(role: str) -> str:
+def _login_hint(server: MailServer) -> str:
+    role = server.role
+    if server.auth == "oauth2":
+        again = tokens.login_hint(server)
+        return f"check [{role}] username; if it is right, sign in again: {again}"
     return (
         f"check [{role}] username and the password: `imapsync-bridge set-password "
         f"--config agent.ini {role}` stores a new one (docs/secrets.md)"
@@ -208,7 +210,7 @@ def _smtp(server: MailServer) -> Outcome:
     try:
         smtp_out.probe(server, timeout=15.0)
     except LoginRefused as exc:
-        return Outcome(False, "SMTP", str(exc), _login_hint("smtp"))
+        return Outcome(False, "SMTP", str(exc), _login_hint(server))
     except BridgeError as exc:
         text = str(exc)
         hint = "check [smtp] host, port and security (465 for tls, 587 for starttls)"

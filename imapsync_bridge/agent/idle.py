@@ -44,7 +44,12 @@ Why these intervals (:class:`IdleTiming`, all shortened by tests):
   growing waits. **``auth_backoff`` = 900 s** (7.5–15 min) after a refused login, and after
   other refusals that do not go away by themselves (EXAMINE refused, bad configuration):
   a password does not fix itself, and a corporate directory locks an account after a few
-  failed logins. All waits end at once on :meth:`InboxWatcher.stop`.
+  failed logins. All waits end at once on :meth:`InboxWatcher.stop`, and on
+  :meth:`InboxWatcher.retry_now` (the service calls it after a new ``agent login``).
+- **OAuth2 renewal.** A connection that logged in with an OAuth2 access token says when
+  that token is used up (``renew_at``, before it expires); the watcher then leaves IDLE,
+  logs out and connects again with a fresh token (Exchange Online ends a session whose
+  token expired). The new connection reports ``"reconnected"`` like any other.
 
 A server without IDLE gets no push: the watcher logs it, reports the state
 ``"unsupported"`` and ends (the periodic sync still runs).
@@ -130,6 +135,7 @@ class InboxWatcher:
         self.timing = timing
         self._lock = threading.Lock()  # guards the status fields and _conn, nothing else
         self._stopping = threading.Event()
+        self._retry = threading.Event()  # ends a backoff wait early (stop, retry_now)
         self._thread: threading.Thread | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
@@ -161,6 +167,7 @@ class InboxWatcher:
         closes that connection when ``connect()`` returns."""
         deadline = time.monotonic() + timeout
         self._stopping.set()
+        self._retry.set()
         if self._wake_w is not None:
             with contextlib.suppress(OSError):  # closed already: the thread has ended
                 self._wake_w.send(b"\0")
@@ -178,6 +185,10 @@ class InboxWatcher:
             log.warning(
                 "inbox watcher: still %s after %g s; it ends when that returns", self.state, timeout
             )
+
+    def retry_now(self) -> None:
+        """End a backoff wait now: what it waited for (a new sign-in) has happened."""
+        self._retry.set()
 
     # -- status -------------------------------------------------------------------------
 
@@ -239,7 +250,8 @@ class InboxWatcher:
             reraise=True,
         )
         try:
-            retrying(self._session)
+            while not self._stopping.is_set():  # _session returns to renew a login
+                retrying(self._session)
         except Exception:  # only after stop(): the failure was already logged
             pass
         finally:
@@ -251,7 +263,8 @@ class InboxWatcher:
             log.info("inbox watcher: %s", final)
 
     def _sleep(self, seconds: float) -> None:
-        self._stopping.wait(seconds)  # a stop() ends the wait at once
+        self._retry.wait(seconds)  # stop() and retry_now() end the wait at once
+        self._retry.clear()
 
     def _backoff(self, retry_state: RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
@@ -278,7 +291,8 @@ class InboxWatcher:
         log.warning("inbox watcher: %s (%s); retry in %.1f s", what, exc, wait, exc_info=bug)
 
     def _session(self) -> None:
-        """One connection's life: raises when it fails, returns when stopping."""
+        """One connection's life: raises when it fails, returns when stopping or when
+        its OAuth2 login is used up (the caller connects again at once)."""
         if self._stopping.is_set():
             return
         self._set(state="connecting")
@@ -335,6 +349,9 @@ class InboxWatcher:
             jump = (wall - wall_before) - (now - mono_before)
             wall_before, mono_before = wall, now
             if self._stopping.is_set():
+                break
+            if conn.renew_at is not None and time.time() >= conn.renew_at:
+                log.info("inbox watcher: the OAuth2 access token is used up; reconnecting")
                 break
             if not conn.idling:
                 reason = "the server ended IDLE"

@@ -29,6 +29,7 @@ from imapsync_bridge.errors import (
     MessageError,
 )
 from imapsync_bridge.model import MailboxStatus
+from imapsync_bridge.oauth2.providers import pick_mechanism
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ class ImapSession:
         self._exists = 0  # messages in the selected mailbox, as its SELECT said (less ours)
         self._capabilities: frozenset[str] = frozenset()
         self._condstore = False
+        #: Epoch seconds after which to reconnect: the OAuth2 access token this connection
+        #: logged in with runs out (Exchange Online ends such sessions). None: password.
+        self.renew_at: float | None = None
         self.round_trips = 0
         self.bytes_read = 0
         client.normalise_times = False  # aware datetimes, converted to UTC here
@@ -71,12 +75,15 @@ class ImapSession:
         security: str,
         username: str,
         password: str,
+        access_token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         timeout: float = 30.0,
         count_traffic: bool = False,
     ) -> Self:
         """Connect, secure (``tls`` | ``starttls`` | ``none``) and log in (unless
-        *username* is empty). ``none`` is allowed only to a loopback host.
+        *username* is empty): with *access_token*, SASL OAUTHBEARER or XOAUTH2 (whichever
+        the server offers), else LOGIN with *password*. ``none`` is allowed only to a
+        loopback host.
         ``count_traffic``: keep :attr:`round_trips` and :attr:`bytes_read` (benchmarks,
         tests); production connections are not instrumented."""
         if security not in SECURITY_MODES:
@@ -116,7 +123,10 @@ class ImapSession:
                     client.starttls(ssl_context)
                 if username:
                     try:
-                        client.login(username, password)
+                        if access_token is None:
+                            client.login(username, password)
+                        else:
+                            self._oauth2_login(username, access_token, where)
                     except imap_exc.LoginError as exc:
                         raise LoginRefused(
                             f"IMAP login as {username!r} at {where} refused ({exc})"
@@ -132,6 +142,19 @@ class ImapSession:
             self.close()
             raise
         return self
+
+    def _oauth2_login(self, username: str, token: str, where: str) -> None:
+        offered = {
+            c.decode("ascii", "replace").upper().removeprefix("AUTH=")
+            for c in self._client.capabilities()
+        }
+        mechanism = pick_mechanism(offered)
+        if mechanism == "OAUTHBEARER":
+            self._client.oauthbearer_login(username, token)
+        elif mechanism == "XOAUTH2":
+            self._client.oauth2_login(username, token)
+        else:
+            raise AuthError(f"IMAP server {where} offers neither OAUTHBEARER nor XOAUTH2")
 
     def _instrument(self, imap: Any) -> None:
         new_tag, read, readline = imap._new_tag, imap.read, imap.readline

@@ -18,9 +18,10 @@ from imapsync_bridge.agent.outbox import OutgoingSettings
 from imapsync_bridge.agent.session import SyncSession
 from imapsync_bridge.agent.state import STATE_FILE, AgentState
 from imapsync_bridge.config import AgentConfig
-from imapsync_bridge.errors import BridgeError, ConfigError, TransientError
+from imapsync_bridge.errors import AuthError, BridgeError, ConfigError, TransientError
 from imapsync_bridge.logs import ProgressSink
 from imapsync_bridge.model import Where
+from imapsync_bridge.oauth2 import tokens
 from imapsync_bridge.sync.outgoing import Limits
 from imapsync_bridge.sync.session import SessionOptions, SessionReport
 
@@ -32,15 +33,26 @@ def open_state(config: AgentConfig) -> AgentState:
 
 
 def connect_imap(config: AgentConfig, count_traffic: bool = False) -> ImapMailbox:
+    """A logged-in connection; with ``auth = oauth2`` it logs in with a fresh access
+    token and says (``renew_at``) when to reconnect before that token runs out."""
     server = config.imap.server
-    return ImapMailbox.connect(
-        server.host,
-        server.port,
-        security=server.security,
-        username=server.username,
-        password=server.password() or "",
-        count_traffic=count_traffic,
-    )
+    token = tokens.access_token(server) if server.auth == "oauth2" else None
+    try:
+        imap = ImapMailbox.connect(
+            server.host,
+            server.port,
+            security=server.security,
+            username=server.username,
+            password=server.password() or "",
+            access_token=token.value if token else None,
+            count_traffic=count_traffic,
+        )
+    except AuthError:
+        if token is not None:  # refused (revoked early?): the next try refreshes first
+            tokens.forget_access_token(server)
+        raise
+    imap.renew_at = token.renew_at if token else None
+    return imap
 
 
 def open_desktop(

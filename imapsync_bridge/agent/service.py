@@ -55,6 +55,8 @@ from imapsync_bridge.agent.state import AgentState
 from imapsync_bridge.agent.trigger import TriggerWatch
 from imapsync_bridge.config import AgentConfig
 from imapsync_bridge.errors import AuthError, BridgeError, TransientError
+from imapsync_bridge.oauth2 import tokens
+from imapsync_bridge.oauth2.tokens import LoginRequired
 from imapsync_bridge.protocol import schema
 from imapsync_bridge.sdnotify import Notifier
 from imapsync_bridge.sync.session import SessionReport
@@ -71,6 +73,7 @@ INBOX_CHANGES = frozenset({"new", "flags", "expunge"})
 MERGE_WINDOW = 0.25
 # Reasons after which new inbox mail may hold a trigger.
 SCAN_REASONS = frozenset({"start", "new", "reconnected", "poll"})
+LOGIN_POLL = 2.0  # seconds between looks for a new `agent login` while one is needed
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,9 @@ class AgentService:
         self._pending: set[str] = set()
         self._failures = 0
         self._retry_at: float | None = None
+        #: After a failed OAuth2 refresh: each role's refresh-token stamp then; a new
+        #: `agent login` changes it, and the service retries at once (LOGIN_POLL).
+        self._login_stamps: dict[str, str | None] = {}
         self._last_started = float("-inf")  # monotonic start of the last session
         self._deferred: set[str] = set()  # sync reasons waiting for MERGE_WINDOW's end
         self._stopping = threading.Event()
@@ -234,6 +240,8 @@ class AgentService:
         for due in (self._retry_at, self._trigger_at):
             if due is not None:
                 waits.append(due - now)
+        if self._login_stamps:
+            waits.append(LOGIN_POLL)
         if self.push is not None:
             push = self.timing.push
             waits.append(self._push_said + push.heartbeat_every - now)
@@ -241,6 +249,11 @@ class AgentService:
         return max(0.0, min(waits))
 
     def _act(self) -> None:
+        if self._login_stamps and self._signed_in_again():
+            self._login_stamps = {}
+            self._retry_at = time.monotonic()
+            if self.watcher is not None:
+                self.watcher.retry_now()
         now = time.monotonic()
         if self._retry_at is not None and now >= self._retry_at:
             self._retry_at = None
@@ -262,8 +275,10 @@ class AgentService:
         wanted = reasons & SYNC_REASONS
         if self.config.sync_on_change:
             wanted |= reasons & INBOX_CHANGES
-        if wanted and self._retry_at is not None and wanted <= {"timer", *INBOX_CHANGES}:
-            return  # a failed session waits for its retry; only a user's request jumps it
+        if wanted and self._retry_at is not None and wanted <= {"timer", "push", *INBOX_CHANGES}:
+            # A failed session waits for its retry; only a user's request jumps it (not
+            # the push link coming back: the failure dropped it, and would again at once).
+            return
         wanted |= self._deferred
         if wanted and now - self._last_started < MERGE_WINDOW:
             self._deferred = wanted
@@ -361,6 +376,8 @@ class AgentService:
         delay = min(self.timing.retry_initial * 2 ** (self._failures - 1), self.timing.retry_max)
         if isinstance(exc, AuthError):
             delay = self.timing.retry_max
+        if isinstance(exc, LoginRequired):
+            self._login_stamps = self._oauth2_stamps()
         self._retry_at = time.monotonic() + delay
         self._phone_clean = False
         self.state.set_many({"last_result": "failed", "last_error": str(exc)})
@@ -370,7 +387,26 @@ class AgentService:
         if self.push is not None:
             self._drop_push("the session on it failed")
 
+    def _oauth2_stamps(self) -> dict[str, str | None]:
+        servers = (self.config.imap.server, self.config.smtp)
+        found = {}
+        for server in servers:
+            if server is not None and server.auth == "oauth2":
+                with contextlib.suppress(BridgeError, OSError):
+                    found[server.role] = tokens.store_of(server).stamp()
+        return found
+
+    def _signed_in_again(self) -> bool:
+        now = self._oauth2_stamps()
+        if now == self._login_stamps:
+            return False
+        log.info("a new OAuth2 sign-in: retrying now")
+        return True
+
     def _desktop_side(self) -> DesktopSide:
+        renew_at = self._imap.renew_at if self._imap is not None else None
+        if renew_at is not None and time.time() >= renew_at:  # its OAuth2 token is used up
+            self._drop_desktop()
         if self._desktop is None:
             self._imap = connect_imap(self.config)
             self._desktop = open_desktop(self.config, self._imap, self.state.get("sync_phrase"))

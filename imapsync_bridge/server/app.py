@@ -27,7 +27,7 @@ from imapsync_bridge.server.trigger_mail import send_trigger_mail
 log = logging.getLogger(__name__)
 
 SERVER_INI = """\
-# imapsync-bridge hosted server; every option is described in config.example.ini
+# imapsync-bridge hosted server; every option is described in server.example.ini
 [server]
 data_dir = .
 hostname = {hostname}

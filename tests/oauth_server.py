@@ -1,0 +1,208 @@
+"""A local OAuth2 authorization server for the OAuth2 tests, on loopback (plain HTTP).
+
+Endpoints (form-encoded POSTs, JSON answers, as RFC 6749, 7662 and 8628 say):
+
+``/device``      device authorization: device_code, user_code, verification_uri, interval
+``/token``       the device_code grant (authorization_pending until approved) and the
+                 refresh_token grant, which *rotates*: every refresh issues a new refresh
+                 token and the old one is dead (reusing it is ``invalid_grant``)
+``/introspect``  token introspection, which the test Dovecot calls: ``active`` and
+                 ``username`` for a valid, unexpired access token
+``/approve``     what the user does on the verification page: ``user_code`` + ``username``
+                 (:meth:`AuthorizationServer.deny` declines instead)
+``/revoke``      an administrator revoking a user's sessions: their refresh tokens die;
+                 access tokens already issued live until they expire (as with Entra)
+
+Access tokens are real HS256 JWTs (joserfc) signed with a key made at start, lasting
+``access_ttl`` seconds. :meth:`AuthorizationServer.user_of` checks one in-process (the
+test SMTP server uses it), :attr:`log` records every token request (grant type, outcome).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import OctKey
+
+CLIENT_ID = "imapsync-bridge-test"
+SCOPES = "mail.imap mail.smtp offline_access"
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+
+
+@dataclass
+class _Device:
+    user_code: str
+    expires: float
+    username: str | None = None  # set on approval
+    denied: bool = False  # the user said no
+
+
+@dataclass
+class AuthorizationServer:
+    access_ttl: float = 3600.0
+    interval: int = 1
+    devices: dict[str, _Device] = field(default_factory=dict)
+    refresh_tokens: dict[str, str] = field(default_factory=dict)  # live token -> username
+    log: list[tuple[str, str]] = field(default_factory=list)  # (grant type, outcome)
+    issued: list[str] = field(default_factory=list)  # every token given out (leak checks)
+    _key: OctKey = field(default_factory=lambda: OctKey.import_key(secrets.token_bytes(32)))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _http: ThreadingHTTPServer | None = None
+
+    # -- what tests call ---------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        assert self._http is not None
+        return f"http://127.0.0.1:{self._http.server_address[1]}"
+
+    def ini_lines(self) -> list[str]:
+        """The [imap] / [smtp] keys of an agent that signs in here."""
+        return [
+            "auth = oauth2", "oauth2_provider = generic", f"client_id = {CLIENT_ID}",
+            f"device_authorization_endpoint = {self.url}/device",
+            f"token_endpoint = {self.url}/token", f"scopes = {SCOPES}",
+        ]  # fmt: skip
+
+    def user_of(self, token: str) -> str | None:
+        """The user a valid, unexpired access token was issued to; None otherwise."""
+        try:
+            claims = jwt.decode(token, self._key, algorithms=["HS256"]).claims
+            jwt.JWTClaimsRegistry(exp={"essential": True}).validate(claims)
+        except (JoseError, ValueError):
+            return None
+        return str(claims["sub"])
+
+    def refreshes(self, outcome: str = "ok") -> int:
+        with self._lock:
+            return sum(1 for grant, result in self.log if grant == "refresh" and result == outcome)
+
+    def revoke(self, username: str) -> None:
+        with self._lock:
+            for token in [t for t, u in self.refresh_tokens.items() if u == username]:
+                del self.refresh_tokens[token]
+
+    def deny(self) -> bool:
+        """The user declines every pending sign-in; whether there was one."""
+        with self._lock:
+            for device in self.devices.values():
+                device.denied = True
+            return bool(self.devices)
+
+    def approve(self, user_code: str, username: str) -> bool:
+        with self._lock:
+            for device in self.devices.values():
+                if device.user_code == user_code and device.expires > time.time():
+                    device.username = username
+                    return True
+        return False
+
+    # -- the endpoints -----------------------------------------------------------------
+    def _access_token(self, username: str) -> dict[str, Any]:
+        now = int(time.time())
+        claims = {"sub": username, "iat": now, "exp": now + int(self.access_ttl),
+                  "jti": secrets.token_hex(8), "client_id": CLIENT_ID}  # fmt: skip
+        refresh = secrets.token_urlsafe(32)
+        access = jwt.encode({"alg": "HS256"}, claims, self._key)
+        self.refresh_tokens[refresh] = username
+        self.issued += [access, refresh]
+        return {
+            "token_type": "Bearer", "access_token": access,
+            "expires_in": int(self.access_ttl), "refresh_token": refresh, "scope": SCOPES,
+        }  # fmt: skip
+
+    def handle(self, path: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            if path == "/device":
+                if form.get("client_id") != CLIENT_ID:
+                    return 400, {"error": "invalid_client"}
+                code = secrets.token_urlsafe(24)
+                user_code = "-".join(secrets.token_hex(2).upper() for _ in range(2))
+                self.devices[code] = _Device(user_code, time.time() + 600)
+                return 200, {
+                    "device_code": code, "user_code": user_code,
+                    "verification_uri": f"{self.url}/verify",
+                    "verification_uri_complete": f"{self.url}/verify?user_code={user_code}",
+                    "expires_in": 600, "interval": self.interval,
+                }  # fmt: skip
+            if path == "/token":
+                return self._token(form)
+            if path == "/introspect":
+                user = self.user_of(form.get("token", ""))
+                return 200, {"active": True, "username": user} if user else {"active": False}
+        if path == "/approve":
+            found = self.approve(form.get("user_code", ""), form.get("username", ""))
+            return (200, {"approved": True}) if found else (404, {"error": "no such code"})
+        if path == "/revoke":
+            self.revoke(form.get("username", ""))
+            return 200, {"revoked": True}
+        return 404, {"error": "not found"}
+
+    def _token(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        grant = form.get("grant_type", "")
+        if form.get("client_id") != CLIENT_ID:
+            return 401, {"error": "invalid_client"}
+        if grant == DEVICE_GRANT:
+            device = self.devices.get(form.get("device_code", ""))
+            if device is None or device.expires < time.time():
+                self.log.append(("device", "expired_token"))
+                return 400, {"error": "expired_token"}
+            if device.denied:
+                return 400, {"error": "access_denied"}
+            if device.username is None:
+                return 400, {"error": "authorization_pending"}
+            del self.devices[form["device_code"]]
+            self.log.append(("device", "ok"))
+            return 200, self._access_token(device.username)
+        if grant == "refresh_token":
+            username = self.refresh_tokens.pop(form.get("refresh_token", ""), None)
+            if username is None:
+                self.log.append(("refresh", "invalid_grant"))
+                why = "the refresh token expired or was revoked"
+                return 400, {"error": "invalid_grant", "error_description": why}
+            self.log.append(("refresh", "ok"))
+            return 200, self._access_token(username)
+        return 400, {"error": "unsupported_grant_type"}
+
+    # -- life cycle --------------------------------------------------------------------
+    def start(self) -> AuthorizationServer:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                size = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(size).decode()
+                form = dict(urllib.parse.parse_qsl(body))
+                status, answer = server.handle(self.path.split("?")[0], form)
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+    def __enter__(self) -> AuthorizationServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
