@@ -33,7 +33,7 @@ hostname = {hostname}
 sync_listen = {listen_host}:{sync_port}
 smtp_listen = {listen_host}:{smtp_port}
 submission_listen = {listen_host}:{submission_port}
-web_listen = {listen_host}:8443
+web_listen = {listen_host}:{web_port}
 default_window = 50
 max_frame = 67108864
 
@@ -52,6 +52,7 @@ def init_server(
     sync_port: int = 4465,
     smtp_port: int = 2525,
     submission_port: int = 2587,
+    web_port: int = 8443,
 ) -> Path:
     """Create the CA, the server certificate, the store and a working server.ini
     (port 0: any free port, for tests)."""
@@ -69,6 +70,7 @@ def init_server(
             sync_port=sync_port,
             smtp_port=smtp_port,
             submission_port=submission_port,
+            web_port=web_port,
         )
     )
     return ini
@@ -109,6 +111,8 @@ class Shared:
 
     store: PhoneStore
     logins: Logins
+    # the listeners started so far, by name (the web page asks "sync" who is connected)
+    listeners: dict[str, Listener] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -146,12 +150,19 @@ def _submission_listener(config: ServerConfig, shared: Shared) -> Listener:
     )
 
 
-# The listeners `server run` starts, in order. The web page comes here as an entry of its
-# own (web_listen), made with the same ``Shared.logins``.
+def _web_listener(config: ServerConfig, shared: Shared) -> Listener:
+    from imapsync_bridge.server.web import WebListener  # aiohttp: only when it is on
+
+    return WebListener(config, shared.store, shared.logins, shared.listeners)
+
+
+# The listeners `server run` starts, in order; the web page and submission share
+# ``Shared.logins`` (one throttle).
 LISTENERS: tuple[ListenerEntry, ...] = (
     ListenerEntry("sync", lambda config: config.sync_listen, _sync_listener),
     ListenerEntry("smtp", lambda config: config.smtp_listen, _smtp_in_listener),
     ListenerEntry("submission", lambda config: config.submission_listen, _submission_listener),
+    ListenerEntry("web", lambda config: config.web_listen, _web_listener),
 )
 
 
@@ -229,7 +240,7 @@ async def serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
     shared = Shared(store, Logins(store))
-    running = Running(store, stop, shared.logins)
+    running = Running(store, stop, shared.logins, shared.listeners)
     notifier: ChangeNotifier | None = None
     relaying: asyncio.Task[None] | None = None
     try:
