@@ -10,6 +10,7 @@ and renders the answer (Jinja2 autoescapes everything but sanitized mail markup)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 from typing import Any
@@ -256,17 +257,16 @@ async def events(request: web.Request) -> web.StreamResponse:
     )
     await response.prepare(request)
     seen, last = context.feed.version, None
-    while not context.feed.closed:
-        overview = await _overview(context, session.user)
-        mark = json.dumps(
-            [overview["mailbox"].as_json(), overview["status"].as_json(), overview["connected"]]
-        )
-        if last is not None and mark != last:
-            await response.write(b"event: mailbox\ndata: changed\n\n")
-        elif last is not None:
-            await response.write(b": still here\n\n")
-        last = mark
-        seen = await context.feed.wait(seen, live.KEEPALIVE_SECONDS)
-        if session_of(request, context.sessions) is None:  # logged out meanwhile
-            break
+    with contextlib.suppress(ConnectionResetError):  # the page went away
+        while not context.feed.closed and session_of(request, context.sessions) is not None:
+            overview = await _overview(context, session.user)
+            mark = json.dumps(
+                [overview["mailbox"].as_json(), overview["status"].as_json(), overview["connected"]]
+            )
+            if last is not None:
+                await response.write(
+                    b"event: mailbox\ndata: changed\n\n" if mark != last else b": still here\n\n"
+                )
+            last = mark
+            seen = await context.feed.wait(seen, live.KEEPALIVE_SECONDS)
     return response
