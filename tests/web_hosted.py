@@ -177,7 +177,8 @@ class WebHosted:
             "Content-Type": parts.get("content_type", "text/plain; charset=utf-8"),
         }
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        raw = (head + "\r\n" + parts.get("body", f"hello {n}\r\n")).encode()
+        text = head + "\r\n" + parts.get("body", f"hello {n}\r\n")
+        raw = text.replace("\r\n", "\n").replace("\n", "\r\n").encode()
         with smtplib.SMTP("127.0.0.1", self.thread.ports["smtp"], timeout=10) as client:
             assert client.sendmail("carol@example.net", [to], raw) == {}
         return mid

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Mapping
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,12 @@ def when(iso: str | None) -> str:
     return f"{iso[8:10]} {_MONTHS[int(iso[5:7]) - 1]} {iso[11:16]}" if len(iso) >= 16 else iso
 
 
+def display_name(address: str) -> str:
+    """The name of ``Name <address>``, else the address: what a list of mail shows."""
+    name, email_address = parseaddr(address)
+    return name or email_address or address
+
+
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 
 
@@ -63,6 +70,7 @@ def make_app(context: WebContext, max_body: int) -> web.Application:
         app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True
     )
     environment.filters["when"] = when
+    environment.filters["name"] = display_name
     app.add_routes(api.routes)
     app.add_routes(pages.routes)
     app.router.add_static("/static", HERE / "static")

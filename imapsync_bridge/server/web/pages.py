@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import secrets
 from typing import Any
@@ -169,7 +170,8 @@ async def message(request: web.Request) -> web.Response:
     detail = await _show(request, session.user, int(request.match_info["id"]))
     if not detail.message.seen:
         context = context_of(request)
-        await context.call(context.service.read, session.user, detail.message.id)
+        read = await context.call(context.service.read, session.user, detail.message.id)
+        detail = dataclasses.replace(detail, message=read.message or detail.message)
     body = mailview.html_body(detail.raw)
     values = {"detail": detail, "body": body, "csrf": session.csrf}
     return _render("message.html", request, values)
