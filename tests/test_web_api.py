@@ -129,7 +129,8 @@ def test_compose_send_now_reaches_the_relay_and_via_desktop_waits(
     "body",
     [b"not json", b"[]", b'{"to": "carol@example.net"}', b'{"to": []}',
      b'{"to": ["a@b"], "via_desktop": "yes"}', b'{"to": ["a@b"], "subject": 3}',
-     b'{"to": ["a@b"], "in_reply_to": "x"}', b'{"to": ["a@b"], "in_reply_to": 424242}'],
+     b'{"to": ["a@b"], "in_reply_to": "x"}', b'{"to": ["a@b"], "in_reply_to": 424242}',
+     b'{"to": ["a@b"], "in_reply_to": 100000000000000000000000}', b'{"to": [1]}'],
 )  # fmt: skip
 def test_a_malformed_compose_is_400_with_a_reason(hosted: WebHosted, body: bytes) -> None:
     answer = hosted.client().request("POST", "/api/compose", body, basic=ALICE)
@@ -228,3 +229,17 @@ def test_web_cert_and_key_are_used_when_set(tmp_path: Path, hosted: WebHosted) -
     set_options(ini, web_key="")
     rc, _out, err = run_cli("phone", "--config", str(ini), "--user", "alice", "list")
     assert rc == 2 and "web_cert and web_key go together" in err
+
+
+def test_the_page_answers_odd_input_with_a_clear_page(hosted: WebHosted) -> None:
+    client = hosted.client()
+    client.login()
+    huge = "9" * 30
+    assert client.request("GET", f"/compose?reply={huge}").status == 200  # not an id: ignored
+    assert client.request("GET", "/compose?reply=424242").status == 404
+    assert client.request("GET", f"/messages/{huge}").status == 404
+    token = client.csrf("/compose")
+    answer = client.form("/compose", {"csrf": token, "to": " , ", "subject": "s", "body": "b"})
+    assert answer.status == 400 and "the message has no recipients" in answer.text
+    assert 'value="s"' in answer.text  # the draft is kept
+    assert client.request("GET", "/api/mailbox").json()["outbox"] == []

@@ -65,7 +65,9 @@ def _compose_fields(body: Any) -> tuple[list[str], str, str, bool, int | None]:
         raise ValueError("subject and body must be strings")
     if not isinstance(via, bool):
         raise ValueError("via_desktop must be true or false")
-    if reply is not None and (isinstance(reply, bool) or not isinstance(reply, int)):
+    if reply is not None and (
+        isinstance(reply, bool) or not isinstance(reply, int) or not 0 < reply < 2**63
+    ):
         raise ValueError("in_reply_to must be a message id")
     return [a.strip() for a in to], subject, text, via, reply
 

@@ -30,6 +30,7 @@ from imapsync_bridge.server.web.security import (
     Session,
     check_login,
     client_address,
+    phone_id,
     same_token,
     session_of,
     set_cookie,
@@ -202,9 +203,9 @@ async def compose_form(request: web.Request) -> web.Response:
     session = _session(request)
     draft = {"to": "", "subject": "", "body": "", "in_reply_to": ""}
     for mode in ("reply", "forward"):
-        raw_id = request.query.get(mode, "")
-        if raw_id.isdigit():
-            draft = _draft(mode, await _show(request, session.user, int(raw_id)))
+        id = phone_id(request.query.get(mode, ""))
+        if id is not None:
+            draft = _draft(mode, await _show(request, session.user, id))
     return _render("compose.html", request, {"draft": draft, "csrf": session.csrf, "error": ""})
 
 
@@ -226,7 +227,7 @@ async def compose(request: web.Request) -> web.Response:
     form = await _form(request, session)
     draft = {k: _field(form, k) for k in ("to", "subject", "body", "in_reply_to")}
     to = [address.strip() for address in draft["to"].split(",") if address.strip()]
-    reply = int(draft["in_reply_to"]) if draft["in_reply_to"].isdigit() else None
+    reply = phone_id(draft["in_reply_to"])
     via_desktop = _field(form, "send") == "desktop"
     context = context_of(request)
     try:

@@ -23,6 +23,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from collections import OrderedDict
@@ -31,7 +32,10 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from imapsync_bridge.errors import BridgeError
 from imapsync_bridge.server.credentials import Logins
+
+log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "__Host-session"
 ANON_COOKIE = "__Host-anon"
@@ -161,14 +165,25 @@ async def api_user(request: web.Request, sessions: Sessions, logins: Logins) -> 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def phone_id(text: str) -> int | None:
+    """A message id from a form or query field (digits, within SQLite's integers)."""
+    return int(text) if text.isdigit() and len(text) <= 18 else None
+
+
 @web.middleware
 async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The strict headers on every answer, errors included; nothing is cached."""
+    """The strict headers on every answer, errors included; nothing is cached. A store
+    or relay failure is one logged line and a 503, never a traceback."""
     try:
         response = await handler(request)
     except web.HTTPException as exc:
         exc.headers.update(HEADERS)
         raise
+    except BridgeError as exc:
+        log.warning("web: %s %s: %s", request.method, request.path, exc)
+        raise web.HTTPServiceUnavailable(
+            reason="the server cannot do that now", headers=HEADERS
+        ) from None
     if not response.prepared:
         response.headers.update(HEADERS)
         response.headers.setdefault("Cache-Control", "no-store")
