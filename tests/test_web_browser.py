@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from bridge import Bridge
-from browser import Phone, chromium, open_phone, playwright  # noqa: F401 (fixtures)
+from browser import Phone, open_phone
 from dovecot import Dovecot
 from playwright.sync_api import Browser, expect
 from smtp_servers import MailServer
@@ -52,7 +52,7 @@ def product(dovecot: Dovecot, tmp_path: Path) -> Iterator[Product]:
 
 
 @pytest.fixture
-def phone(product: Product, chromium: Browser) -> Iterator[Phone]:  # noqa: F811
+def phone(product: Product, chromium: Browser) -> Iterator[Phone]:
     tab = open_phone(chromium, product.base)
     try:
         yield tab

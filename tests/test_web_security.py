@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from bridge import ServerThread
-from browser import Phone, chromium, open_phone, playwright  # noqa: F401 (fixtures)
+from browser import open_phone
 from playwright.sync_api import Browser, Locator, Page, expect
 from web_hosted import PASSWORDS, WebHosted, add_phone_users, new_server_dir
 
@@ -107,7 +107,7 @@ def hostile_message(remote: str) -> str:
 def test_hostile_html_runs_nothing_and_loads_nothing(
     hosted: WebHosted,
     attacker: Attacker,
-    chromium: Browser,  # noqa: F811
+    chromium: Browser,
 ) -> None:
     hosted.deliver(
         1,
@@ -151,7 +151,7 @@ def body_text(page: Page, text: str) -> Locator:
     return page.locator(".body.html").get_by_text(text, exact=True)
 
 
-def test_dark_mode_is_readable(hosted: WebHosted, chromium: Browser) -> None:  # noqa: F811
+def test_dark_mode_is_readable(hosted: WebHosted, chromium: Browser) -> None:
     hosted.deliver(1, subject="Read at night")
     phone = open_phone(chromium, hosted.url, color_scheme="dark")
     try:

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import base64
 import http.client
-import io
 import json
 import re
 import smtplib
 import ssl
-import sys
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -25,23 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from bridge import ServerThread, run_cli
+from test_submission import set_password
 
 from imapsync_bridge.protocol import pki
 from imapsync_bridge.server.app import init_server
 
 PASSWORDS = {"alice": "Alice phone pass", "bob": "Bob phone pass"}
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
-
-
-def set_password(ini: Path, user: str, password: str) -> None:
-    """``server set-password`` with the password on stdin."""
-    old = sys.stdin
-    sys.stdin = io.StringIO(password + "\n")
-    try:
-        rc, _out, err = run_cli("server", "set-password", "--config", str(ini), user)
-    finally:
-        sys.stdin = old
-    assert rc == 0, err
 
 
 def add_phone_users(ini: Path, window: int = 6, users: tuple[str, ...] = ("alice", "bob")) -> None:

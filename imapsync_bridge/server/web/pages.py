@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import secrets
 from typing import Any
@@ -68,10 +69,14 @@ def _render(
 
 
 async def _overview(context: WebContext, user: str) -> dict[str, Any]:
+    """What the inbox shows, and ``mark``: a digest of it the event stream compares."""
     mailbox, status = await asyncio.gather(
         context.call(context.service.list, user), context.call(context.service.status, user)
     )
-    return {"mailbox": mailbox, "status": status, "connected": context.agent_connected(user)}
+    connected = context.agent_connected(user)
+    shown = json.dumps([mailbox.as_json(), status.as_json(), connected]).encode()
+    mark = hashlib.sha256(shown).hexdigest()[:32]
+    return {"mailbox": mailbox, "status": status, "connected": connected, "mark": mark}
 
 
 # -- logging in and out ---------------------------------------------------------------
@@ -127,33 +132,31 @@ async def logout(request: web.Request) -> web.Response:
 
 
 # -- reading --------------------------------------------------------------------------
-@routes.get("/inbox")
-async def inbox(request: web.Request) -> web.Response:
+async def _folder(request: web.Request, template: str) -> web.Response:
     session = _session(request)
     values = await _overview(context_of(request), session.user)
-    return _render("inbox.html", request, {**values, "csrf": session.csrf})
+    return _render(template, request, {**values, "csrf": session.csrf})
+
+
+@routes.get("/inbox")
+async def inbox(request: web.Request) -> web.Response:
+    return await _folder(request, "inbox.html")
 
 
 @routes.get("/inbox/list")
 async def inbox_list(request: web.Request) -> web.Response:
     """The inbox list alone: what the page's script swaps in on a change."""
-    session = _session(request)
-    values = await _overview(context_of(request), session.user)
-    return _render("inbox_list.html", request, values)
+    return await _folder(request, "inbox_list.html")
 
 
 @routes.get("/trash")
 async def trash(request: web.Request) -> web.Response:
-    session = _session(request)
-    values = await _overview(context_of(request), session.user)
-    return _render("trash.html", request, {**values, "csrf": session.csrf})
+    return await _folder(request, "trash.html")
 
 
 @routes.get("/outbox")
 async def outbox(request: web.Request) -> web.Response:
-    session = _session(request)
-    values = await _overview(context_of(request), session.user)
-    return _render("outbox.html", request, {**values, "csrf": session.csrf})
+    return await _folder(request, "outbox.html")
 
 
 async def _show(request: web.Request, user: str, id: int) -> MessageDetail:
@@ -252,24 +255,22 @@ async def sync(request: web.Request) -> web.Response:
 
 @routes.get("/events")
 async def events(request: web.Request) -> web.StreamResponse:
-    """Server-sent events: ``mailbox`` whenever the user's mailbox changed."""
+    """Server-sent events: ``mailbox`` whenever the user's mailbox changed since the
+    page's ``since`` mark (a change between rendering and connecting counts too)."""
     session = _session(request)
     context = context_of(request)
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
     )
     await response.prepare(request)
-    seen, last = context.feed.version, None
+    seen, last = context.feed.version, request.query.get("since")  # the page's mark
     with contextlib.suppress(ConnectionResetError):  # the page went away
         while not context.feed.closed and session_of(request, context.sessions) is not None:
-            overview = await _overview(context, session.user)
-            mark = json.dumps(
-                [overview["mailbox"].as_json(), overview["status"].as_json(), overview["connected"]]
-            )
-            if last is not None:
-                await response.write(
-                    b"event: mailbox\ndata: changed\n\n" if mark != last else b": still here\n\n"
-                )
+            mark = (await _overview(context, session.user))["mark"]
+            if mark != last:
+                await response.write(b"event: mailbox\ndata: changed\n\n")
+            elif seen == context.feed.version:  # a quiet while: keep the stream open
+                await response.write(b": still here\n\n")
             last = mark
             seen = await context.feed.wait(seen, live.KEEPALIVE_SECONDS)
     return response

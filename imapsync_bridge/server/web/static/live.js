@@ -4,7 +4,7 @@
 (function () {
   const live = document.getElementById("live");
   if (!live || !window.EventSource) return;
-  const events = new EventSource("/events");
+  const events = new EventSource("/events?since=" + encodeURIComponent(live.dataset.mark));
   events.addEventListener("mailbox", async function () {
     const answer = await fetch(live.dataset.src, { credentials: "same-origin" });
     if (answer.ok) live.innerHTML = await answer.text();
