@@ -72,10 +72,12 @@ class Phone:
         return path
 
 
-def open_phone(chromium: Browser, base: str, color_scheme: str = "light") -> Phone:
+def open_phone(
+    chromium: Browser, base: str, color_scheme: str = "light", javascript: bool = True
+) -> Phone:
     context = chromium.new_context(
         viewport=PHONE, ignore_https_errors=True, color_scheme=color_scheme,  # type: ignore[arg-type]
-        device_scale_factor=1,
+        device_scale_factor=1, java_script_enabled=javascript,
     )  # fmt: skip
     page = context.new_page()
     phone = Phone(context, page, base)

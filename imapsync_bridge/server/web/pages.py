@@ -193,9 +193,9 @@ async def change(request: web.Request) -> web.Response:
         await context.call(context.service.change, session.user, verb, id)
     except NoSuchMessage:
         raise web.HTTPNotFound(reason="no such message") from None
-    raise web.HTTPSeeOther(
-        "/inbox" if verb in ("delete", "destroy", "restore") else f"/messages/{id}"
-    )
+    # back to the list where the message would re-open (and so re-read) itself
+    back_to_list = verb in ("delete", "destroy", "restore", "unread")
+    raise web.HTTPSeeOther("/inbox" if back_to_list else f"/messages/{id}")
 
 
 # -- writing and syncing --------------------------------------------------------------
