@@ -243,3 +243,14 @@ def test_the_page_answers_odd_input_with_a_clear_page(hosted: WebHosted) -> None
     assert answer.status == 400 and "the message has no recipients" in answer.text
     assert 'value="s"' in answer.text  # the draft is kept
     assert client.request("GET", "/api/mailbox").json()["outbox"] == []
+
+
+def test_the_compose_form_takes_names_with_commas(hosted: WebHosted, relay: MailServer) -> None:
+    client = hosted.client()
+    client.login()
+    fields = {"csrf": client.csrf("/compose"), "subject": "names", "body": "b", "send": "now"}
+    to = '"Doe, Jane" <jane@example.net>, bob@example.org'
+    assert client.form("/compose", {**fields, "to": to}).status == 303
+    (received,) = relay.received
+    assert sorted(received.rcpt_tos) == ["bob@example.org", "jane@example.net"]
+    assert b'To: "Doe, Jane" <jane@example.net>, bob@example.org' in received.raw

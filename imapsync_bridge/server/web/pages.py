@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import secrets
+from email.utils import formataddr, getaddresses
 from typing import Any
 
 import aiohttp_jinja2
@@ -176,7 +177,7 @@ async def message(request: web.Request) -> web.Response:
         context = context_of(request)
         read = await context.call(context.service.read, session.user, detail.message.id)
         detail = dataclasses.replace(detail, message=read.message or detail.message)
-    body = mailview.html_body(detail.raw)
+    body = await asyncio.to_thread(mailview.html_body, detail.raw)  # nh3 on a big mail
     values = {"detail": detail, "body": body, "csrf": session.csrf}
     return _render("message.html", request, values)
 
@@ -229,7 +230,7 @@ async def compose(request: web.Request) -> web.Response:
     session = _session(request)
     form = await _form(request, session)
     draft = {k: _field(form, k) for k in ("to", "subject", "body", "in_reply_to")}
-    to = [address.strip() for address in draft["to"].split(",") if address.strip()]
+    to = [formataddr(pair) for pair in getaddresses([draft["to"]]) if pair[1]]
     reply = phone_id(draft["in_reply_to"])
     via_desktop = _field(form, "send") == "desktop"
     context = context_of(request)
