@@ -6,9 +6,12 @@ send-now mail; the client is ``http.client`` verifying the server's certificate.
 
 from __future__ import annotations
 
+import http.client
 import json
+import re
 import smtplib
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -254,3 +257,22 @@ def test_the_compose_form_takes_names_with_commas(hosted: WebHosted, relay: Mail
     (received,) = relay.received
     assert sorted(received.rcpt_tos) == ["bob@example.org", "jane@example.net"]
     assert b'To: "Doe, Jane" <jane@example.net>, bob@example.org' in received.raw
+
+
+def test_the_event_stream_tells_of_new_mail_and_ends_with_the_server(hosted: WebHosted) -> None:
+    client = hosted.client()
+    client.login()
+    mark = re.search(r'data-mark="(\w+)"', client.request("GET", "/inbox").text)
+    assert mark is not None
+    context = ssl.create_default_context(cafile=str(hosted.ca))
+    conn = http.client.HTTPSConnection("127.0.0.1", hosted.port, context=context, timeout=10)
+    cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+    conn.request("GET", f"/events?since={mark.group(1)}", headers={"Cookie": cookie})
+    stream = conn.getresponse()
+    assert stream.status == 200 and stream.headers["Content-Type"] == "text/event-stream"
+    hosted.deliver(1)
+    assert stream.readline() == b"event: mailbox\n"  # within the 10 s timeout
+    started = time.monotonic()
+    hosted.thread.stop()  # an open stream does not hold up the server's stop
+    assert time.monotonic() - started < 5
+    conn.close()

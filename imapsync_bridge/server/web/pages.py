@@ -265,13 +265,15 @@ async def events(request: web.Request) -> web.StreamResponse:
     )
     await response.prepare(request)
     seen, last = context.feed.version, request.query.get("since")  # the page's mark
+    quiet = False  # the last wait ended without a change
     with contextlib.suppress(ConnectionResetError):  # the page went away
         while not context.feed.closed and session_of(request, context.sessions) is not None:
             mark = (await _overview(context, session.user))["mark"]
             if mark != last:
                 await response.write(b"event: mailbox\ndata: changed\n\n")
-            elif seen == context.feed.version:  # a quiet while: keep the stream open
+            elif quiet:  # keep proxies from closing a quiet stream
                 await response.write(b": still here\n\n")
-            last = mark
+            last, before = mark, seen
             seen = await context.feed.wait(seen, live.KEEPALIVE_SECONDS)
+            quiet = seen == before
     return response
