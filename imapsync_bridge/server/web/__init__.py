@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Mapping
-from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +53,11 @@ def when(iso: str | None) -> str:
     return f"{iso[8:10]} {_MONTHS[int(iso[5:7]) - 1]} {iso[11:16]}" if len(iso) >= 16 else iso
 
 
-def display_name(address: str) -> str:
-    """The name of ``Name <address>``, else the address: what a list of mail shows."""
-    name, email_address = parseaddr(address)
-    return name or email_address or address
+def display_name(sender: str) -> str:
+    """The name of ``Name <address>``, else the address: what a list of mail shows.
+    (A plain split: ``email.utils.parseaddr`` cost a third of a 500-row page.)"""
+    name, _, address = sender.rpartition("<")
+    return name.strip().strip('"').strip() or address.rstrip().rstrip(">").strip() or sender
 
 
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
