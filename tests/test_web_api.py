@@ -276,3 +276,18 @@ def test_the_event_stream_tells_of_new_mail_and_ends_with_the_server(hosted: Web
     hosted.thread.stop()  # an open stream does not hold up the server's stop
     assert time.monotonic() - started < 5
     conn.close()
+
+
+def test_the_outbox_page_shows_a_refused_message_with_the_servers_reply(
+    hosted: WebHosted, relay: MailServer
+) -> None:
+    relay.answer("rcpt", "550 5.1.1 <nobody@example.net>: no such user")
+    client = hosted.client()
+    client.login()
+    fields = {"csrf": client.csrf("/compose"), "to": "nobody@example.net", "send": "now"}
+    assert client.form("/compose", {**fields, "subject": "Bounces", "body": "b"}).status == 303
+    page = client.request("GET", "/outbox").text
+    assert 'class="state state-failed">failed</span>' in page
+    assert "550 5.1.1 &lt;nobody@example.net&gt;: no such user" in page  # escaped
+    (entry,) = client.request("GET", "/api/mailbox").json()["outbox"]
+    assert (entry["subject"], entry["state"]) == ("Bounces", "failed")
