@@ -239,7 +239,9 @@ def test_the_page_answers_odd_input_with_a_clear_page(hosted: WebHosted) -> None
     client.login()
     huge = "9" * 30
     assert client.request("GET", f"/compose?reply={huge}").status == 200  # not an id: ignored
-    assert client.request("GET", "/compose?reply=424242").status == 404
+    missing = client.request("GET", "/compose?reply=424242")
+    assert missing.status == 404 and "no such message" in missing.text
+    assert missing.headers["Content-Type"].startswith("text/html")
     assert client.request("GET", f"/messages/{huge}").status == 404
     token = client.csrf("/compose")
     answer = client.form("/compose", {"csrf": token, "to": " , ", "subject": "s", "body": "b"})

@@ -64,7 +64,9 @@ _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 
 
 def make_app(context: WebContext, max_body: int) -> web.Application:
-    app = web.Application(middlewares=[security_headers, api.json_errors], client_max_size=max_body)
+    app = web.Application(
+        middlewares=[security_headers, api.json_errors, pages.page_errors], client_max_size=max_body
+    )
     app[CONTEXT] = context
     environment = aiohttp_jinja2.setup(
         app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True

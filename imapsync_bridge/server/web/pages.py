@@ -29,6 +29,7 @@ from imapsync_bridge.server.web.security import (
     ANON_COOKIE,
     SESSION_COOKIE,
     SESSION_SECONDS,
+    Handler,
     Session,
     check_login,
     client_address,
@@ -78,6 +79,18 @@ async def _overview(context: WebContext, user: str) -> dict[str, Any]:
     shown = json.dumps([mailbox.as_json(), status.as_json(), connected]).encode()
     mark = hashlib.sha256(shown).hexdigest()[:32]
     return {"mailbox": mailbox, "status": status, "connected": connected, "mark": mark}
+
+
+@web.middleware
+async def page_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outside /api/: an error is a small page with the reason and a way back."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or request.path.startswith("/api/"):
+            raise
+        values = {"status": exc.status, "reason": exc.reason}
+        return _render("error.html", request, values, exc.status)
 
 
 # -- logging in and out ---------------------------------------------------------------
