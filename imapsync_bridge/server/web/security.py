@@ -42,6 +42,7 @@ ANON_COOKIE = "__Host-anon"
 CSRF_HEADER = "X-CSRF-Token"
 SESSION_SECONDS = 12 * 3600
 MAX_SESSIONS = 10_000
+MAX_SESSIONS_PER_USER = 20
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -65,17 +66,30 @@ class Session:
 
 
 class Sessions:
-    """The logged-in browsers of this process, bounded (oldest dropped first)."""
+    """The logged-in browsers of this process, bounded: at most ``per_user`` for one
+    user (so one account cannot push everyone else's out) and ``limit`` in all, the
+    oldest dropped first."""
 
-    def __init__(self, ttl: float = SESSION_SECONDS, limit: int = MAX_SESSIONS) -> None:
+    def __init__(
+        self,
+        ttl: float = SESSION_SECONDS,
+        limit: int = MAX_SESSIONS,
+        per_user: int = MAX_SESSIONS_PER_USER,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.ttl = ttl
         self.limit = limit
+        self.per_user = per_user
+        self._clock = clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._key = secrets.token_bytes(32)  # for the login form's token
 
     def new(self, user: str) -> tuple[str, Session]:
+        mine = [token for token, s in self._sessions.items() if s.user == user]
+        for token in mine[: max(0, len(mine) - self.per_user + 1)]:
+            del self._sessions[token]
         token = secrets.token_urlsafe(32)
-        session = Session(user, secrets.token_urlsafe(32), time.monotonic() + self.ttl)
+        session = Session(user, secrets.token_urlsafe(32), self._clock() + self.ttl)
         self._sessions[token] = session
         while len(self._sessions) > self.limit:
             self._sessions.popitem(last=False)
@@ -83,7 +97,7 @@ class Sessions:
 
     def get(self, token: str | None) -> Session | None:
         session = self._sessions.get(token) if token else None
-        if session is not None and session.expires < time.monotonic():
+        if session is not None and session.expires < self._clock():
             self.drop(token)
             return None
         return session
