@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Dialog, Page, Playwright, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    Dialog,
+    Page,
+    Playwright,
+    expect,
+    sync_playwright,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 QUIET_FLAGS = [
@@ -27,11 +35,13 @@ QUIET_FLAGS = [
     "--metrics-recording-only",
 ]
 PHONE = {"width": 360, "height": 740}
+TIMEOUT_MS = 15_000  # generous: CI runs these beside the whole suite on 2 cores
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 
 
 @pytest.fixture(scope="session")
 def playwright() -> Iterator[Playwright]:
+    expect.set_options(timeout=TIMEOUT_MS)
     with sync_playwright() as driver:
         yield driver
 
@@ -79,6 +89,7 @@ def open_phone(
         viewport=PHONE, ignore_https_errors=True, color_scheme=color_scheme,  # type: ignore[arg-type]
         device_scale_factor=1, java_script_enabled=javascript,
     )  # fmt: skip
+    context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     phone = Phone(context, page, base)
     page.on("request", lambda request: phone.requests.append(request.url))

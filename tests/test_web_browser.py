@@ -121,7 +121,7 @@ def test_sync_now_compose_both_ways_and_new_mail_appears_live(
         # Sync now: no IDLE, an hour's timer: only the button brings the desktop's new mail
         bridge.deliver(2)
         page.click("button:has-text('Sync now')")
-        expect(page.locator("ul.messages")).to_contain_text("Message 2", timeout=10_000)
+        expect(page.locator("ul.messages")).to_contain_text("Message 2", timeout=20_000)
 
         # new inbound mail shows in the open page by itself, without a reload
         page.evaluate("window.stillTheSamePage = true")
@@ -134,7 +134,7 @@ def test_sync_now_compose_both_ways_and_new_mail_appears_live(
                 b"From: carol@example.net\r\nTo: alice@phone.example\r\n"
                 b"Subject: Straight to the phone\r\nMessage-ID: <live.1@example.net>\r\n\r\nhi\r\n",
             )  # fmt: skip
-        expect(page.locator("ul.messages")).to_contain_text("Straight to the phone", timeout=10_000)
+        expect(page.locator("ul.messages")).to_contain_text("Straight to the phone", timeout=20_000)
         assert page.evaluate("window.stillTheSamePage") is True
 
         # compose: send now goes out through the hosted server's relay
