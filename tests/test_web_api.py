@@ -10,13 +10,16 @@ import http.client
 import json
 import re
 import smtplib
+import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bridge import ServerThread, run_cli
+from bridge import REPO, ServerThread, run_cli
 from smtp_servers import MailServer
 from test_smtp_in import set_options
 from web_hosted import PASSWORDS, WebHosted, add_phone_users, new_server_dir
@@ -293,3 +296,30 @@ def test_the_outbox_page_shows_a_refused_message_with_the_servers_reply(
     assert "550 5.1.1 &lt;nobody@example.net&gt;: no such user" in page  # escaped
     (entry,) = client.request("GET", "/api/mailbox").json()["outbox"]
     assert (entry["subject"], entry["state"]) == ("Bounces", "failed")
+
+
+def run_server(ini: Path) -> subprocess.CompletedProcess[str]:
+    """`server run` as a process that is expected to stop at once."""
+    return subprocess.run(
+        [sys.executable, "-m", "imapsync_bridge.cli", "server", "run", "--config", str(ini)],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+
+
+def test_a_bad_certificate_or_a_taken_port_is_one_line(tmp_path: Path) -> None:
+    ini = new_server_dir(tmp_path)
+    (ini.parent / "web.pem").write_text("not a certificate\n")
+    set_options(ini, web_cert="web.pem", web_key="web.pem")
+    done = run_server(ini)
+    assert done.returncode == 2, done.stderr
+    (last,) = [line for line in done.stderr.splitlines() if "imapsync-bridge:" in line]
+    assert "web_cert/web_key: cannot load" in last and "Traceback" not in done.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        set_options(ini, web_cert="", web_key="", web_listen=f"127.0.0.1:{port}")
+        done = run_server(ini)
+    assert done.returncode == 1, done.stderr
+    assert f"web listener: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -249,7 +249,13 @@ async def serve(
             if address is None:
                 continue
             listener = entry.make(config, shared)
-            running.ports[entry.name] = await listener.start(*address)
+            try:
+                running.ports[entry.name] = await listener.start(*address)
+            except OSError as exc:  # e.g. the port is taken: one line, not a traceback
+                where = f"{address[0]}:{address[1]}"
+                raise BridgeError(
+                    f"{entry.name} listener: cannot listen on {where}: {exc}"
+                ) from None
             running.listeners[entry.name] = listener
             log.info("%s listener on %s:%s", entry.name, address[0], running.ports[entry.name])
         if "sync" in running.listeners:

@@ -20,6 +20,7 @@ import jinja2
 from aiohttp import web
 
 from imapsync_bridge.config import ServerConfig
+from imapsync_bridge.errors import ConfigError
 from imapsync_bridge.protocol import pki
 from imapsync_bridge.server.credentials import Logins
 from imapsync_bridge.server.listener import SyncListener
@@ -39,10 +40,15 @@ def web_tls_context(config: ServerConfig) -> ssl.SSLContext:
     certificate of ``server init``. TLS 1.2 and up: what browsers speak."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if config.web_cert is not None and config.web_key is not None:
-        context.load_cert_chain(config.web_cert, config.web_key)
-    else:
-        context.load_cert_chain(config.data_dir / pki.SERVER_CRT, config.data_dir / pki.SERVER_KEY)
+    cert, key = config.web_cert, config.web_key
+    if cert is None or key is None:
+        cert, key = config.data_dir / pki.SERVER_CRT, config.data_dir / pki.SERVER_KEY
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"{config.path}: [server] web_cert/web_key: cannot load {cert} with {key}: {exc}"
+        ) from None
     return context
 
 
