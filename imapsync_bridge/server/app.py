@@ -16,7 +16,7 @@ from imapsync_bridge.errors import BridgeError, ConfigError
 from imapsync_bridge.protocol import pki
 from imapsync_bridge.server.credentials import Logins
 from imapsync_bridge.server.listener import SyncListener
-from imapsync_bridge.server.notify import ChangeNotifier, MailTrigger
+from imapsync_bridge.server.notify import ChangeFeed, ChangeNotifier, MailTrigger
 from imapsync_bridge.server.outgoing_mail import Relay
 from imapsync_bridge.server.smtp_in import SmtpInListener, starttls_context
 from imapsync_bridge.server.store import PhoneStore
@@ -111,6 +111,7 @@ class Shared:
 
     store: PhoneStore
     logins: Logins
+    changes: ChangeFeed  # the process's one watch on the database (notifier, live page)
     # the listeners started so far, by name (the web page asks "sync" who is connected)
     listeners: dict[str, Listener] = field(default_factory=dict)
 
@@ -153,7 +154,7 @@ def _submission_listener(config: ServerConfig, shared: Shared) -> Listener:
 def _web_listener(config: ServerConfig, shared: Shared) -> Listener:
     from imapsync_bridge.server.web import WebListener  # aiohttp: only when it is on
 
-    return WebListener(config, shared.store, shared.logins, shared.listeners)
+    return WebListener(config, shared.store, shared.logins, shared.listeners, shared.changes)
 
 
 # The listeners `server run` starts, in order; the web page and submission share
@@ -239,11 +240,12 @@ async def serve(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-    shared = Shared(store, Logins(store))
+    shared = Shared(store, Logins(store), ChangeFeed(config.database))
     running = Running(store, stop, shared.logins, shared.listeners)
     notifier: ChangeNotifier | None = None
     relaying: asyncio.Task[None] | None = None
     try:
+        await shared.changes.start()
         for entry in entries:
             address = entry.address(config)
             if address is None:
@@ -260,8 +262,9 @@ async def serve(
             log.info("%s listener on %s:%s", entry.name, address[0], running.ports[entry.name])
         if "sync" in running.listeners:
             notifier = ChangeNotifier(
-                config.database, store, running.sync, mail_trigger(config, store)
-            )
+                config.database, store, running.sync, mail_trigger(config, store),
+                shared.changes,
+            )  # fmt: skip
             await notifier.start()
         if config.relay is not None:
             relaying = asyncio.create_task(relay_worker(config, store))
@@ -277,5 +280,6 @@ async def serve(
             await notifier.close()
         for listener in reversed(running.listeners.values()):
             await listener.close()
+        await shared.changes.close()
         store.close()
         log.info("server stopped")

@@ -10,6 +10,7 @@ SMTP submission). docs/web.md describes the routes, the security and the choices
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,12 +25,12 @@ from imapsync_bridge.errors import ConfigError
 from imapsync_bridge.protocol import pki
 from imapsync_bridge.server.credentials import Logins
 from imapsync_bridge.server.listener import SyncListener
+from imapsync_bridge.server.notify import ChangeFeed
 from imapsync_bridge.server.outgoing_mail import Relay
 from imapsync_bridge.server.phone import PhoneService
 from imapsync_bridge.server.store import PhoneStore
 from imapsync_bridge.server.web import api, pages
 from imapsync_bridge.server.web.context import CONTEXT, WebContext
-from imapsync_bridge.server.web.live import ChangeFeed
 from imapsync_bridge.server.web.security import Sessions, security_headers
 
 HERE = Path(__file__).parent
@@ -94,16 +95,20 @@ class WebListener:
         store: PhoneStore,
         logins: Logins,
         listeners: Mapping[str, Any],
+        changes: ChangeFeed,
     ) -> None:
+        """``listeners``: the process's, by name (who is connected is the sync
+        listener's to say); ``changes``: the process's watch on the store."""
         relay = Relay(config.relay, config.hostname) if config.relay is not None else None
         service = PhoneService(store, relay, max_message_size=config.max_message_size)
-        self.feed = ChangeFeed(config.database)
 
         def agent_connected(user: str) -> bool:
             sync = listeners.get("sync")
             return isinstance(sync, SyncListener) and sync.connected(user) > 0
 
-        self.context = WebContext(service, logins, Sessions(), self.feed, agent_connected)
+        self.context = WebContext(
+            service, logins, Sessions(), changes, agent_connected, asyncio.Event()
+        )
         self.app = make_app(self.context, config.max_message_size + 64 * 1024)
         self.tls = web_tls_context(config)
         self._runner: web.AppRunner | None = None
@@ -113,10 +118,10 @@ class WebListener:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=self.tls)
         await site.start()
-        await self.feed.start()
         return int(self._runner.addresses[0][1])
 
     async def close(self) -> None:
-        await self.feed.close()
+        self.context.closing.set()
+        self.context.feed.wake()  # the open event streams see it and end
         if self._runner is not None:
             await self._runner.cleanup()

@@ -10,8 +10,8 @@ from typing import ParamSpec, TypeVar
 from aiohttp import web
 
 from imapsync_bridge.server.credentials import Logins
+from imapsync_bridge.server.notify import ChangeFeed
 from imapsync_bridge.server.phone import PhoneService
-from imapsync_bridge.server.web.live import ChangeFeed
 from imapsync_bridge.server.web.security import Sessions
 
 P = ParamSpec("P")
@@ -25,6 +25,7 @@ class WebContext:
     sessions: Sessions
     feed: ChangeFeed
     agent_connected: Callable[[str], bool]
+    closing: asyncio.Event  # set when the listener closes: open event streams end
 
     async def call(self, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """A blocking service call (SQLite, scrypt, the relay) in a worker thread."""

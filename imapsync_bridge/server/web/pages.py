@@ -23,7 +23,7 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from imapsync_bridge.server.phone import VERBS, MessageDetail, NoSuchMessage, OutgoingRefused
-from imapsync_bridge.server.web import live, mailview
+from imapsync_bridge.server.web import mailview
 from imapsync_bridge.server.web.context import WebContext, context_of
 from imapsync_bridge.server.web.security import (
     ANON_COOKIE,
@@ -41,6 +41,7 @@ from imapsync_bridge.server.web.security import (
 
 routes = web.RouteTableDef()
 ID = r"{id:\d{1,18}}"
+KEEPALIVE_SECONDS = 15.0  # a comment line on a quiet event stream, for proxies
 
 
 def _session(request: web.Request) -> Session:
@@ -270,7 +271,9 @@ async def sync(request: web.Request) -> web.Response:
 @routes.get("/events")
 async def events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: ``mailbox`` whenever the user's mailbox changed since the
-    page's ``since`` mark (a change between rendering and connecting counts too)."""
+    page's ``since`` mark (a change between rendering and connecting counts too). The
+    process's :class:`..notify.ChangeFeed` (``PRAGMA data_version``, the push notifier's
+    watch too) says when to look: any commit by SMTP in, a sync, the CLI or this page."""
     session = _session(request)
     context = context_of(request)
     response = web.StreamResponse(
@@ -280,13 +283,13 @@ async def events(request: web.Request) -> web.StreamResponse:
     seen, last = context.feed.version, request.query.get("since")  # the page's mark
     quiet = False  # the last wait ended without a change
     with contextlib.suppress(ConnectionResetError):  # the page went away
-        while not context.feed.closed and session_of(request, context.sessions) is not None:
+        while not context.closing.is_set() and session_of(request, context.sessions):
             mark = (await _overview(context, session.user))["mark"]
             if mark != last:
                 await response.write(b"event: mailbox\ndata: changed\n\n")
             elif quiet:  # keep proxies from closing a quiet stream
                 await response.write(b": still here\n\n")
             last, before = mark, seen
-            seen = await context.feed.wait(seen, live.KEEPALIVE_SECONDS)
+            seen = await context.feed.wait(seen, KEEPALIVE_SECONDS)
             quiet = seen == before
     return response
