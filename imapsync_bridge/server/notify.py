@@ -86,8 +86,11 @@ class ChangeFeed:
         if self.closed:
             await asyncio.sleep(timeout)
         elif self.version == seen:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+            # cancel that meets the event being set, and a closing notifier then hangs
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
         return self.version
 
     def wake(self) -> None:
