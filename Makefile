@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEB_PACKAGES := dovecot-imapd
+DEB_PACKAGES := dovecot-imapd chromium
 
 .PHONY: install system-deps test lint demo bench clean install-systemd
 

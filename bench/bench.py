@@ -46,6 +46,8 @@ from reporting import print_profiles, report_text, startup_cost, write_docs
 from scenarios import Bench
 from seeding import seed_inbox
 from service import BULK_WINDOW, SERVICE_AGENTS, ServiceBench, service_agents
+from web import WEB_HEADING, web_figures
+from web import report as web_report
 from worker import worker_main
 
 sys.path.insert(0, str(REPO))
@@ -131,6 +133,9 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.mailflow:
             log("mail flow: inbound SMTP throughput, phone → recipient via the desktop")
             body += MAILFLOW_HEADING + mailflow_report(mailflow_figures()) + "\n"
+        if args.web:
+            log("web: the inbox page and /api/mailbox, 500 slots, 50 concurrent clients")
+            body += WEB_HEADING + web_report(web_figures()) + "\n"
         print(body)
         if args.docs:
             write_docs(REPO / args.docs, body, args)
@@ -185,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-mailflow", dest="mailflow", action="store_false",
         help="leave out the mail flow figures (inbound SMTP, via-desktop latency)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-web", dest="web", action="store_false",
+        help="leave out the web page and API figures (issue 10)",
     )  # fmt: skip
     parser.add_argument("--worker", metavar="INI", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

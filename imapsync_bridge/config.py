@@ -92,6 +92,8 @@ SERVER_KEYS: dict[str, frozenset[str]] = {
             "smtp_listen",
             "submission_listen",
             "web_listen",
+            "web_cert",
+            "web_key",
             "default_window",
             "max_frame",
             "max_message_size",
@@ -430,6 +432,24 @@ class ServerConfig:
     max_message_size: int = 25 * 1024 * 1024
     max_unsynced: int = 1000
     relay: MailServer | None = None
+    # The web page's certificate chain and key (e.g. certbot's fullchain.pem, privkey.pem);
+    # None: the server certificate of ``server init`` (signed by its private CA).
+    web_cert: Path | None = None
+    web_key: Path | None = None
+
+
+def _web_certificate(server: _Section, path: Path) -> tuple[Path | None, Path | None]:
+    """``[server] web_cert`` and ``web_key``: both or neither, files that exist."""
+    cert, key = server.text("web_cert", ""), server.text("web_key", "")
+    if bool(cert) != bool(key):
+        raise ConfigError(f"{path}: [server] web_cert and web_key go together: set both or neither")
+    if not cert:
+        return None, None
+    paths = (path.parent / cert, path.parent / key)
+    for name, file in zip(("web_cert", "web_key"), paths, strict=True):
+        if not file.is_file():
+            raise ConfigError(f"{path}: [server] {name}: {file} is not a readable file")
+    return paths
 
 
 def _check_data_dir(path: Path, raw: str, data_dir: Path) -> None:
@@ -462,6 +482,7 @@ def load_server_config(path: Path) -> ServerConfig:
         if parser.has_section("relay")
         else None
     )
+    web_cert, web_key = _web_certificate(server, path)
     config = ServerConfig(
         path=path,
         data_dir=data_dir,
@@ -476,6 +497,8 @@ def load_server_config(path: Path) -> ServerConfig:
         max_message_size=server.integer("max_message_size", 25 * 1024 * 1024, minimum=1024),
         max_unsynced=server.integer("max_unsynced", 1000, minimum=1),
         relay=relay,
+        web_cert=web_cert,
+        web_key=web_key,
     )
     _check_data_dir(path, raw_data_dir, data_dir)
     return config

@@ -156,7 +156,9 @@ class Bridge:
     # -- set-up ----------------------------------------------------------------------
     def start(self, observer: FrameObserver | None = None, relay_port: int | None = None) -> Bridge:
         """``relay_port``: the hosted server's ``[relay]`` (send now) on loopback."""
-        init_server(self.server_dir, "127.0.0.1", sync_port=0, smtp_port=0, submission_port=0)
+        init_server(
+            self.server_dir, "127.0.0.1", sync_port=0, smtp_port=0, submission_port=0, web_port=0
+        )
         if relay_port is not None:
             text = self.server_ini.read_text().replace("port = 25\n", f"port = {relay_port}\n")
             self.server_ini.write_text(text.replace("host = localhost", "host = 127.0.0.1"))

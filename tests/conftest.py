@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from browser import chromium, playwright  # noqa: E402, F401 (session fixtures, defined once)
 from dovecot import FULL, PROFILES, Dovecot  # noqa: E402
 
 

@@ -25,7 +25,9 @@ from imapsync_bridge.server.store import PhoneStore
 
 @pytest.fixture
 def ini(tmp_path: Path) -> Path:
-    ini = init_server(tmp_path / "server", "127.0.0.1", sync_port=0, smtp_port=0, submission_port=0)
+    ini = init_server(
+        tmp_path / "server", "127.0.0.1", sync_port=0, smtp_port=0, submission_port=0, web_port=0
+    )
     for user in ("alice", "bob"):
         rc, _out, err = run_cli(
             "server", "add-user", "--config", str(ini), user, "--address",

@@ -24,7 +24,14 @@ class FakeListener:
 
 def test_serve_starts_each_enabled_entry_then_signals_ready(tmp_path: Path) -> None:
     config = load_server_config(
-        init_server(tmp_path / "server", "127.0.0.1", sync_port=0, smtp_port=0, submission_port=0)
+        init_server(
+            tmp_path / "server",
+            "127.0.0.1",
+            sync_port=0,
+            smtp_port=0,
+            submission_port=0,
+            web_port=0,
+        )
     )
     log: list[object] = []
     entries = (
@@ -45,7 +52,7 @@ def test_serve_starts_each_enabled_entry_then_signals_ready(tmp_path: Path) -> N
         await serve(config, stop=stop, ready=ready, entries=entries)
 
     asyncio.run(main())
-    assert set(seen) == {"sync", "smtp", "submission", "fake", "same store"}
+    assert set(seen) == {"sync", "smtp", "submission", "web", "fake", "same store"}
     assert seen["fake"] == 4242 and isinstance(seen["sync"], int) and seen["sync"] > 0
     assert seen["same store"] is True
     assert log == [("start", "127.0.0.1", 0), "closed"]  # "off" was never made

@@ -89,7 +89,9 @@ def phone_raw(ini: Path, user: str, id: int) -> bytes:
 
 @pytest.fixture
 def hosted(tmp_path: Path) -> Iterator[Hosted]:
-    ini = init_server(tmp_path / "server", "127.0.0.1", sync_port=0, smtp_port=0, submission_port=0)
+    ini = init_server(
+        tmp_path / "server", "127.0.0.1", sync_port=0, smtp_port=0, submission_port=0, web_port=0
+    )
     set_options(ini, max_message_size=MAX_SIZE, max_unsynced=3)
     for user in ("alice", "bob"):
         rc, _out, err = run_cli(

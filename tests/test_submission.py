@@ -98,7 +98,9 @@ def set_password(ini: Path, user: str, password: str) -> None:
 
 @pytest.fixture
 def hosted(tmp_path: Path) -> Iterator[Hosted]:
-    ini = init_server(tmp_path / "server", "127.0.0.1", sync_port=0, smtp_port=0, submission_port=0)
+    ini = init_server(
+        tmp_path / "server", "127.0.0.1", sync_port=0, smtp_port=0, submission_port=0, web_port=0
+    )
     set_options(ini, max_message_size=MAX_SIZE)
     for user in ("alice", "bob"):
         rc, _out, err = run_cli(
@@ -394,7 +396,9 @@ class Relayed:
 @pytest.fixture
 def relayed(tmp_path: Path) -> Iterator[Relayed]:
     relay = MailServer().start()
-    ini = init_server(tmp_path / "server", "127.0.0.1", sync_port=0, smtp_port=0, submission_port=0)
+    ini = init_server(
+        tmp_path / "server", "127.0.0.1", sync_port=0, smtp_port=0, submission_port=0, web_port=0
+    )
     text = ini.read_text().replace("port = 25\n", f"port = {relay.port}\n")
     ini.write_text(text.replace("host = localhost", "host = 127.0.0.1"))
     set_options(ini, max_message_size=MAX_SIZE)

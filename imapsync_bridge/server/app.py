@@ -17,7 +17,7 @@ from imapsync_bridge.protocol import pki
 from imapsync_bridge.sdnotify import Notifier
 from imapsync_bridge.server.credentials import Logins
 from imapsync_bridge.server.listener import SyncListener
-from imapsync_bridge.server.notify import ChangeNotifier, MailTrigger
+from imapsync_bridge.server.notify import ChangeFeed, ChangeNotifier, MailTrigger
 from imapsync_bridge.server.outgoing_mail import Relay
 from imapsync_bridge.server.smtp_in import SmtpInListener, starttls_context
 from imapsync_bridge.server.store import PhoneStore
@@ -34,7 +34,7 @@ hostname = {hostname}
 sync_listen = {listen_host}:{sync_port}
 smtp_listen = {listen_host}:{smtp_port}
 submission_listen = {listen_host}:{submission_port}
-web_listen = {listen_host}:8443
+web_listen = {listen_host}:{web_port}
 default_window = 50
 max_frame = 67108864
 
@@ -53,6 +53,7 @@ def init_server(
     sync_port: int = 4465,
     smtp_port: int = 2525,
     submission_port: int = 2587,
+    web_port: int = 8443,
 ) -> Path:
     """Create the CA, the server certificate, the store and a working server.ini
     (port 0: any free port, for tests)."""
@@ -70,6 +71,7 @@ def init_server(
             sync_port=sync_port,
             smtp_port=smtp_port,
             submission_port=submission_port,
+            web_port=web_port,
         )
     )
     return ini
@@ -110,6 +112,9 @@ class Shared:
 
     store: PhoneStore
     logins: Logins
+    changes: ChangeFeed  # the process's one watch on the database (notifier, live page)
+    # the listeners started so far, by name (the web page asks "sync" who is connected)
+    listeners: dict[str, Listener] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -147,12 +152,19 @@ def _submission_listener(config: ServerConfig, shared: Shared) -> Listener:
     )
 
 
-# The listeners `server run` starts, in order. The web page comes here as an entry of its
-# own (web_listen), made with the same ``Shared.logins``.
+def _web_listener(config: ServerConfig, shared: Shared) -> Listener:
+    from imapsync_bridge.server.web import WebListener  # aiohttp: only when it is on
+
+    return WebListener(config, shared.store, shared.logins, shared.listeners, shared.changes)
+
+
+# The listeners `server run` starts, in order; the web page and submission share
+# ``Shared.logins`` (one throttle).
 LISTENERS: tuple[ListenerEntry, ...] = (
     ListenerEntry("sync", lambda config: config.sync_listen, _sync_listener),
     ListenerEntry("smtp", lambda config: config.smtp_listen, _smtp_in_listener),
     ListenerEntry("submission", lambda config: config.submission_listen, _submission_listener),
+    ListenerEntry("web", lambda config: config.web_listen, _web_listener),
 )
 
 
@@ -240,24 +252,32 @@ async def serve(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-    shared = Shared(store, Logins(store))
-    running = Running(store, stop, shared.logins)
+    shared = Shared(store, Logins(store), ChangeFeed(config.database))
+    running = Running(store, stop, shared.logins, shared.listeners)
     notifier: ChangeNotifier | None = None
     relaying: asyncio.Task[None] | None = None
     watchdog: asyncio.Task[None] | None = None
     try:
+        await shared.changes.start()
         for entry in entries:
             address = entry.address(config)
             if address is None:
                 continue
             listener = entry.make(config, shared)
-            running.ports[entry.name] = await listener.start(*address)
+            try:
+                running.ports[entry.name] = await listener.start(*address)
+            except OSError as exc:  # e.g. the port is taken: one line, not a traceback
+                where = f"{address[0]}:{address[1]}"
+                raise BridgeError(
+                    f"{entry.name} listener: cannot listen on {where}: {exc}"
+                ) from None
             running.listeners[entry.name] = listener
             log.info("%s listener on %s:%s", entry.name, address[0], running.ports[entry.name])
         if "sync" in running.listeners:
             notifier = ChangeNotifier(
-                config.database, store, running.sync, mail_trigger(config, store)
-            )
+                config.database, store, running.sync, mail_trigger(config, store),
+                shared.changes,
+            )  # fmt: skip
             await notifier.start()
         if config.relay is not None:
             relaying = asyncio.create_task(relay_worker(config, store))
@@ -278,5 +298,6 @@ async def serve(
             await notifier.close()
         for listener in reversed(running.listeners.values()):
             await listener.close()
+        await shared.changes.close()
         store.close()
         log.info("server stopped")

@@ -3,9 +3,10 @@
 Phone-side changes are written by whichever process serves the phone user (the `phone`
 CLI, the web page, SMTP in), so the notifier watches the database rather than the
 callers: SQLite's ``PRAGMA data_version`` changes when any other connection commits,
-which costs microseconds to ask, so it is asked every ``poll`` seconds. When it moved,
-the notifier compares each connected user's newest phone action with what it last
-pushed and sends ``changed`` over that user's agent connections.
+which costs microseconds to ask, so :class:`ChangeFeed` asks it every ``poll`` seconds,
+once per server process, for every watcher (this notifier, the web page's live inbox).
+When it moved, the notifier compares each connected user's newest phone action with
+what it last pushed and sends ``changed`` over that user's agent connections.
 
 Outgoing mail is watched the same way: a new via-desktop message (or a send-now message
 whose copy the desktop Sent folder still lacks) pushes ``changed(outgoing)``, so the
@@ -52,6 +53,64 @@ _IS_INBOUND = (
 MailTrigger = Callable[[str], Awaitable[None]]
 
 
+class ChangeFeed:
+    """A counter that grows whenever another connection committed to the database;
+    waiters wake on it. One per server process (:func:`.app.serve` owns it)."""
+
+    def __init__(self, database: Path, poll: float = POLL_SECONDS) -> None:
+        self.database = database
+        self.poll = poll
+        self.version = 0
+        self.closed = False
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Read the current ``data_version`` now (a change right after this call is
+        seen), then poll in a task."""
+        conn = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)
+        baseline = conn.execute("PRAGMA data_version").fetchone()[0]
+        self._task = asyncio.create_task(self._run(conn, baseline))
+
+    async def close(self) -> None:
+        self.closed = True
+        self.wake()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def wait(self, seen: int, timeout: float) -> int:
+        """The version once it is past ``seen``, or after ``timeout`` (or a
+        :meth:`wake`) unchanged."""
+        if self.closed:
+            await asyncio.sleep(timeout)
+        elif self.version == seen:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+            # cancel that meets the event being set, and a closing notifier then hangs
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
+        return self.version
+
+    def wake(self) -> None:
+        """Wake every waiter now (a change, or a watcher that is closing)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _run(self, conn: sqlite3.Connection, seen: int) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.poll)
+                version = conn.execute("PRAGMA data_version").fetchone()[0]
+                if version != seen:
+                    seen = version
+                    self.version += 1
+                    self.wake()
+        finally:
+            conn.close()
+
+
 class ChangeNotifier:
     """Pushes ``changed`` to connected agents; routes sync requests (push or mail)."""
 
@@ -61,9 +120,11 @@ class ChangeNotifier:
         store: SyncStore,
         sync: SyncListener,
         mail_trigger: MailTrigger | None,
+        changes: ChangeFeed,
         poll: float = POLL_SECONDS,
     ) -> None:
         self.database = database
+        self.changes = changes
         self.store = store
         self.sync = sync
         self.mail_trigger = mail_trigger
@@ -90,12 +151,12 @@ class ChangeNotifier:
             version = None
             connected: frozenset[str] = frozenset()
             while True:
-                now_version = conn.execute("PRAGMA data_version").fetchone()[0]
+                now_version = self.changes.version
                 now_connected = self.sync.connected_users()
                 if now_version != version or now_connected != connected:
                     version, connected = now_version, now_connected
                     await self._look(conn, connected)
-                await asyncio.sleep(self.poll)
+                await self.changes.wait(now_version, self.poll)
         finally:
             conn.close()
 

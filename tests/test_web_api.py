@@ -1,0 +1,325 @@
+"""The JSON API of the phone's mail application (issue 10), over real HTTPS.
+
+The hosted server runs with its web listener on a free port; an aiosmtpd relay takes
+send-now mail; the client is ``http.client`` verifying the server's certificate.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from bridge import REPO, ServerThread, run_cli
+from smtp_servers import MailServer
+from test_smtp_in import set_options
+from web_hosted import PASSWORDS, WebHosted, add_phone_users, new_server_dir
+
+from imapsync_bridge.protocol import pki
+
+ALICE = ("alice", PASSWORDS["alice"])
+BOB = ("bob", PASSWORDS["bob"])
+
+
+@pytest.fixture
+def relay() -> Iterator[MailServer]:
+    server = MailServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def hosted(tmp_path: Path, relay: MailServer) -> Iterator[WebHosted]:
+    ini = new_server_dir(tmp_path, relay.port)
+    add_phone_users(ini)
+    thread = ServerThread(ini).start()
+    try:
+        yield WebHosted(ini, thread)
+    finally:
+        thread.stop()
+
+
+def test_nothing_without_credentials_and_wrong_ones_are_401(hosted: WebHosted) -> None:
+    client = hosted.client()
+    for method, path in [("GET", "/api/mailbox"), ("GET", "/api/messages/1"),
+                         ("GET", "/api/status"), ("POST", "/api/sync"),
+                         ("POST", "/api/messages/1/delete"), ("POST", "/api/compose")]:  # fmt: skip
+        answer = client.request(method, path)
+        assert answer.status == 401, (method, path)
+        assert answer.json() == {"error": "log in first"}
+        assert answer.headers["WWW-Authenticate"].startswith("Basic")
+    wrong = client.request("GET", "/api/mailbox", basic=("alice", "not it"))
+    assert (wrong.status, wrong.json()) == (401, {"error": "wrong user name or password"})
+    assert (
+        client.request("GET", "/api/mailbox", headers={"Authorization": "Basic !!"}).status == 401
+    )
+    for page in ("/inbox", "/trash", "/outbox", "/messages/1", "/compose", "/inbox/list"):
+        answer = client.request("GET", page)
+        assert (answer.status, answer.headers["Location"]) == (303, "/login"), page
+
+
+def test_mailbox_message_and_changes_are_the_phone_clis_documents(hosted: WebHosted) -> None:
+    mid = hosted.deliver(1, subject="Hello <b>there</b>", body="Line one\r\nLine two\r\n")
+    client = hosted.client()
+    mailbox = client.request("GET", "/api/mailbox", basic=ALICE)
+    assert mailbox.status == 200 and mailbox.headers["Content-Type"].startswith("application/json")
+    rc, out, err = run_cli(
+        "phone", "--config", str(hosted.ini), "--user", "alice", "list", "--json"
+    )
+    assert rc == 0, err
+    assert mailbox.json() == json.loads(out)
+    (item,) = mailbox.json()["inbox"]
+    assert (item["message_id"], item["subject"], item["seen"]) == (mid, "Hello <b>there</b>", False)
+    detail = client.request("GET", f"/api/messages/{item['id']}", basic=ALICE).json()
+    assert detail["text"] == "Line one\nLine two\n" and detail["to"] == ["alice@phone.example"]
+    assert detail["attachments"] == [] and detail["seen"] is False  # reading the API marks nothing
+
+    url = f"/api/messages/{item['id']}"
+    assert client.request("POST", f"{url}/read", basic=ALICE).json()["seen"] is True
+    assert client.request("POST", f"{url}/flag", basic=ALICE).json()["flagged"] is True
+    assert client.request("POST", f"{url}/delete", basic=ALICE).status == 200
+    after = client.request("GET", "/api/mailbox", basic=ALICE).json()
+    assert after["inbox"] == [] and [m["id"] for m in after["trash"]] == [item["id"]]
+    assert client.request("POST", f"{url}/restore", basic=ALICE).json()["id"] == item["id"]
+    assert client.request("POST", f"{url}/destroy", basic=ALICE).json() == {
+        "id": item["id"],
+        "destroyed": True,
+    }
+    assert client.request("GET", url, basic=ALICE).status == 404
+    assert client.request("POST", f"{url}/explode", basic=ALICE).status == 404
+
+
+def test_another_users_ids_are_404_like_unknown_ones(hosted: WebHosted) -> None:
+    hosted.deliver(1)
+    client = hosted.client()
+    (item,) = client.request("GET", "/api/mailbox", basic=ALICE).json()["inbox"]
+    for method, path in [("GET", f"/api/messages/{item['id']}"),
+                         ("POST", f"/api/messages/{item['id']}/delete"),
+                         ("GET", "/api/messages/999999")]:  # fmt: skip
+        answer = client.request(method, path, basic=BOB)
+        assert (answer.status, answer.json()) == (404, {"error": "no such message"}), path
+    assert client.request("GET", "/api/mailbox", basic=ALICE).json()["inbox"] == [item]
+    client.login("bob")
+    assert client.request("GET", f"/messages/{item['id']}").status == 404
+
+
+def test_compose_send_now_reaches_the_relay_and_via_desktop_waits(
+    hosted: WebHosted, relay: MailServer
+) -> None:
+    client = hosted.client()
+    body = {"to": ["carol@example.net"], "subject": "From the API", "body": "Hi Carol"}
+    now = client.request("POST", "/api/compose", {**body, "via_desktop": False}, basic=ALICE)
+    assert now.status == 201, now.text
+    assert now.json()["state"] == "sent" and now.json()["to"] == ["carol@example.net"]
+    (received,) = relay.received
+    assert received.mail_from == "alice@phone.example" and b"Hi Carol" in received.raw
+    later = client.request("POST", "/api/compose", {**body, "via_desktop": True}, basic=ALICE)
+    assert (later.status, later.json()["state"]) == (201, "queued")
+    outbox = client.request("GET", "/api/mailbox", basic=ALICE).json()["outbox"]
+    assert [(m["subject"], m["state"]) for m in outbox] == [("From the API", "queued")]
+    assert len(relay.received) == 1  # the desktop sends that one
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"[]", b'{"to": "carol@example.net"}', b'{"to": []}',
+     b'{"to": ["a@b"], "via_desktop": "yes"}', b'{"to": ["a@b"], "subject": 3}',
+     b'{"to": ["a@b"], "in_reply_to": "x"}', b'{"to": ["a@b"], "in_reply_to": 424242}',
+     b'{"to": ["a@b"], "in_reply_to": 100000000000000000000000}', b'{"to": [1]}'],
+)  # fmt: skip
+def test_a_malformed_compose_is_400_with_a_reason(hosted: WebHosted, body: bytes) -> None:
+    answer = hosted.client().request("POST", "/api/compose", body, basic=ALICE)
+    assert answer.status in (400, 404), answer.text
+    assert set(answer.json()) == {"error"} and answer.json()["error"]
+    assert hosted.client().request("GET", "/api/mailbox", basic=ALICE).json()["outbox"] == []
+
+
+def test_session_cookie_writes_need_the_csrf_header(hosted: WebHosted) -> None:
+    hosted.deliver(1)
+    client = hosted.client()
+    assert client.login().status == 303
+    mailbox = client.request("GET", "/api/mailbox")
+    assert mailbox.status == 200
+    (item,) = mailbox.json()["inbox"]
+    url = f"/api/messages/{item['id']}/flag"
+    answer = client.request("POST", url)
+    assert (answer.status, answer.json()) == (403, {"error": "missing or wrong CSRF token"})
+    assert client.request("POST", url, headers={"X-CSRF-Token": "guess"}).status == 403
+    token = client.csrf("/inbox")
+    assert client.request("POST", url, headers={"X-CSRF-Token": token}).json()["flagged"]
+    # the page's forms: without the token nothing changes either
+    assert client.form(f"/messages/{item['id']}/delete", {}).status == 403
+    assert client.form("/sync", {"csrf": "wrong"}).status == 403
+    assert client.request("GET", "/api/mailbox").json()["inbox"][0]["id"] == item["id"]
+    # logging out ends the session for the API too
+    assert client.form("/logout", {"csrf": token}).status == 303
+    assert client.request("GET", "/api/mailbox").status == 401
+
+
+def test_session_cookie_is_secure_httponly_samesite(hosted: WebHosted) -> None:
+    client = hosted.client()
+    answer = client.login()
+    assert (answer.status, answer.headers["Location"]) == (303, "/inbox")
+    (cookie,) = [c for c in answer.headers.get_all("Set-Cookie") or [] if "session" in c]
+    assert cookie.startswith("__Host-session=")
+    for attribute in ("Secure", "HttpOnly", "SameSite=Strict", "Path=/"):
+        assert attribute in cookie
+    page = client.request("GET", "/inbox")
+    assert page.status == 200
+    assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+    # a login form without its token is refused before the password is looked at
+    assert hosted.client().form("/login", {"user": "alice", "password": "x"}).status == 403
+
+
+def test_ten_bad_passwords_are_429_and_count_with_smtp_submission(hosted: WebHosted) -> None:
+    client = hosted.client()
+    for _ in range(9):
+        assert client.request("GET", "/api/status", basic=("alice", "wrong")).status == 401
+    # the tenth through the page's login form: the same throttle
+    assert client.login("alice", "wrong").status == 401
+    answer = client.request("GET", "/api/status", basic=ALICE)  # even the right password
+    assert (answer.status, answer.json()) == (429, {"error": "too many failed logins, try later"})
+    assert client.login("alice").status == 429
+    context = ssl.create_default_context(cafile=str(hosted.ini.parent / pki.CA_CRT))
+    with smtplib.SMTP("127.0.0.1", hosted.thread.ports["submission"], timeout=10) as smtp:
+        smtp.starttls(context=context)
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            smtp.login(*ALICE)
+        assert refused.value.smtp_code == 454
+    # bob, from another address, is not locked out by alice's streak
+    assert hosted.client("127.0.0.2").request("GET", "/api/status", basic=BOB).status == 200
+
+
+def test_status_and_sync_now(hosted: WebHosted) -> None:
+    client = hosted.client()
+    status = client.request("GET", "/api/status", basic=ALICE)
+    assert status.json() == {
+        "last_desktop_sync": None,
+        "agent_connected": False,
+        "pending_to_desktop": 0,
+        "window": 6,
+    }
+    first = client.request("POST", "/api/sync", basic=ALICE)
+    assert first.status == 202 and first.json()["requested_at"]
+    again = client.request("POST", "/api/sync", basic=ALICE)  # presses merge into one request
+    assert again.json() == first.json()
+
+
+def test_web_cert_and_key_are_used_when_set(tmp_path: Path, hosted: WebHosted) -> None:
+    other = new_server_dir(tmp_path / "other")  # another CA: stands in for certbot's
+    ini = new_server_dir(tmp_path / "mine")
+    set_options(ini, web_cert=other.parent / pki.SERVER_CRT, web_key=other.parent / pki.SERVER_KEY)
+    add_phone_users(ini, users=("alice",))
+    thread = ServerThread(ini).start()
+    try:
+        mine = WebHosted(ini, thread)
+        client = mine.client()
+        with pytest.raises(ssl.SSLCertVerificationError):
+            client.request("GET", "/api/status", basic=ALICE)  # not the server's own CA
+        client.ca = other.parent / pki.CA_CRT
+        assert client.request("GET", "/api/status", basic=ALICE).status == 200
+    finally:
+        thread.stop()
+    set_options(ini, web_key="")
+    rc, _out, err = run_cli("phone", "--config", str(ini), "--user", "alice", "list")
+    assert rc == 2 and "web_cert and web_key go together" in err
+
+
+def test_the_page_answers_odd_input_with_a_clear_page(hosted: WebHosted) -> None:
+    client = hosted.client()
+    client.login()
+    huge = "9" * 30
+    assert client.request("GET", f"/compose?reply={huge}").status == 200  # not an id: ignored
+    missing = client.request("GET", "/compose?reply=424242")
+    assert missing.status == 404 and "no such message" in missing.text
+    assert missing.headers["Content-Type"].startswith("text/html")
+    assert client.request("GET", f"/messages/{huge}").status == 404
+    token = client.csrf("/compose")
+    answer = client.form("/compose", {"csrf": token, "to": " , ", "subject": "s", "body": "b"})
+    assert answer.status == 400 and "the message has no recipients" in answer.text
+    assert 'value="s"' in answer.text  # the draft is kept
+    assert client.request("GET", "/api/mailbox").json()["outbox"] == []
+
+
+def test_the_compose_form_takes_names_with_commas(hosted: WebHosted, relay: MailServer) -> None:
+    client = hosted.client()
+    client.login()
+    fields = {"csrf": client.csrf("/compose"), "subject": "names", "body": "b", "send": "now"}
+    to = '"Doe, Jane" <jane@example.net>, bob@example.org'
+    assert client.form("/compose", {**fields, "to": to}).status == 303
+    (received,) = relay.received
+    assert sorted(received.rcpt_tos) == ["bob@example.org", "jane@example.net"]
+    assert b'To: "Doe, Jane" <jane@example.net>, bob@example.org' in received.raw
+
+
+def test_the_event_stream_tells_of_new_mail_and_ends_with_the_server(hosted: WebHosted) -> None:
+    client = hosted.client()
+    client.login()
+    mark = re.search(r'data-mark="(\w+)"', client.request("GET", "/inbox").text)
+    assert mark is not None
+    context = ssl.create_default_context(cafile=str(hosted.ca))
+    conn = http.client.HTTPSConnection("127.0.0.1", hosted.port, context=context, timeout=10)
+    cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+    conn.request("GET", f"/events?since={mark.group(1)}", headers={"Cookie": cookie})
+    stream = conn.getresponse()
+    assert stream.status == 200 and stream.headers["Content-Type"] == "text/event-stream"
+    hosted.deliver(1)
+    assert stream.readline() == b"event: mailbox\n"  # within the 10 s timeout
+    started = time.monotonic()
+    hosted.thread.stop()  # an open stream does not hold up the server's stop
+    assert time.monotonic() - started < 5
+    conn.close()
+
+
+def test_the_outbox_page_shows_a_refused_message_with_the_servers_reply(
+    hosted: WebHosted, relay: MailServer
+) -> None:
+    relay.answer("rcpt", "550 5.1.1 <nobody@example.net>: no such user")
+    client = hosted.client()
+    client.login()
+    fields = {"csrf": client.csrf("/compose"), "to": "nobody@example.net", "send": "now"}
+    assert client.form("/compose", {**fields, "subject": "Bounces", "body": "b"}).status == 303
+    page = client.request("GET", "/outbox").text
+    assert 'class="state state-failed">failed</span>' in page
+    assert "550 5.1.1 &lt;nobody@example.net&gt;: no such user" in page  # escaped
+    (entry,) = client.request("GET", "/api/mailbox").json()["outbox"]
+    assert (entry["subject"], entry["state"]) == ("Bounces", "failed")
+
+
+def run_server(ini: Path) -> subprocess.CompletedProcess[str]:
+    """`server run` as a process that is expected to stop at once."""
+    return subprocess.run(
+        [sys.executable, "-m", "imapsync_bridge.cli", "server", "run", "--config", str(ini)],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+
+
+def test_a_bad_certificate_or_a_taken_port_is_one_line(tmp_path: Path) -> None:
+    ini = new_server_dir(tmp_path)
+    (ini.parent / "web.pem").write_text("not a certificate\n")
+    set_options(ini, web_cert="web.pem", web_key="web.pem")
+    done = run_server(ini)
+    assert done.returncode == 2, done.stderr
+    (last,) = [line for line in done.stderr.splitlines() if "imapsync-bridge:" in line]
+    assert "web_cert/web_key: cannot load" in last and "Traceback" not in done.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        set_options(ini, web_cert="", web_key="", web_listen=f"127.0.0.1:{port}")
+        done = run_server(ini)
+    assert done.returncode == 1, done.stderr
+    assert f"web listener: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
