@@ -13,8 +13,6 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import Any
 
 from imapclient.response_parser import parse_message_list
@@ -38,7 +36,7 @@ from imapsync_bridge.errors import (
     ImapError,
     MessageError,
 )
-from imapsync_bridge.headers import display_text, raw_fields
+from imapsync_bridge.headers import display_text, parse_headers, raw_fields
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +384,7 @@ class ImapMailbox(ImapWatching):
             out = []
             for uid in sorted(data):
                 fields = fetch_item(data[uid], b"BODY[HEADER.FIELDS") or b""
-                raw = BytesHeaderParser(policy=compat32).parsebytes(fields).get("Message-ID")
+                raw = parse_headers(fields).get("Message-ID")
                 if raw and model.normalize_message_id(raw.encode("utf-8", "surrogateescape")) == (
                     key
                 ):
