@@ -8,6 +8,7 @@ ESORT, fresh counts without UNSELECT, and a cheap no-change sync without CONDSTO
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from bridge import Bridge
 from dovecot import CYRUS_LIKE, EXCHANGE_LIKE, Dovecot
 
 from imapsync_bridge.agent import runner
+from imapsync_bridge.agent.desktop import DesktopSide
 from imapsync_bridge.agent.imap import ImapMailbox
 from imapsync_bridge.agent.session import SyncSession
 from imapsync_bridge.config import load_agent_config
@@ -115,6 +117,27 @@ def test_window_without_esort_ranks_old_uids_with_new_dates(profile, tmp_path: P
             bridge.assert_in_sync()
         finally:
             bridge.stop()
+
+
+def test_a_busy_day_below_the_window_costs_its_dates_only(caplog, tmp_path: Path) -> None:
+    """Without ESORT, more than SCAN_LIMIT messages of the window's own day below it
+    (SINCE matches whole days) and one old UID with the newest date: the window is
+    still found from the highest UIDs, ranking only that one message beside them (the
+    others' dates rule them out), not by sorting the whole inbox."""
+    with Dovecot(profile=EXCHANGE_LIKE) as dovecot:
+        user = dovecot.new_user()
+        newest = T0 + dt.timedelta(hours=12)
+        with dovecot.client(user) as client:
+            client.append("INBOX", dovecot.make_message(0, date=newest), msg_time=newest)
+            for n in range(1, 601):
+                date = T0 + dt.timedelta(seconds=n)
+                client.append("INBOX", dovecot.make_message(n, date=date), msg_time=date)
+        with connect(dovecot, user) as mbox:
+            desktop = DesktopSide(mbox, "INBOX", EXCHANGE_LIKE.trash)
+            with caplog.at_level(logging.INFO, logger="imapsync_bridge.agent.desktop"):
+                window = desktop.newest(4, set(), {})
+    assert [m.uid for m in window] == [1, 601, 600, 599]
+    assert "window: 1 older UID(s) with recent dates ranked too" in caplog.text
 
 
 def test_highest_uids_and_uids_since(dovecot: Dovecot, imap_user: str) -> None:

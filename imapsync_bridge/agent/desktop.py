@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 FetchFromPhone = Callable[[str], bytes]
 A = TypeVar("A", bound=DesktopAction)
 SCAN_LIMIT = 500  # newest (or new) messages looked at before searching key by key
+DATE_SCAN_LIMIT = 5000  # lower UIDs whose date alone the window check may read
 
 
 class DesktopSide:
@@ -209,8 +210,14 @@ class DesktopSide:
     ) -> list[DesktopMessage] | None:
         """The window without ESORT, in O(window): the messages with the highest UIDs,
         checked by INTERNALDATE — every lower UID dated on or after the day before the
-        window's oldest message (``SEARCH SINCE``, usually none) is fetched and ranked
-        too, so a message appended with an old UID order but a new date is not missed.
+        window's oldest message (``SEARCH SINCE``) is looked at too, so a message
+        appended with an old UID order but a new date is not missed.
+
+        SINCE counts whole days, so on a busy inbox it finds the hundreds of lower
+        messages of the window's own days; their dates alone (one small fetch from the
+        server's index cache) rule out all but those at or after the window's oldest
+        message, and only those are fetched and ranked (usually none): no message file
+        is opened for the others.
         None when that check would fetch too much (then sort everything)."""
         uids = self.imap.highest_uids(wanted)
         if not uids:
@@ -219,13 +226,17 @@ class DesktopSide:
         window = window_of(found, count, skip)
         if len(window) < count:
             return None  # not enough distinct messages up there (a small mailbox)
-        oldest_day = window[-1].internaldate.date() - timedelta(days=1)
-        lower = self.imap.uids_since(uids[0], oldest_day)
-        if len(lower) > SCAN_LIMIT:
+        edge = window[-1].internaldate
+        lower = self.imap.uids_since(uids[0], edge.date() - timedelta(days=1))
+        if len(lower) > DATE_SCAN_LIMIT:
             return None
-        if lower:
-            found = _newest_first(found + self.imap.summaries(lower, known, self._hide))
-            log.info("window: %d older UID(s) with recent dates ranked too", len(lower))
+        dated = self.imap.internaldates(lower) if lower else {}
+        contenders = sorted(uid for uid, when in dated.items() if when >= edge)
+        if len(contenders) > SCAN_LIMIT:
+            return None
+        if contenders:
+            found = _newest_first(found + self.imap.summaries(contenders, known, self._hide))
+            log.info("window: %d older UID(s) with recent dates ranked too", len(contenders))
         return window_of(found, count, skip)
 
     def newest_after_additions(
