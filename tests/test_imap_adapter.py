@@ -182,6 +182,18 @@ def test_current_statuses_pipelined_are_fresh(dovecot, imap_user):
             counted.current_statuses(["INBOX", "No Such Folder"])
 
 
+def test_pipelined_statuses_of_folders_with_awkward_names(dovecot, imap_user, mbox):
+    """The STATUS answers read by the adapter's own quick parser agree with
+    imapclient's for names with spaces, parentheses, quotes and non-ASCII letters."""
+    names = ["Deleted Items", "Projects (old)", 'Say "hi"', "Entwürfe"]
+    for n, name in enumerate(names):
+        mbox._client.create_folder(name)
+        for k in range(n + 1):
+            dovecot.append(imap_user, dovecot.make_message(10 * n + k), T0, mailbox=name)
+    assert mbox.current_statuses(names) == [mbox.status(name) for name in names]
+    assert [s.messages for s in mbox.current_statuses(names)] == [1, 2, 3, 4]
+
+
 def test_resolve_folders_finds_trash_and_sent_by_special_use_and_creates_outbox(mbox):
     found = mbox.resolve_folders({})
     assert found == {"trash": "Trash", "sent": "Sent", "outbox": "Outbox"}
