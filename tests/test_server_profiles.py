@@ -21,6 +21,7 @@ from imapsync_bridge.agent.desktop import DesktopSide
 from imapsync_bridge.agent.imap import ImapMailbox
 from imapsync_bridge.agent.session import SyncSession
 from imapsync_bridge.config import load_agent_config
+from imapsync_bridge.sync.session import SessionReport
 
 T0 = dt.datetime(2024, 3, 1, 9, 0, tzinfo=dt.UTC)
 
@@ -99,6 +100,40 @@ def test_no_change_without_condstore_is_three_round_trips_and_sees_a_flag(
         client.add_flags([bridge.desktop_uid(ids[-1])], [b"\\Seen"])
     bridge.sync_ok()
     assert bridge.phone_list()["inbox"][0]["seen"] is True
+    bridge.assert_in_sync()
+
+
+def test_a_running_agent_keeps_the_inbox_selected_and_sees_every_change(
+    bridge: Bridge,
+) -> None:
+    """Connections kept, as `agent run` does: a session reads the counts by SELECTing
+    the inbox again, and leaves it selected for the next; a timer's (routine) session
+    while the push link vouches for the phone is one pipelined exchange of at most three
+    commands. A flag set in the mail client shows either way."""
+    ids = [bridge.deliver(n) for n in range(1, 9)]
+    config = load_agent_config(bridge.agent_ini)
+    state = runner.open_state(config)
+    options = runner.session_options(config, False)
+    with runner.open_link(config) as link, runner.connect_imap(config, count_traffic=True) as imap:
+        desktop = runner.open_desktop(config, imap)
+
+        def session(**kwargs: bool) -> SessionReport:
+            return SyncSession(state, desktop, link, options, **kwargs).run()
+
+        assert session().pulled == 4
+        session()  # after our own writes
+        assert imap.selected == "INBOX"
+        before = imap.round_trips
+        assert session(phone_vouched=True, routine=True).fast_path is True
+        assert imap.round_trips - before <= 3
+        for n, flag in ((1, b"\\Seen"), (2, b"\\Flagged")):
+            with bridge.imap() as client:
+                client.add_flags([bridge.desktop_uid(ids[-n])], [flag])
+            report = session(phone_vouched=True, routine=n == 1)  # a timer's, then IDLE's
+            assert report.phone_actions == 1 and imap.selected == "INBOX"
+    state.close()
+    phone = bridge.phone_list()["inbox"]
+    assert phone[0]["seen"] is True and phone[1]["flagged"] is True
     bridge.assert_in_sync()
 
 
