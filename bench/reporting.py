@@ -154,7 +154,7 @@ measured from outside:
   read state of 1,000 messages, then one session applies them to the desktop: *link
   round trips* = the client speaking again after the server spoke, counted by that proxy;
 - **no-change session, push link up**: the running-agent worker runs `SyncSession.run()`
-  with `phone_vouched=True, routine=True` (what `agent run` passes to a timer's session
+  with `phone_vouched=True` (what `agent run` passes to a timer's session
   while its push link is up and quiet), each beside one `STATUS` of the Trash on the
   same IMAP connection and proxy;
 - **idle**: after its first session, the process's CPU time (utime + stime of all

@@ -106,10 +106,10 @@ def test_no_change_without_condstore_is_three_round_trips_and_sees_a_flag(
 def test_a_running_agent_keeps_the_inbox_selected_and_sees_every_change(
     bridge: Bridge,
 ) -> None:
-    """Connections kept, as `agent run` does: a session reads the counts by SELECTing
-    the inbox again, and leaves it selected for the next; a timer's (routine) session
-    while the push link vouches for the phone is one pipelined exchange of at most three
-    commands. A flag set in the mail client shows either way."""
+    """Connections kept, as `agent run` does: a session started by a change reads the
+    counts by SELECTing the inbox again, and leaves it selected for the next; a timer's
+    session while the push link vouches for the phone is one pipelined exchange of at
+    most three commands. A flag set in the mail client shows either way."""
     ids = [bridge.deliver(n) for n in range(1, 9)]
     config = load_agent_config(bridge.agent_ini)
     state = runner.open_state(config)
@@ -120,17 +120,18 @@ def test_a_running_agent_keeps_the_inbox_selected_and_sees_every_change(
         def session(**kwargs: bool) -> SessionReport:
             return SyncSession(state, desktop, link, options, **kwargs).run()
 
-        assert session().pulled == 4
-        session()  # after our own writes
+        assert session(keep_inbox_selected=True).pulled == 4
+        session(keep_inbox_selected=True)  # after our own writes
         assert imap.selected == "INBOX"
         before = imap.round_trips
-        assert session(phone_vouched=True, routine=True).fast_path is True
+        assert session(phone_vouched=True).fast_path is True
         assert imap.round_trips - before <= 3
         for n, flag in ((1, b"\\Seen"), (2, b"\\Flagged")):
             with bridge.imap() as client:
                 client.add_flags([bridge.desktop_uid(ids[-n])], [flag])
-            report = session(phone_vouched=True, routine=n == 1)  # a timer's, then IDLE's
-            assert report.phone_actions == 1 and imap.selected == "INBOX"
+            report = session(phone_vouched=True, keep_inbox_selected=n == 2)  # timer, IDLE
+            assert report.phone_actions == 1
+        assert imap.selected == "INBOX"
     state.close()
     phone = bridge.phone_list()["inbox"]
     assert phone[0]["seen"] is True and phone[1]["flagged"] is True

@@ -69,22 +69,24 @@ class DesktopSide:
             partial(carries_phrase, phrase=sync_phrase) if sync_phrase else None
         )
 
-    def status(self, routine: bool = False) -> DesktopStatus:
+    def status(self, keep_inbox_selected: bool = False) -> DesktopStatus:
         """Both mailboxes' counts now, fresh, in one round trip: cheap enough to run
         before deciding to do anything.
 
-        The inbox is SELECTed (again) with the Trash's STATUS pipelined
-        (:meth:`ImapMailbox.select_with_statuses`), and stays selected: the session's
-        work after a change then finds Dovecot's view of a large Maildir open instead of
-        re-reading it (100-280 ms at 50,000 messages). A *routine* check (a timer's, in
-        a running agent whose push link says the phone has not changed) usually finds
-        nothing; with CONDSTORE it asks for both STATUSes instead (UNSELECT first,
-        :meth:`ImapMailbox.current_statuses`), half the server's work of a SELECT.
+        With CONDSTORE, both STATUSes, pipelined (UNSELECT first when the inbox is
+        selected: :meth:`ImapMailbox.current_statuses`). A running agent's session
+        started by a change instead *keeps the inbox selected*: it is SELECTed again
+        with the Trash's STATUS pipelined (:meth:`ImapMailbox.select_with_statuses`),
+        so the work after a change finds Dovecot's view of a large Maildir open rather
+        than re-reading it (100-280 ms at 50,000 messages). A re-SELECT costs the
+        server about twice a STATUS, so a check that usually finds nothing (a timer's,
+        a one-shot `agent sync`) takes the STATUS way.
 
         Without CONDSTORE no count moves when only flags change, so the session goes on
-        to compare the window's flags (:meth:`window_flags_agree`) in the selected inbox.
+        to compare the window's flags (:meth:`window_flags_agree`) in the inbox, which
+        is SELECTed for that here either way.
         """
-        if routine and self.imap.condstore:
+        if self.imap.condstore and not keep_inbox_selected:
             return DesktopStatus(*self.imap.current_statuses([self.inbox, self.trash]))
         inbox, (trash,) = self.imap.select_with_statuses(self.inbox, [self.trash])
         return DesktopStatus(inbox, trash)

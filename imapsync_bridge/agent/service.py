@@ -68,7 +68,7 @@ INBOX_CHANGES = frozenset({"new", "flags", "expunge"})
 # stream of changes gives a few sessions, not one per change; the first after a quiet
 # spell goes at once.
 MERGE_WINDOW = 0.25
-# Reasons that say nothing changed: such a session reads the desktop's counts the cheap way.
+# Reasons that say nothing changed: such a session does not keep the inbox selected.
 ROUTINE_REASONS = frozenset({"timer", "poll"})
 # Reasons after which new inbox mail may hold a trigger.
 SCAN_REASONS = frozenset({"start", "new", "reconnected", "poll"})
@@ -336,10 +336,12 @@ class AgentService:
         if self.push is None:
             with open_link(self.config) as link:
                 return SyncSession(
-                    self.state, desktop, link, options, outgoing=outgoing_settings(self.config)
-                ).run()
+                    self.state, desktop, link, options, keep_inbox_selected=not routine,
+                    outgoing=outgoing_settings(self.config),
+                ).run()  # fmt: skip
         report = SyncSession(
-            self.state, desktop, self.push, options, phone_vouched=vouched, routine=routine,
+            self.state, desktop, self.push, options, phone_vouched=vouched,
+            keep_inbox_selected=not routine,
             outgoing=outgoing_settings(self.config),
         ).run()  # fmt: skip
         self._push_said = self._push_heard = time.monotonic()
