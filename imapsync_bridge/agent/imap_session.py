@@ -341,7 +341,7 @@ class ImapSession:
     ) -> tuple[MailboxStatus, list[MailboxStatus]]:
         """SELECT *mailbox* (again when it is the selected one) and the STATUS of each
         of *others*, pipelined in one write: the counts of all of them as they are now,
-        in one round trip (a running agent's no-change session is this and nothing else).
+        in one round trip.
 
         A SELECT opens the mailbox anew, so its counts are fresh, also of the selected
         mailbox (Dovecot answers its STATUS from the session's own, stale view). And the
@@ -368,7 +368,9 @@ class ImapSession:
                     text = (data[0] or b"").decode("utf-8", "replace") if data else ""
                     failed = f"{command} failed: {text}"
             selected = imap.untagged_responses
-            imap.state = "SELECTED" if "EXISTS" in selected and "SELECT" not in failed else "AUTH"
+            # imaplib's own state, as its select() would leave it (a refused SELECT
+            # leaves no mailbox selected)
+            imap.state = "SELECTED" if "EXISTS" in selected else "AUTH"
             if failed:
                 raise ImapError(failed)
             lines = selected.pop("STATUS", [])
