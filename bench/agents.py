@@ -157,8 +157,8 @@ class RunningAgent:
     def sync(self, label: str, noop_first: bool = False, vouched: bool = False) -> Run:
         """One session; *noop_first*: a NOOP (inside the timing) refreshes the
         connection's view of the selected mailbox before the session starts;
-        *vouched*: ``phone_vouched=True``, as ``agent run`` passes it while its push
-        link is up and said nothing."""
+        *vouched*: ``phone_vouched=True``, as ``agent run`` passes it
+        to a timer's session while its push link is up and said nothing."""
         before = self.proxy.counts()
         r = self._ask({"cmd": "sync", "label": label, "noop": noop_first, "vouched": vouched})
         traffic = self.proxy.counts().minus(before)

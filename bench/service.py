@@ -20,8 +20,9 @@ that were paired at the start (their own phone users) and had not run yet:
      is what any desktop client sees next), polled every 1 ms;
 
 - the running-agent worker (``worker.py``) runs (4) sessions with
-  ``phone_vouched=True``, as ``agent run`` passes it while its push link is up and
-  quiet, each beside one ``STATUS`` round trip on the same IMAP connection;
+  ``phone_vouched=True``, as ``agent run`` passes it to a timer's
+  session while its push link is up and quiet, each beside one ``STATUS`` round trip
+  on the same IMAP connection;
 - ``bulk`` (window 1,000) runs as a second worker whose link to the hosted server goes
   through a delaying proxy (50 ms each way): its first sync pulls 1,000 messages, then
   (5) 1,000 phone actions (each message's read state flipped, twice) are applied to

@@ -92,7 +92,14 @@ def worker_main(ini: Path, profile_dir: Path | None) -> int:
             if request.get("noop"):
                 imap._client.noop()
             try:
-                report = SyncSession(state, desktop, link, options, phone_vouched=vouched).run()
+                report = SyncSession(
+                    state,
+                    desktop,
+                    link,
+                    options,
+                    phone_vouched=vouched,
+                    keep_inbox_selected=not vouched,
+                ).run()
             except Exception as exc:  # noqa: BLE001 - e.g. the server ended the connection
                 if sessions == 0:
                     raise

@@ -14,9 +14,9 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from enum import StrEnum
+
+from imapsync_bridge.headers import parse_headers
 
 INBOX = "inbox"
 TRASH = "trash"
@@ -103,7 +103,7 @@ def header_hash_key(header_bytes: bytes, size: int) -> str:
 
 def message_key(header_bytes: bytes, size: int) -> tuple[str, str | None]:
     """(key, message_id) for a message, from its header block and RFC822 size."""
-    msg = BytesHeaderParser(policy=compat32).parsebytes(header_bytes)
+    msg = parse_headers(header_bytes)
     raw_id = msg.get("Message-ID")
     message_id = normalize_message_id(raw_id.encode("utf-8", "surrogateescape") if raw_id else None)
     if message_id:

@@ -182,6 +182,49 @@ def test_current_statuses_pipelined_are_fresh(dovecot, imap_user):
             counted.current_statuses(["INBOX", "No Such Folder"])
 
 
+def test_select_with_statuses_is_fresh_and_keeps_the_inbox_selected(dovecot, imap_user):
+    """The running agent's change check: the inbox SELECTed again and Trash's STATUS
+    sent in one write; what another client did meanwhile shows, and the inbox stays
+    selected for the session's work."""
+    with ImapMailbox.connect(
+        dovecot.host, dovecot.port, security="none", username=imap_user,
+        password=dovecot.password, count_traffic=True,
+    ) as counted:  # fmt: skip
+        counted.resolve_folders({})
+        counted.select("INBOX")
+        dovecot.append(imap_user, dovecot.make_message(1), T0)  # another client's new mail
+        with connect(dovecot, imap_user) as other:
+            other.select("INBOX")
+            other.store_flags(other.highest_uids(1), model.FlagChange(seen=True))
+        before = counted.round_trips
+        inbox, (trash,) = counted.select_with_statuses("INBOX", ["Trash"])
+        assert counted.round_trips - before == 2  # SELECT and STATUS, in one write
+        assert (inbox.messages, inbox.uidnext, trash.messages) == (1, 2, 0)
+        assert inbox.highestmodseq is not None
+        assert counted.selected == "INBOX" and counted.highest_uids(5) == [1]
+        assert counted.flags([1]) == {1: model.Flags(seen=True, flagged=False)}
+        with pytest.raises(ImapError):
+            counted.select_with_statuses("INBOX", ["No Such Folder"])
+        with pytest.raises(ImapError):
+            counted.select_with_statuses("No Such Folder", ["Trash"])
+        assert counted.selected is None
+        inbox, _ = counted.select_with_statuses("INBOX", [])
+        assert inbox.messages == 1 and counted.selected == "INBOX"
+
+
+def test_pipelined_statuses_of_folders_with_awkward_names(dovecot, imap_user, mbox):
+    """The STATUS answers read by the adapter's own quick parser agree with
+    imapclient's for names with spaces, parentheses, quotes and non-ASCII letters."""
+    names = ["Deleted Items", "Projects (old)", 'Say "hi"', "Entwürfe"]
+    for n, name in enumerate(names):
+        mbox._client.create_folder(name)
+        for k in range(n + 1):
+            dovecot.append(imap_user, dovecot.make_message(10 * n + k), T0, mailbox=name)
+    _inbox, statuses = mbox.select_with_statuses("INBOX", names)
+    assert statuses == [mbox.status(name) for name in names] == mbox.current_statuses(names)
+    assert [s.messages for s in statuses] == [1, 2, 3, 4]
+
+
 def test_resolve_folders_finds_trash_and_sent_by_special_use_and_creates_outbox(mbox):
     found = mbox.resolve_folders({})
     assert found == {"trash": "Trash", "sent": "Sent", "outbox": "Outbox"}

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from imapsync_bridge.errors import AuthError, ConfigError, ConnectionLost
@@ -200,6 +202,35 @@ def test_client_certificate_ignores_csr_name(ip_pki: Pki):
     # the CA may also be given as PEM
     pem_key = (ip_pki.dir / "ca.key").read_text()
     pki.issue_client_cert(pem_key, ip_pki.ca_pem, csr, "alice", days=1)
+
+
+def _self_signed(not_after: dt.datetime) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "far future")])
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(7)
+        .not_valid_before(dt.datetime(2020, 1, 1, tzinfo=dt.UTC)).not_valid_after(not_after)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_the_agent_reads_its_certificates_end_without_cryptography(ip_pki: Pki):
+    """tls.not_valid_after (stdlib only, checked before every connection) agrees with
+    cryptography: UTCTime up to 2049, GeneralizedTime from 2050 on."""
+    _, csr = pki.make_key_and_csr("alice")
+    for not_after in (dt.datetime(2021, 5, 6, 7, 8, 9, tzinfo=dt.UTC), None):
+        pem, _serial, ends = pki.issue_client_cert(
+            ip_pki.ca_key, ip_pki.ca_cert, csr, "alice", not_after=not_after
+        )
+        assert tls.not_valid_after(pem.encode()) == ends
+    far = dt.datetime(2061, 2, 3, 4, 5, 6, tzinfo=dt.UTC)
+    assert tls.not_valid_after(_self_signed(far)) == far
+    garbage = b"-----BEGIN CERTIFICATE-----\nMIIBAAAA\n-----END CERTIFICATE-----\n"
+    for bad in (b"not a certificate", garbage):
+        with pytest.raises(ValueError):
+            tls.not_valid_after(bad)
 
 
 def test_bad_csr_is_refused(ip_pki: Pki):

@@ -8,6 +8,7 @@ ESORT, fresh counts without UNSELECT, and a cheap no-change sync without CONDSTO
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,9 +17,11 @@ from bridge import Bridge
 from dovecot import CYRUS_LIKE, EXCHANGE_LIKE, Dovecot
 
 from imapsync_bridge.agent import runner
+from imapsync_bridge.agent.desktop import DesktopSide
 from imapsync_bridge.agent.imap import ImapMailbox
 from imapsync_bridge.agent.session import SyncSession
 from imapsync_bridge.config import load_agent_config
+from imapsync_bridge.sync.session import SessionReport
 
 T0 = dt.datetime(2024, 3, 1, 9, 0, tzinfo=dt.UTC)
 
@@ -100,6 +103,41 @@ def test_no_change_without_condstore_is_three_round_trips_and_sees_a_flag(
     bridge.assert_in_sync()
 
 
+def test_a_running_agent_keeps_the_inbox_selected_and_sees_every_change(
+    bridge: Bridge,
+) -> None:
+    """Connections kept, as `agent run` does: a session started by a change reads the
+    counts by SELECTing the inbox again, and leaves it selected for the next; a timer's
+    session while the push link vouches for the phone is one pipelined exchange of at
+    most three commands. A flag set in the mail client shows either way."""
+    ids = [bridge.deliver(n) for n in range(1, 9)]
+    config = load_agent_config(bridge.agent_ini)
+    state = runner.open_state(config)
+    options = runner.session_options(config, False)
+    with runner.open_link(config) as link, runner.connect_imap(config, count_traffic=True) as imap:
+        desktop = runner.open_desktop(config, imap)
+
+        def session(**kwargs: bool) -> SessionReport:
+            return SyncSession(state, desktop, link, options, **kwargs).run()
+
+        assert session(keep_inbox_selected=True).pulled == 4
+        session(keep_inbox_selected=True)  # after our own writes
+        assert imap.selected == "INBOX"
+        before = imap.round_trips
+        assert session(phone_vouched=True).fast_path is True
+        assert imap.round_trips - before <= 3
+        for n, flag in ((1, b"\\Seen"), (2, b"\\Flagged")):
+            with bridge.imap() as client:
+                client.add_flags([bridge.desktop_uid(ids[-n])], [flag])
+            report = session(phone_vouched=True, keep_inbox_selected=n == 2)  # timer, IDLE
+            assert report.phone_actions == 1
+        assert imap.selected == "INBOX"
+    state.close()
+    phone = bridge.phone_list()["inbox"]
+    assert phone[0]["seen"] is True and phone[1]["flagged"] is True
+    bridge.assert_in_sync()
+
+
 @pytest.mark.parametrize("profile", [EXCHANGE_LIKE, CYRUS_LIKE], ids=lambda p: p.name)
 def test_window_without_esort_ranks_old_uids_with_new_dates(profile, tmp_path: Path) -> None:
     """Without ESORT the window comes from the highest UIDs checked by INTERNALDATE: a
@@ -115,6 +153,27 @@ def test_window_without_esort_ranks_old_uids_with_new_dates(profile, tmp_path: P
             bridge.assert_in_sync()
         finally:
             bridge.stop()
+
+
+def test_a_busy_day_below_the_window_costs_its_dates_only(caplog, tmp_path: Path) -> None:
+    """Without ESORT, more than SCAN_LIMIT messages of the window's own day below it
+    (SINCE matches whole days) and one old UID with the newest date: the window is
+    still found from the highest UIDs, ranking only that one message beside them (the
+    others' dates rule them out), not by sorting the whole inbox."""
+    with Dovecot(profile=EXCHANGE_LIKE) as dovecot:
+        user = dovecot.new_user()
+        newest = T0 + dt.timedelta(hours=12)
+        with dovecot.client(user) as client:
+            client.append("INBOX", dovecot.make_message(0, date=newest), msg_time=newest)
+            for n in range(1, 601):
+                date = T0 + dt.timedelta(seconds=n)
+                client.append("INBOX", dovecot.make_message(n, date=date), msg_time=date)
+        with connect(dovecot, user) as mbox:
+            desktop = DesktopSide(mbox, "INBOX", EXCHANGE_LIKE.trash)
+            with caplog.at_level(logging.INFO, logger="imapsync_bridge.agent.desktop"):
+                window = desktop.newest(4, set(), {})
+    assert [m.uid for m in window] == [1, 601, 600, 599]
+    assert "window: 1 older UID(s) with recent dates ranked too" in caplog.text
 
 
 def test_highest_uids_and_uids_since(dovecot: Dovecot, imap_user: str) -> None:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 FetchFromPhone = Callable[[str], bytes]
 A = TypeVar("A", bound=DesktopAction)
 SCAN_LIMIT = 500  # newest (or new) messages looked at before searching key by key
+DATE_SCAN_LIMIT = 5000  # lower UIDs whose date alone the window check may read
 
 
 class DesktopSide:
@@ -68,18 +69,27 @@ class DesktopSide:
             partial(carries_phrase, phrase=sync_phrase) if sync_phrase else None
         )
 
-    def status(self) -> DesktopStatus:
-        """Both mailboxes' counts now: two commands, cheap enough to run before deciding
-        to do anything (fresh, see :meth:`ImapMailbox.current_status`).
+    def status(self, keep_inbox_selected: bool = False) -> DesktopStatus:
+        """Both mailboxes' counts now, fresh, in one round trip: cheap enough to run
+        before deciding to do anything.
 
-        Without CONDSTORE the inbox's counts come from SELECTing it: no count moves when
-        only flags change, so the session goes on to compare the window's flags
-        (:meth:`window_flags_agree`), which needs the inbox selected anyway.
+        With CONDSTORE, both STATUSes, pipelined (UNSELECT first when the inbox is
+        selected: :meth:`ImapMailbox.current_statuses`). A running agent's session
+        started by a change instead *keeps the inbox selected*: it is SELECTed again
+        with the Trash's STATUS pipelined (:meth:`ImapMailbox.select_with_statuses`),
+        so the work after a change finds Dovecot's view of a large Maildir open rather
+        than re-reading it (100-280 ms at 50,000 messages). A re-SELECT costs the
+        server about twice a STATUS, so a check that usually finds nothing (a timer's,
+        a one-shot `agent sync`) takes the STATUS way.
+
+        Without CONDSTORE no count moves when only flags change, so the session goes on
+        to compare the window's flags (:meth:`window_flags_agree`) in the inbox, which
+        is SELECTed for that here either way.
         """
-        if self.imap.condstore:
+        if self.imap.condstore and not keep_inbox_selected:
             return DesktopStatus(*self.imap.current_statuses([self.inbox, self.trash]))
-        inbox = self.imap.select(self.inbox)
-        return DesktopStatus(inbox, self.imap.current_status(self.trash))
+        inbox, (trash,) = self.imap.select_with_statuses(self.inbox, [self.trash])
+        return DesktopStatus(inbox, trash)
 
     def window_flags_agree(self, ledger: Mapping[str, LedgerEntry]) -> bool:
         """Whether every inbox message the phone holds still has the flags the last
@@ -209,8 +219,14 @@ class DesktopSide:
     ) -> list[DesktopMessage] | None:
         """The window without ESORT, in O(window): the messages with the highest UIDs,
         checked by INTERNALDATE — every lower UID dated on or after the day before the
-        window's oldest message (``SEARCH SINCE``, usually none) is fetched and ranked
-        too, so a message appended with an old UID order but a new date is not missed.
+        window's oldest message (``SEARCH SINCE``) is looked at too, so a message
+        appended with an old UID order but a new date is not missed.
+
+        SINCE counts whole days, so on a busy inbox it finds the hundreds of lower
+        messages of the window's own days; their dates alone (one small fetch from the
+        server's index cache) rule out all but those at or after the window's oldest
+        message, and only those are fetched and ranked (usually none): no message file
+        is opened for the others.
         None when that check would fetch too much (then sort everything)."""
         uids = self.imap.highest_uids(wanted)
         if not uids:
@@ -219,13 +235,17 @@ class DesktopSide:
         window = window_of(found, count, skip)
         if len(window) < count:
             return None  # not enough distinct messages up there (a small mailbox)
-        oldest_day = window[-1].internaldate.date() - timedelta(days=1)
-        lower = self.imap.uids_since(uids[0], oldest_day)
-        if len(lower) > SCAN_LIMIT:
+        edge = window[-1].internaldate
+        lower = self.imap.uids_since(uids[0], edge.date() - timedelta(days=1))
+        if len(lower) > DATE_SCAN_LIMIT:
             return None
-        if lower:
-            found = _newest_first(found + self.imap.summaries(lower, known, self._hide))
-            log.info("window: %d older UID(s) with recent dates ranked too", len(lower))
+        dated = self.imap.internaldates(lower) if lower else {}
+        contenders = sorted(uid for uid, when in dated.items() if when >= edge)
+        if len(contenders) > SCAN_LIMIT:
+            return None
+        if contenders:
+            found = _newest_first(found + self.imap.summaries(contenders, known, self._hide))
+            log.info("window: %d older UID(s) with recent dates ranked too", len(contenders))
         return window_of(found, count, skip)
 
     def newest_after_additions(

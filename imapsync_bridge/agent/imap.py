@@ -13,8 +13,6 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import Any
 
 from imapclient.response_parser import parse_message_list
@@ -38,7 +36,7 @@ from imapsync_bridge.errors import (
     ImapError,
     MessageError,
 )
-from imapsync_bridge.headers import display_text, raw_fields
+from imapsync_bridge.headers import display_text, parse_headers, raw_fields
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +225,20 @@ class ImapMailbox(ImapWatching):
             )
         return sorted(u for u in parse_message_list(untagged.pop("SEARCH", [])) if u < below_uid)
 
+    def internaldates(self, uids: Sequence[int]) -> dict[int, datetime]:
+        """INTERNALDATE (UTC) of each of *uids* in the selected mailbox (absent = gone):
+        ``UID FETCH (INTERNALDATE)``, answered from the server's index cache without
+        opening a message file, ~40 bytes a message."""
+        self._require_selected()
+        wanted = set(uids)
+        out: dict[int, datetime] = {}
+        with self._guard("FETCH INTERNALDATE"):
+            for chunk in chunks(sorted(wanted)):
+                for uid, data in self._fetch(msgset(chunk), "UID INTERNALDATE").items():
+                    if uid in wanted and b"INTERNALDATE" in data:
+                        out[uid] = utc(data[b"INTERNALDATE"])
+        return out
+
     def fetch_raws(self, uids: Sequence[int], max_size: int) -> dict[int, bytes | MessageError]:
         """Whole messages in one ``UID FETCH`` per chunk (BODY.PEEK[]: \\Seen not set).
 
@@ -391,7 +403,7 @@ class ImapMailbox(ImapWatching):
             out = []
             for uid in sorted(data):
                 fields = fetch_item(data[uid], b"BODY[HEADER.FIELDS") or b""
-                raw = BytesHeaderParser(policy=compat32).parsebytes(fields).get("Message-ID")
+                raw = parse_headers(fields).get("Message-ID")
                 if raw and model.normalize_message_id(raw.encode("utf-8", "surrogateescape")) == (
                     key
                 ):

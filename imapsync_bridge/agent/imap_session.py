@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import imaplib
 import logging
+import re
 import ssl
 from collections.abc import Iterator, Sequence
 from typing import Any, Self
@@ -34,6 +35,8 @@ from imapsync_bridge.oauth2.providers import pick_mechanism
 log = logging.getLogger(__name__)
 
 SECURITY_MODES = ("tls", "starttls", "none")
+_SELECT_COUNTS = ("EXISTS", "UIDVALIDITY", "UIDNEXT", "HIGHESTMODSEQ")  # in SELECT's answer
+_STATUS_ITEMS = re.compile(rb"\(([A-Za-z0-9 ]*)\)\s*$")  # "(MESSAGES 4 UIDNEXT 9 ...)"
 
 
 class ImapSession:
@@ -357,6 +360,62 @@ class ImapSession:
             raise ImapError(f"asked STATUS of {len(mailboxes)} mailboxes, got {len(lines)}")
         return [_status_of(line) for line in lines]
 
+    def select_with_statuses(
+        self, mailbox: str, others: Sequence[str]
+    ) -> tuple[MailboxStatus, list[MailboxStatus]]:
+        """SELECT *mailbox* (again when it is the selected one) and the STATUS of each
+        of *others*, pipelined in one write: the counts of all of them as they are now,
+        in one round trip.
+
+        A SELECT opens the mailbox anew, so its counts are fresh, also of the selected
+        mailbox (Dovecot answers its STATUS from the session's own, stale view). And the
+        mailbox stays selected: an UNSELECT followed by STATUS made Dovecot open the
+        inbox afresh, and the next session re-read its Maildir (100-280 ms at 50,000
+        messages) where a re-SELECT of the open inbox takes ~1 ms.
+        """
+        what = "(MESSAGES UIDNEXT UIDVALIDITY HIGHESTMODSEQ)"
+        if not self.has("CONDSTORE"):
+            what = "(MESSAGES UIDNEXT UIDVALIDITY)"
+        imap = self._client._imap
+        with self._guard(f"SELECT {mailbox}, STATUS {', '.join(others)}"):
+            self._selected = None
+            imap.untagged_responses.clear()
+            sent = []
+            with _one_write(imap):
+                sent.append(("SELECT", imap._command("SELECT", self._folder(mailbox))))
+                for other in others:
+                    sent.append(("STATUS", imap._command("STATUS", self._folder(other), what)))
+            failed = ""
+            for command, tag in sent:
+                typ, data = imap._command_complete(command, tag)
+                if typ != "OK" and not failed:
+                    text = (data[0] or b"").decode("utf-8", "replace") if data else ""
+                    failed = f"{command} failed: {text}"
+            selected = imap.untagged_responses
+            # imaplib's own state, as its select() would leave it (a refused SELECT
+            # leaves no mailbox selected)
+            imap.state = "SELECTED" if "EXISTS" in selected else "AUTH"
+            if failed:
+                raise ImapError(failed)
+            lines = selected.pop("STATUS", [])
+            try:
+                counts = {
+                    name: int(selected[name][-1]) for name in _SELECT_COUNTS if name in selected
+                }
+                inbox = MailboxStatus(
+                    uidvalidity=counts["UIDVALIDITY"],
+                    uidnext=counts["UIDNEXT"],
+                    messages=counts["EXISTS"],
+                    highestmodseq=counts.get("HIGHESTMODSEQ") if self._condstore else None,
+                )
+            except (KeyError, ValueError) as exc:
+                raise ImapError(f"SELECT {mailbox}: incomplete answer ({exc!r})") from exc
+        self._selected = mailbox
+        self._exists = inbox.messages
+        if len(lines) != len(others):
+            raise ImapError(f"asked STATUS of {len(others)} mailboxes, got {len(lines)}")
+        return inbox, [_status_of(line) for line in lines]
+
     def ensure_selected(self, mailbox: str) -> None:
         """SELECT *mailbox* unless it is the selected one (a SELECT right after a change
         makes Dovecot re-scan a Maildir: ~200 ms at 50,000 messages)."""
@@ -379,10 +438,18 @@ def _one_write(imap: Any) -> Iterator[None]:
 
 
 def _status_of(line: Any) -> MailboxStatus:
-    """One untagged STATUS response (the mailbox name may come as a literal)."""
-    parts = list(line) if isinstance(line, tuple) else [line]
-    items = imapclient.response_parser.parse_response(parts)[-1]
-    values = dict(zip(items[::2], items[1::2], strict=True))
+    """One untagged STATUS response. Its item list, the parenthesised numbers at its
+    end, is read with a regular expression: imapclient's general parser took most of a
+    running agent's own time in a no-change session. A mailbox name that came as a
+    literal goes through that parser."""
+    found = _STATUS_ITEMS.search(line) if isinstance(line, bytes) else None
+    if found:
+        words = found.group(1).upper().split()
+        values: dict[bytes, Any] = dict(zip(words[::2], words[1::2], strict=True))
+    else:
+        parts = list(line) if isinstance(line, tuple) else [line]
+        items = imapclient.response_parser.parse_response(parts)[-1]
+        values = dict(zip(items[::2], items[1::2], strict=True))
     return MailboxStatus(
         uidvalidity=int(values[b"UIDVALIDITY"]),
         uidnext=int(values[b"UIDNEXT"]),

@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from imapsync_bridge import smtp_out
 from imapsync_bridge.agent.desktop import DesktopSide
 from imapsync_bridge.agent.link import ServerLink
 from imapsync_bridge.agent.state import AgentState, DeliveryRecord
@@ -158,6 +157,8 @@ class Outbox:
                 in_sent, in_outbox = True, False
 
     def _send(self, record: DeliveryRecord) -> DeliveryRecord:
+        from imapsync_bridge import smtp_out  # smtplib, tenacity: only when mail goes out
+
         assert self.settings.smtp is not None
         sending = replace(record, step=Step.SENDING)
         result = smtp_out.send(

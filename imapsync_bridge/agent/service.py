@@ -71,6 +71,8 @@ INBOX_CHANGES = frozenset({"new", "flags", "expunge"})
 # stream of changes gives a few sessions, not one per change; the first after a quiet
 # spell goes at once.
 MERGE_WINDOW = 0.25
+# Reasons that say nothing changed: such a session does not keep the inbox selected.
+ROUTINE_REASONS = frozenset({"timer", "poll"})
 # Reasons after which new inbox mail may hold a trigger.
 SCAN_REASONS = frozenset({"start", "new", "reconnected", "poll"})
 LOGIN_POLL = 2.0  # seconds between looks for a new `agent login` while one is needed
@@ -321,10 +323,11 @@ class AgentService:
     # -- sessions ------------------------------------------------------------------------
     def _sync(self, reasons: set[str]) -> None:
         vouched = self._phone_clean and self.push is not None
+        routine = reasons <= ROUTINE_REASONS
         generation = self._push_generation
         try:
             with session_lock(self.config):
-                report = self._session_retrying_stale(vouched)
+                report = self._session_retrying_stale(vouched, routine)
         except BridgeError as exc:
             self._session_failed(exc)
             return
@@ -341,31 +344,32 @@ class AgentService:
             why = ",".join(sorted(reasons))
             log.info("sync (%s): %s in %.2f s", why, report.summary(), report.seconds)
 
-    def _session_retrying_stale(self, vouched: bool) -> SessionReport:
+    def _session_retrying_stale(self, vouched: bool, routine: bool) -> SessionReport:
         """A session; once more at once on fresh connections when a kept one had died
         while the service waited (a server drops idle connections after a while)."""
         reused = self._desktop is not None
         try:
-            return self._session(vouched)
+            return self._session(vouched, routine)
         except TransientError as exc:
             if not reused:
                 raise
             log.info("a kept connection had gone (%s); reconnecting", exc)
             self._drop_desktop()
             self._drop_push("it failed under a session")
-            return self._session(False)
+            return self._session(False, routine)
 
-    def _session(self, vouched: bool) -> SessionReport:
+    def _session(self, vouched: bool, routine: bool) -> SessionReport:
         options = session_options(self.config, allow_mass_delete=False)
         desktop = self._desktop_side()
         if self.push is None:
             with open_link(self.config) as link:
                 return SyncSession(
-                    self.state, desktop, link, options, outgoing=outgoing_settings(self.config),
-                    progress=self.notifier,
+                    self.state, desktop, link, options, keep_inbox_selected=not routine,
+                    outgoing=outgoing_settings(self.config), progress=self.notifier,
                 ).run()  # fmt: skip
         report = SyncSession(
             self.state, desktop, self.push, options, phone_vouched=vouched,
+            keep_inbox_selected=not routine,
             outgoing=outgoing_settings(self.config), progress=self.notifier,
         ).run()  # fmt: skip
         self._push_said = self._push_heard = time.monotonic()

@@ -169,20 +169,24 @@ class SyncSession:
         options: SessionOptions,
         *,
         phone_vouched: bool = False,
+        keep_inbox_selected: bool = False,
         outgoing: OutgoingSettings | None = None,
         progress: ProgressSink | None = None,
     ) -> None:
         """``phone_vouched``: the caller knows the phone has not changed since the last
         session (``agent run``'s push link said nothing), so the session greets the
-        server only if the desktop moved. ``outgoing``: how to send the snapshot's
-        outgoing mail (None: the session leaves it to a session that can). ``progress``:
-        told of each batch the server acknowledged (a terminal's progress line of a first
-        sync; `agent run`'s watchdog, so a long session is not taken for a hung one)."""
+        server only if the desktop moved. ``keep_inbox_selected``: a running agent's
+        session started by a change (see :meth:`DesktopSide.status`). ``outgoing``: how
+        to send the snapshot's outgoing mail (None: the session leaves it to a session
+        that can). ``progress``: told of each batch the server acknowledged (a terminal's
+        progress line of a first sync; `agent run`'s watchdog, so a long session is not
+        taken for a hung one)."""
         self.state = state
         self.desktop = desktop
         self.link = link
         self.options = options
         self.phone_vouched = phone_vouched
+        self.keep_inbox_selected = keep_inbox_selected
         self._acked = 0  # highest op the server acknowledged; retired with the ledger
         self._journaled: list[PhoneAction] = []
         self._meta: dict[str, str] = {}
@@ -233,7 +237,7 @@ class SyncSession:
     def _carry_out(self, step: Step) -> Any:
         """One step of the flow, with I/O; returns its answer."""
         if isinstance(step, ReadDesktopStatus):
-            return self.desktop.status()
+            return self.desktop.status(self.keep_inbox_selected)
         if isinstance(step, ReadPhoneSnapshot):
             return self._greet([])
         if isinstance(step, ReadLedger):

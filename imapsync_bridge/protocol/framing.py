@@ -22,14 +22,13 @@ Frame contents are checked by the typed decoders of :mod:`imapsync_bridge.protoc
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
 import socket
 import ssl
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imapsync_bridge.errors import (
     AuthError,
@@ -38,6 +37,9 @@ from imapsync_bridge.errors import (
     PeerClosed,
     ProtocolError,
 )
+
+if TYPE_CHECKING:
+    import asyncio
 
 MAX_FRAME = 64 * 1024 * 1024
 """Default limit of one frame body, in bytes (the 4-byte header not counted)."""
@@ -243,6 +245,8 @@ def write_payload(sock: socket.socket, payload: bytes, max_size: int = MAX_FRAME
 
 
 async def _readexactly(reader: asyncio.StreamReader, size: int, doing: str) -> bytes:
+    import asyncio  # here, not at the top: the agent's link is blocking (~40 ms of imports)
+
     try:
         return await reader.readexactly(size)
     except asyncio.IncompleteReadError as exc:
@@ -273,6 +277,8 @@ async def read_payload_async(
     ``timeout`` (seconds, for the whole frame) turns a silent peer into ConnectionLost;
     without it the caller bounds the wait itself.
     """
+    import asyncio
+
     try:
         async with asyncio.timeout(timeout):
             header = await _readexactly(reader, HEADER_SIZE, "reading the frame header")

@@ -24,12 +24,12 @@ import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.x509 import verification
+from typing import TYPE_CHECKING
 
 from imapsync_bridge.errors import AuthError, ConfigError, ConnectionLost
-from imapsync_bridge.protocol.pki import PemLike, host_name, load_certificate
+
+if TYPE_CHECKING:
+    from imapsync_bridge.protocol.pki import PemLike
 
 PathLike = str | os.PathLike[str]
 
@@ -92,14 +92,54 @@ def _check_not_expired(agent_crt: PathLike) -> None:
     without an alert, so the agent would only see the connection close: say why here.
     """
     try:
-        cert = load_certificate(Path(agent_crt).read_bytes())
-    except (OSError, AuthError):
+        expired = not_valid_after(Path(agent_crt).read_bytes())
+    except (OSError, ValueError):
         return  # load_cert_chain reports a missing or unreadable file
-    expired = cert.not_valid_after_utc
     if expired <= dt.datetime.now(dt.UTC):
         raise AuthError(
             f"this agent's certificate expired on {expired:%Y-%m-%d}; pair the agent again"
         )
+
+
+def not_valid_after(pem: bytes) -> dt.datetime:
+    """The end of a PEM certificate's validity (UTC), read with the standard library:
+    the agent checks its own certificate before every connection, and cryptography
+    would add ~50 ms of imports to a one-shot `agent sync`. ValueError if malformed.
+
+    DER path (RFC 5280): Certificate > tbsCertificate > [version] serialNumber
+    signature issuer validity > notAfter (UTCTime YYMMDDHHMMSSZ or GeneralizedTime).
+    """
+    try:
+        der = ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))
+        (_tag, certificate), *_ = _der_items(der)
+        (_tag, tbs), *_ = _der_items(certificate)
+        fields = [value for tag, value in _der_items(tbs) if tag != 0xA0]  # [0] version
+        _not_before, (tag, not_after) = _der_items(fields[3])[:2]
+        text = not_after.decode("ascii")
+    except (IndexError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not a certificate: {exc}") from None
+    layout = {0x17: "%y%m%d%H%M%SZ", 0x18: "%Y%m%d%H%M%SZ"}.get(tag)
+    if layout is None:
+        raise ValueError(f"certificate time of unknown type {tag:#x}")
+    return dt.datetime.strptime(text, layout).replace(tzinfo=dt.UTC)
+
+
+def _der_items(data: bytes) -> list[tuple[int, bytes]]:
+    """The (tag, content) of each DER element in *data*, one level deep."""
+    items: list[tuple[int, bytes]] = []
+    at = 0
+    while at < len(data):
+        tag, length = data[at], data[at + 1]
+        at += 2
+        if length & 0x80:
+            size = length & 0x7F
+            length = int.from_bytes(data[at : at + size], "big")
+            at += size
+        if at + length > len(data):
+            raise IndexError("DER element runs past its container")
+        items.append((tag, data[at : at + length]))
+        at += length
+    return items
 
 
 def pairing_probe_context() -> ssl.SSLContext:
@@ -113,6 +153,11 @@ def pairing_probe_context() -> ssl.SSLContext:
 def verify_leaf_issued_by(leaf_der: bytes | None, ca_pem: PemLike, hostname: str) -> None:
     """AuthError unless ``leaf_der`` is a valid server certificate for ``hostname``
     issued by the CA ``ca_pem`` (signature, validity dates, serverAuth, name)."""
+    from cryptography import x509
+    from cryptography.x509 import verification
+
+    from imapsync_bridge.protocol.pki import host_name, load_certificate
+
     if not leaf_der:
         raise AuthError("the server presented no certificate")
     try:
@@ -148,6 +193,8 @@ def peer_certificate_serial(ssl_object: ssl.SSLSocket | ssl.SSLObject | None) ->
     the handshake would have failed; the caller still checks the serial is not revoked.
     For asyncio: ``writer.get_extra_info("ssl_object")``.
     """
+    from cryptography import x509
+
     der = _peer_der(ssl_object)
     if not der:
         return None
