@@ -20,7 +20,6 @@ from imapsync_bridge.config import AgentConfig
 from imapsync_bridge.errors import AuthError, BridgeError, ConfigError, TransientError
 from imapsync_bridge.logs import ProgressSink
 from imapsync_bridge.model import Where
-from imapsync_bridge.oauth2 import tokens
 from imapsync_bridge.sync.outgoing import Limits
 from imapsync_bridge.sync.session import SessionOptions, SessionReport
 
@@ -35,7 +34,11 @@ def connect_imap(config: AgentConfig, count_traffic: bool = False) -> ImapMailbo
     """A logged-in connection; with ``auth = oauth2`` it logs in with a fresh access
     token and says (``renew_at``) when to reconnect before that token runs out."""
     server = config.imap.server
-    token = tokens.access_token(server) if server.auth == "oauth2" else None
+    token = None
+    if server.auth == "oauth2":  # authlib and requests load only for such an account
+        from imapsync_bridge.oauth2 import tokens
+
+        token = tokens.access_token(server)
     try:
         imap = ImapMailbox.connect(
             server.host,
@@ -48,6 +51,8 @@ def connect_imap(config: AgentConfig, count_traffic: bool = False) -> ImapMailbo
         )
     except AuthError:
         if token is not None:  # refused (revoked early?): the next try refreshes first
+            from imapsync_bridge.oauth2 import tokens
+
             tokens.forget_access_token(server)
         raise
     imap.renew_at = token.renew_at if token else None
