@@ -80,6 +80,7 @@ def s256(verifier: str) -> str:
 class AuthorizationServer:
     access_ttl: float = 3600.0
     interval: int = 1
+    require_secret: bool = False  # refreshes need the client secret too (as at Google)
     devices: dict[str, _Device] = field(default_factory=dict)
     codes: dict[str, _Code] = field(default_factory=dict)  # authorization codes
     refresh_tokens: dict[str, str] = field(default_factory=dict)  # live token -> username
@@ -226,6 +227,9 @@ class AuthorizationServer:
             self.log.append(("device", "ok"))
             return 200, self._access_token(device.username)
         if grant == "refresh_token":
+            if self.require_secret and "client_secret" not in form:
+                self.log.append(("refresh", "invalid_client"))
+                return 401, {"error": "invalid_client", "error_description": "no client secret"}
             username = self.refresh_tokens.pop(form.get("refresh_token", ""), None)
             if username is None:
                 self.log.append(("refresh", "invalid_grant"))
