@@ -189,7 +189,7 @@ def cmd_agent_login(args: argparse.Namespace) -> int:
     server = config.imap.server if args.role == "imap" else config.smtp
     if server is None:
         raise ConfigError(f"{config.path}: no [{args.role}] section")
-    where = sign_in(server, lambda line: print(line, flush=True))
+    where = sign_in(server, lambda line: print(line, flush=True), open_browser=not args.no_browser)
     print(f"signed in: {args.role} tokens stored in {where}")
     return 0
 
@@ -405,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--config", required=True)
     p.add_argument("role", choices=["imap", "smtp"])
+    p.add_argument(
+        "--no-browser", action="store_true",
+        help="browser flow: only print the address, even on a desktop",
+    )  # fmt: skip
     p.set_defaults(func=cmd_agent_login)
 
     p = command(

@@ -305,13 +305,16 @@ class AuthorizationServer:
         self.stop()
 
 
-def start_browser_login(ini: Path, role: str = "imap") -> tuple[subprocess.Popen[str], str]:
-    """`agent login` (browser flow) as a process, stdin a pipe for a pasted address;
-    returns it and the authorization address it printed."""
+def start_browser_login(ini: Path, *options: str, **env: str) -> tuple[subprocess.Popen[str], str]:
+    """`agent login` (browser flow) as a process on a headless machine (no DISPLAY or
+    WAYLAND_DISPLAY unless *env* gives one), stdin a pipe for a pasted address; returns
+    it and the authorization address it printed (:func:`finish` ends it)."""
     repo = Path(__file__).resolve().parent.parent
+    headless = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "imapsync_bridge.cli", "agent", "login", "--config", str(ini), role],
-        env={**os.environ, "PYTHONPATH": str(repo)}, stdin=subprocess.PIPE,
+        [sys.executable, "-m", "imapsync_bridge.cli", "agent", "login", "--config", str(ini),
+         "imap", *options],
+        env={**headless, "PYTHONPATH": str(repo), **env}, stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -321,6 +324,21 @@ def start_browser_login(ini: Path, role: str = "imap") -> tuple[subprocess.Popen
         if line.startswith("http"):
             return proc, line.strip()
     raise AssertionError("no authorization address: " + "".join(shown) + proc.communicate()[1])
+
+
+def finish(proc: subprocess.Popen[str], pasted: str = "") -> tuple[str, str]:
+    """Paste *pasted* on the `agent login` of :func:`start_browser_login`, close its
+    stdin and wait for it; its stdout (all of it: also what the reading of the address
+    left in the pipe's buffer) and stderr."""
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdin.write(pasted)
+    proc.stdin.close()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.stdout.read(), proc.stderr.read()
 
 
 def redirect_of(address: str) -> str:
@@ -334,3 +352,18 @@ def redirect_of(address: str) -> str:
         return answer.headers["Location"]
     finally:
         connection.close()
+
+
+def fake_browser(directory: Path) -> tuple[Path, Path]:
+    """An executable for $BROWSER that does what a browser does with an address (GET it,
+    follow the redirect to the loopback listener) and writes the address to a record
+    file; returns (the executable, the record file)."""
+    script, record = directory / "browser", directory / "browser-opened"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import sys, urllib.request\n"
+        f"open({str(record)!r}, 'w').write(sys.argv[1])\n"
+        "urllib.request.urlopen(sys.argv[1], timeout=30).read()\n"
+    )
+    script.chmod(0o700)
+    return script, record

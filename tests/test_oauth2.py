@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from bridge import REPO, Bridge, run_cli
 from dovecot import Dovecot
-from oauth_server import CLIENT_SECRET, AuthorizationServer, start_browser_login
+from oauth_server import CLIENT_SECRET, AuthorizationServer, finish, start_browser_login
 from smtp_servers import MailServer
 from test_agent_run import stop_agent, wait_for
 
@@ -130,7 +130,7 @@ def test_browser_sign_in_through_the_loopback_listener_then_sync(
     with urllib.request.urlopen(address, timeout=30) as page:
         assert page.url.startswith("http://127.0.0.1:") and "code=" in page.url
         assert "Signed in: you can close this tab" in page.read().decode()
-    out, err = proc.communicate(timeout=30)
+    out, err = finish(proc)
     assert proc.returncode == 0, err
     assert "tokens stored in" in out
     listener = page.url.split("?")[0]

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 from bridge import run_cli
-from oauth_server import CLIENT_SECRET, AuthorizationServer, redirect_of, start_browser_login
+from oauth_server import (
+    CLIENT_SECRET,
+    AuthorizationServer,
+    fake_browser,
+    finish,
+    redirect_of,
+    start_browser_login,
+)
 from smtp_servers import MailServer
 
 from imapsync_bridge import smtp_out
@@ -254,16 +261,18 @@ def test_a_redirected_address_pasted_on_stdin_signs_in(
 ) -> None:
     """The browser runs on another machine: the user pastes where it ended up."""
     ini = browser_ini(tmp_path, authority)
-    proc, address = start_browser_login(ini)
+    browser, opened = fake_browser(tmp_path)
+    proc, address = start_browser_login(ini, BROWSER=str(browser))  # no DISPLAY: a server
     query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(address).query))
     assert address.startswith(f"{authority.url}/authorize?")
     assert query["code_challenge_method"] == "S256" and len(query["code_challenge"]) == 43
     assert query["login_hint"] == "alice" and query["redirect_uri"].startswith("http://127.0.0.1:")
     assert CLIENT_SECRET not in address
     landed = redirect_of(address)  # the remote browser cannot load this: it is pasted
-    out, err = proc.communicate(f"not an address\n{landed}\n", timeout=30)
+    out, err = finish(proc, f"not an address\n{landed}\n")
     assert proc.returncode == 0, err
     assert "That is not the address the browser ended on" in out
+    assert "opening it in your browser" not in out and not opened.exists()
     assert f"tokens stored in {tmp_path / 'state' / 'oauth2-imap.json'}" in out
     assert authority.log[-1] == ("authorization_code", "ok")
     imap = load_agent_config(ini).imap.server
@@ -282,7 +291,7 @@ def test_a_forged_state_or_a_declined_sign_in_is_one_line_and_stores_nothing(
     with pytest.raises(urllib.error.HTTPError) as page:
         urllib.request.urlopen(landed._replace(query=urllib.parse.urlencode(forged)).geturl())
     assert page.value.code == 400 and b"not from this sign-in" in page.value.read()
-    _out, err = proc.communicate(timeout=30)
+    _out, err = finish(proc)
     assert proc.returncode == 1
     assert err.strip().splitlines() == [
         "imapsync-bridge: [imap] the redirected address is not from this sign-in (its state "
@@ -292,7 +301,7 @@ def test_a_forged_state_or_a_declined_sign_in_is_one_line_and_stores_nothing(
 
     proc, address = start_browser_login(ini)
     state = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(address).query))["state"]
-    _out, err = proc.communicate(f"?error=access_denied&state={state}\n", timeout=30)
+    _out, err = finish(proc, f"?error=access_denied&state={state}\n")
     assert proc.returncode == 1
     assert err.strip().splitlines() == ["imapsync-bridge: [imap] the sign-in was declined"]
     assert not (tmp_path / "state" / "oauth2-imap.json").exists()
@@ -315,7 +324,7 @@ def test_a_stolen_code_is_useless_without_the_pkce_verifier(
         urllib.request.urlopen(f"{authority.url}/token", urllib.parse.urlencode(form).encode())
     answer = json.load(refused.value)
     assert answer["error"] == "invalid_grant" and "code_verifier" in answer["error_description"]
-    _out, err = proc.communicate(landed + "\n", timeout=30)
+    _out, err = finish(proc, landed + "\n")
     assert proc.returncode == 1
     assert err.strip().splitlines() == [
         "imapsync-bridge: [imap] sign-in refused: invalid_grant: the code is unknown, used or "
@@ -323,3 +332,21 @@ def test_a_stolen_code_is_useless_without_the_pkce_verifier(
     ]
     assert authority.refresh_tokens == {}  # nothing was issued to anyone
     assert not (tmp_path / "state" / "oauth2-imap.json").exists()
+
+
+def test_on_a_desktop_the_browser_opens_by_itself(
+    tmp_path: Path, authority: AuthorizationServer
+) -> None:
+    ini = browser_ini(tmp_path, authority)
+    browser, opened = fake_browser(tmp_path)
+    proc, address = start_browser_login(ini, DISPLAY=":0", BROWSER=str(browser))
+    out, err = finish(proc)  # nobody pastes: the browser comes back
+    assert proc.returncode == 0, err
+    assert "(opening it in your browser)" in out and opened.read_text() == address
+    assert authority.log == [("authorization_code", "ok")]
+
+    opened.unlink()
+    proc, address = start_browser_login(ini, "--no-browser", DISPLAY=":0", BROWSER=str(browser))
+    out, err = finish(proc, redirect_of(address) + "\n")
+    assert proc.returncode == 0, err
+    assert "opening it" not in out and not opened.exists()

@@ -3,8 +3,9 @@ and a loopback redirect, for providers whose device flow will not grant the mail
 (Google's device flow has a short scope allow-list without ``https://mail.google.com/``).
 
 ``agent login`` listens on 127.0.0.1 on a free port and prints the authorization
-address. It starts no browser itself: on a server, Python's ``webbrowser`` would run a
-console browser in the terminal. It then takes whichever comes first: the browser's
+address; on a desktop (a graphical session) it also opens it in the browser. On a
+headless machine it opens nothing: Python's ``webbrowser`` would fall back to a console
+browser in this very terminal. It then takes whichever comes first: the browser's
 redirect to the listener, or the address the browser ended on pasted on stdin, for a
 browser on another machine (as rclone's and gcloud's ``--no-browser`` do). ``state``
 must match (CSRF) and the token endpoint checks the PKCE verifier; a failure of either
@@ -13,7 +14,9 @@ is one line, and nothing is stored.
 
 from __future__ import annotations
 
+import contextlib
 import html
+import os
 import queue
 import secrets
 import sys
@@ -56,6 +59,7 @@ def browser_login(
     show: Callable[[str], None],
     pasted: TextIO | None = None,
     timeout: float = LOGIN_TIMEOUT,
+    open_browser: bool = True,
 ) -> str:
     """Sign *server*'s account in through a browser; says where the grant was stored."""
     settings = tokens.settings_of(server)
@@ -78,6 +82,9 @@ def browser_login(
                 f"another machine, it ends on an address starting with {redirect_uri} that "
                 "does not load: paste that whole address here and press Enter."
             )
+            if open_browser and has_desktop():
+                show("(opening it in your browser)")
+                threading.Thread(target=_open, args=(address,), daemon=True).start()
             _read_pasted(sys.stdin if pasted is None else pasted, arrivals, show)
             redirect = _wait(arrivals, server.role, timeout)
             try:
@@ -90,6 +97,22 @@ def browser_login(
         listener.shutdown()
         listener.server_close()
     return tokens.keep(server, token)
+
+
+def has_desktop() -> bool:
+    """Whether a browser can open beside this terminal: macOS, Windows, or a Linux/BSD
+    session with a display (an SSH login to a server has none)."""
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _open(address: str) -> None:
+    """In a thread of its own: some browsers return only when they are closed."""
+    import webbrowser
+
+    with contextlib.suppress(webbrowser.Error, OSError):
+        webbrowser.open(address)
 
 
 def parse_redirect(text: str) -> dict[str, str] | None:

@@ -121,12 +121,13 @@ def check_sign_in(server: MailServer) -> str | None:
     return None
 
 
-def sign_in(server: MailServer, show: Callable[[str], None]) -> str:
-    """``agent login`` for *server* by its ``oauth2_flow``; says where the grant went."""
+def sign_in(server: MailServer, show: Callable[[str], None], open_browser: bool = True) -> str:
+    """``agent login`` for *server* by its ``oauth2_flow``; says where the grant went.
+    *open_browser*: the browser flow may start the desktop's browser."""
     if settings_of(server).flow == "browser":
         from imapsync_bridge.oauth2.loopback import browser_login
 
-        return browser_login(server, show)
+        return browser_login(server, show, open_browser=open_browser)
     return device_login(server, show)
 
 
