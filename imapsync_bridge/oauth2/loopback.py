@@ -87,16 +87,20 @@ def browser_login(
                 threading.Thread(target=_open, args=(address,), daemon=True).start()
             _read_pasted(sys.stdin if pasted is None else pasted, arrivals, show)
             redirect = _wait(arrivals, server.role, timeout)
+            page = (500, "The sign-in failed: the terminal says why.")
             try:
                 token = _exchange(session, ends, redirect.params, state, verifier, server.role)
+                where = tokens.keep(server, token)
+                page = (200, "Signed in: you can close this tab and go back to the terminal.")
             except (AuthError, TransientError) as exc:
-                redirect.answer(400, f"The sign-in failed: {exc}")
+                page = (400, f"The sign-in failed: {exc}")
                 raise
-            redirect.answer(200, "Signed in: you can close this tab and go back to the terminal.")
+            finally:
+                redirect.answer(*page)  # only once the grant is stored, or it failed
     finally:
         listener.shutdown()
         listener.server_close()
-    return tokens.keep(server, token)
+    return where
 
 
 def has_desktop() -> bool:
