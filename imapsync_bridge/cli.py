@@ -182,14 +182,14 @@ def cmd_agent_check(args: argparse.Namespace) -> int:
 
 
 def cmd_agent_login(args: argparse.Namespace) -> int:
-    """OAuth2 device sign-in (docs/oauth2.md); a running `agent run` picks it up."""
-    from imapsync_bridge.oauth2.tokens import device_login
+    """OAuth2 sign-in, device or browser (docs/oauth2.md); a running `agent run` picks it up."""
+    from imapsync_bridge.oauth2.tokens import sign_in
 
     config = load_agent_config(Path(args.config))
     server = config.imap.server if args.role == "imap" else config.smtp
     if server is None:
         raise ConfigError(f"{config.path}: no [{args.role}] section")
-    where = device_login(server, lambda line: print(line, flush=True))
+    where = sign_in(server, lambda line: print(line, flush=True), open_browser=not args.no_browser)
     print(f"signed in: {args.role} tokens stored in {where}")
     return 0
 
@@ -400,11 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_agent_check)
     p = command(
-        agent, "login", "OAuth2 device sign-in for [imap] or [smtp] (auth = oauth2)",
+        agent, "login", "OAuth2 sign-in (device or browser) for [imap] or [smtp] (auth = oauth2)",
         "imapsync-bridge agent login --config agent.ini imap",
     )  # fmt: skip
     p.add_argument("--config", required=True)
     p.add_argument("role", choices=["imap", "smtp"])
+    p.add_argument(
+        "--no-browser", action="store_true",
+        help="browser flow: only print the address, even on a desktop",
+    )  # fmt: skip
     p.set_defaults(func=cmd_agent_login)
 
     p = command(

@@ -13,7 +13,7 @@ import os
 import socket
 import stat
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from imapsync_bridge.errors import ConfigError
@@ -63,6 +63,9 @@ _MAIL_KEYS = frozenset(
         "device_authorization_endpoint",
         "token_endpoint",
         "scopes",
+        "oauth2_flow",
+        "client_secret",
+        "authorization_endpoint",
     }
 )
 AGENT_KEYS: dict[str, frozenset[str]] = {
@@ -104,6 +107,7 @@ SERVER_KEYS: dict[str, frozenset[str]] = {
 }
 AUTH_MODES = ("password", "oauth2")
 OAUTH2_PROVIDERS = ("microsoft", "google", "generic")
+OAUTH2_FLOWS = ("device", "browser")  # RFC 8628, or RFC 8252's loopback redirect
 # configparser's [DEFAULT] would copy its keys into every section; make it an ordinary
 # (and therefore unknown) section instead, so every key is checked where it is written.
 _NO_DEFAULT_SECTION = "\x00no default section"
@@ -234,6 +238,11 @@ class OAuth2Settings:
     scopes: str
     state_dir: Path = Path()  # the token file and its lock live here
     config_path: Path = Path()  # named in "run `agent login`" errors
+    flow: str = "device"  # how `agent login` signs in: device or browser
+    # An installed app's "secret" (Google's Desktop clients): not confidential, yet kept
+    # out of every repr, log and message all the same.
+    client_secret: str = field(default="", repr=False)
+    authorization_endpoint: str = ""  # the browser flow's; built in for microsoft, google
 
 
 @dataclass(frozen=True)
@@ -309,9 +318,9 @@ def _oauth2_settings(
     client id, for ``generic`` its endpoints and scopes, and plain-http endpoints only on
     loopback (a test or a local proxy)."""
     where = f"{path}: [{role}]"
-    provider = section.text("oauth2_provider", "")
+    provider = section.choice("oauth2_provider", OAUTH2_PROVIDERS, "generic")
     settings = OAuth2Settings(
-        provider=section.choice("oauth2_provider", OAUTH2_PROVIDERS, provider or "generic"),
+        provider=provider,
         client_id=section.text("client_id", ""),
         tenant=section.text("tenant", ""),
         device_authorization_endpoint=section.url("device_authorization_endpoint"),
@@ -319,19 +328,29 @@ def _oauth2_settings(
         scopes=section.text("scopes", ""),
         state_dir=state_dir,
         config_path=path,
+        # Google's device flow will not grant the mail scope: its default is the browser.
+        flow=section.choice(
+            "oauth2_flow", OAUTH2_FLOWS, "browser" if provider == "google" else "device"
+        ),
+        client_secret=section.text("client_secret", ""),
+        authorization_endpoint=section.url("authorization_endpoint"),
     )
     if not used:
         return settings
     needed = ["client_id"]
+    if settings.provider == "google":
+        needed.append("client_secret")  # Google's token endpoint wants it
     if settings.provider == "generic":
-        needed += ["device_authorization_endpoint", "token_endpoint", "scopes"]
+        browser = settings.flow == "browser"
+        needed.append("authorization_endpoint" if browser else "device_authorization_endpoint")
+        needed += ["token_endpoint", "scopes"]
     for key in needed:
         if not getattr(settings, key):
             raise ConfigError(
                 f"{where} auth = oauth2 with oauth2_provider = {settings.provider} needs {key} "
                 "(docs/oauth2.md says where to find it)"
             )
-    for key in ("device_authorization_endpoint", "token_endpoint"):
+    for key in ("device_authorization_endpoint", "token_endpoint", "authorization_endpoint"):
         url = urllib.parse.urlsplit(getattr(settings, key))
         if url.scheme == "http" and not is_loopback(url.hostname or ""):
             raise ConfigError(f"{where} {key} must be an https:// URL (http only on loopback)")

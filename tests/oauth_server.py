@@ -3,7 +3,12 @@
 Endpoints (form-encoded POSTs, JSON answers, as RFC 6749, 7662 and 8628 say):
 
 ``/device``      device authorization: device_code, user_code, verification_uri, interval
-``/token``       the device_code grant (authorization_pending until approved) and the
+``/authorize``   (GET) the browser sign-in: checks the client, a loopback redirect_uri and
+                 an S256 code_challenge, signs in as ``login_hint`` (or ``username``)
+                 and redirects there with a one-use code and the ``state`` echoed
+``/token``       the authorization_code grant (the client secret, redirect_uri and
+                 PKCE verifier checked; a code is burnt by its first use), the
+                 device_code grant (authorization_pending until approved) and the
                  refresh_token grant, which *rotates*: every refresh issues a new refresh
                  token and the old one is dead (reusing it is ``invalid_grant``)
 ``/introspect``  token introspection, which the test Dovecot calls: ``active`` and
@@ -16,17 +21,27 @@ Endpoints (form-encoded POSTs, JSON answers, as RFC 6749, 7662 and 8628 say):
 Access tokens are real HS256 JWTs (joserfc) signed with a key made at start, lasting
 ``access_ttl`` seconds. :meth:`AuthorizationServer.user_of` checks one in-process (the
 test SMTP server uses it), :attr:`log` records every token request (grant type, outcome).
+
+:func:`start_browser_login` runs ``agent login`` with ``oauth2_flow = browser`` as a
+process, and :func:`redirect_of` is what a browser does with its address.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
 import secrets
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
+from http.client import HTTPConnection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from joserfc import jwt
@@ -34,6 +49,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import OctKey
 
 CLIENT_ID = "imapsync-bridge-test"
+CLIENT_SECRET = "installed-app-secret-GOCSPX-test"  # as Google's Desktop clients have one
 SCOPES = "mail.imap mail.smtp offline_access"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 
@@ -47,10 +63,26 @@ class _Device:
 
 
 @dataclass
+class _Code:
+    username: str
+    redirect_uri: str
+    challenge: str
+    expires: float
+
+
+def s256(verifier: str) -> str:
+    """RFC 7636's S256 code challenge of *verifier*."""
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+@dataclass
 class AuthorizationServer:
     access_ttl: float = 3600.0
     interval: int = 1
+    require_secret: bool = False  # refreshes need the client secret too (as at Google)
     devices: dict[str, _Device] = field(default_factory=dict)
+    codes: dict[str, _Code] = field(default_factory=dict)  # authorization codes
     refresh_tokens: dict[str, str] = field(default_factory=dict)  # live token -> username
     log: list[tuple[str, str]] = field(default_factory=list)  # (grant type, outcome)
     issued: list[str] = field(default_factory=list)  # every token given out (leak checks)
@@ -64,13 +96,18 @@ class AuthorizationServer:
         assert self._http is not None
         return f"http://127.0.0.1:{self._http.server_address[1]}"
 
-    def ini_lines(self) -> list[str]:
-        """The [imap] / [smtp] keys of an agent that signs in here."""
-        return [
+    def ini_lines(self, flow: str = "device") -> list[str]:
+        """The [imap] / [smtp] keys of an agent that signs in here (*flow*: ``device``,
+        or ``browser`` with the installed app's client secret)."""
+        lines = [
             "auth = oauth2", "oauth2_provider = generic", f"client_id = {CLIENT_ID}",
             f"device_authorization_endpoint = {self.url}/device",
             f"token_endpoint = {self.url}/token", f"scopes = {SCOPES}",
         ]  # fmt: skip
+        if flow == "browser":
+            lines += ["oauth2_flow = browser", f"client_secret = {CLIENT_SECRET}",
+                      f"authorization_endpoint = {self.url}/authorize"]  # fmt: skip
+        return lines
 
     def user_of(self, token: str) -> str | None:
         """The user a valid, unexpired access token was issued to; None otherwise."""
@@ -106,6 +143,29 @@ class AuthorizationServer:
         return False
 
     # -- the endpoints -----------------------------------------------------------------
+    def authorize(self, query: dict[str, str]) -> tuple[int, str]:
+        """The browser's GET of /authorize: (302, where to) after the user "signs in",
+        or (400, why) for a request that may not be redirected anywhere."""
+        redirect = query.get("redirect_uri", "")
+        where = urllib.parse.urlsplit(redirect)
+        if query.get("client_id") != CLIENT_ID:
+            return 400, "unknown client_id"
+        if where.scheme != "http" or where.hostname != "127.0.0.1" or not where.port:
+            return 400, "redirect_uri must be a loopback address (RFC 8252)"
+        answer = {"state": query.get("state", "")}
+        user = query.get("username") or query.get("login_hint")
+        if query.get("code_challenge_method") != "S256" or not query.get("code_challenge"):
+            answer["error"] = "invalid_request"
+            answer["error_description"] = "PKCE with S256 is required"
+        elif query.get("response_type") != "code" or not user:
+            answer["error"] = "invalid_request"
+        else:
+            code = secrets.token_urlsafe(24)
+            with self._lock:
+                self.codes[code] = _Code(user, redirect, query["code_challenge"], time.time() + 60)
+            answer["code"] = code
+        return 302, f"{redirect}?{urllib.parse.urlencode(answer)}"
+
     def _access_token(self, username: str) -> dict[str, Any]:
         now = int(time.time())
         claims = {"sub": username, "iat": now, "exp": now + int(self.access_ttl),
@@ -150,6 +210,10 @@ class AuthorizationServer:
         grant = form.get("grant_type", "")
         if form.get("client_id") != CLIENT_ID:
             return 401, {"error": "invalid_client"}
+        if form.get("client_secret", CLIENT_SECRET) != CLIENT_SECRET:
+            return 401, {"error": "invalid_client"}
+        if grant == "authorization_code":
+            return self._code_grant(form)
         if grant == DEVICE_GRANT:
             device = self.devices.get(form.get("device_code", ""))
             if device is None or device.expires < time.time():
@@ -163,6 +227,9 @@ class AuthorizationServer:
             self.log.append(("device", "ok"))
             return 200, self._access_token(device.username)
         if grant == "refresh_token":
+            if self.require_secret and "client_secret" not in form:
+                self.log.append(("refresh", "invalid_client"))
+                return 401, {"error": "invalid_client", "error_description": "no client secret"}
             username = self.refresh_tokens.pop(form.get("refresh_token", ""), None)
             if username is None:
                 self.log.append(("refresh", "invalid_grant"))
@@ -172,11 +239,41 @@ class AuthorizationServer:
             return 200, self._access_token(username)
         return 400, {"error": "unsupported_grant_type"}
 
+    def _code_grant(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        code = self.codes.pop(form.get("code", ""), None)  # one use, even a failed one
+        why = ""
+        if form.get("client_secret") != CLIENT_SECRET:
+            self.log.append(("authorization_code", "invalid_client"))
+            return 401, {"error": "invalid_client", "error_description": "no client secret"}
+        if code is None or code.expires < time.time():
+            why = "the code is unknown, used or expired"
+        elif form.get("redirect_uri") != code.redirect_uri:
+            why = "redirect_uri differs from the authorization request's"
+        elif s256(form.get("code_verifier", "")) != code.challenge:
+            why = "the PKCE code_verifier does not match the code_challenge"
+        if code is None or why:
+            self.log.append(("authorization_code", "invalid_grant"))
+            return 400, {"error": "invalid_grant", "error_description": why}
+        self.log.append(("authorization_code", "ok"))
+        return 200, self._access_token(code.username)
+
     # -- life cycle --------------------------------------------------------------------
     def start(self) -> AuthorizationServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                url = urllib.parse.urlsplit(self.path)
+                status, text = 404, "not found"
+                if url.path == "/authorize":
+                    status, text = server.authorize(dict(urllib.parse.parse_qsl(url.query)))
+                self.send_response(status)
+                if status == 302:
+                    self.send_header("Location", text)
+                self.send_header("Content-Length", str(len(text.encode())))
+                self.end_headers()
+                self.wfile.write(text.encode())
+
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 size = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(size).decode()
@@ -206,3 +303,67 @@ class AuthorizationServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def start_browser_login(ini: Path, *options: str, **env: str) -> tuple[subprocess.Popen[str], str]:
+    """`agent login` (browser flow) as a process on a headless machine (no DISPLAY or
+    WAYLAND_DISPLAY unless *env* gives one), stdin a pipe for a pasted address; returns
+    it and the authorization address it printed (:func:`finish` ends it)."""
+    repo = Path(__file__).resolve().parent.parent
+    headless = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imapsync_bridge.cli", "agent", "login", "--config", str(ini),
+         "imap", *options],
+        env={**headless, "PYTHONPATH": str(repo), **env}, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    shown = []
+    for line in proc.stdout:
+        shown.append(line)
+        if line.startswith("http"):
+            return proc, line.strip()
+    raise AssertionError("no authorization address: " + "".join(shown) + proc.communicate()[1])
+
+
+def finish(proc: subprocess.Popen[str], pasted: str = "") -> tuple[str, str]:
+    """Paste *pasted* on the `agent login` of :func:`start_browser_login`, close its
+    stdin and wait for it; its stdout (all of it: also what the reading of the address
+    left in the pipe's buffer) and stderr."""
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdin.write(pasted)
+    proc.stdin.close()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.stdout.read(), proc.stderr.read()
+
+
+def redirect_of(address: str) -> str:
+    """Where the authorization endpoint sends the browser (not followed): the Location."""
+    url = urllib.parse.urlsplit(address)
+    connection = HTTPConnection(url.hostname or "", url.port, timeout=10)
+    try:
+        connection.request("GET", f"{url.path}?{url.query}")
+        answer = connection.getresponse()
+        assert answer.status == 302, (answer.status, answer.read())
+        return answer.headers["Location"]
+    finally:
+        connection.close()
+
+
+def fake_browser(directory: Path) -> tuple[Path, Path]:
+    """An executable for $BROWSER that does what a browser does with an address (GET it,
+    follow the redirect to the loopback listener) and writes the address to a record
+    file; returns (the executable, the record file)."""
+    script, record = directory / "browser", directory / "browser-opened"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import sys, urllib.request\n"
+        f"open({str(record)!r}, 'w').write(sys.argv[1])\n"
+        "urllib.request.urlopen(sys.argv[1], timeout=30).read()\n"
+    )
+    script.chmod(0o700)
+    return script, record

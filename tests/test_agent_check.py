@@ -1,11 +1,14 @@
 """`agent check` against real servers: the test Dovecot, an aiosmtpd SMTP server with
-AUTH, the hosted server over mutual TLS. Every line is what the user reads; the check
+AUTH, the hosted server over mutual TLS, and for OAuth2 a Dovecot introspecting tokens at
+tests/oauth_server.py. Every line is what the user reads; the check
 must change nothing (no folder created, no state written)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +17,8 @@ import smtp_servers
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from bridge import Bridge, run_cli
 from dovecot import Dovecot, Profile
+from oauth_server import AuthorizationServer
+from test_oauth2 import authority, login, oauth_dovecot  # noqa: F401 (fixtures)
 
 SMTP_PASSWORD = "smtp-pass-4711"
 #: A server whose Trash the agent would have to create (no \\Trash, no usual name).
@@ -244,3 +249,47 @@ def test_tls_untrusted_then_trusted(
         f"✓ IMAP connection: 127.0.0.1:{dovecot.tls_port} (tls) answered"
     )
     assert line(lines, "IMAP login") == f"✓ IMAP login: logged in as {user}"
+
+
+def test_the_oauth2_sign_in_line_before_after_and_once_revoked(
+    oauth_dovecot: Dovecot,  # noqa: F811 (the fixtures imported above)
+    authority: AuthorizationServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    user = oauth_dovecot.new_user()
+    ini = tmp_path / "agent.ini"
+    ini.write_text(
+        "[agent]\nstate_dir = state\nserver = 127.0.0.1:9\n[imap]\nhost = 127.0.0.1\n"
+        f"port = {oauth_dovecot.port}\nsecurity = none\nusername = {user}\n"
+        + "\n".join(authority.ini_lines())
+        + "\n"
+    )
+    again = f"run `imapsync-bridge agent login --config {ini} imap` — see docs/oauth2.md"
+    rc, lines, _err = check(ini)
+    assert rc == 1
+    assert line(lines, "imap OAuth2 sign-in") == (
+        f"✗ imap OAuth2 sign-in: [imap] no OAuth2 sign-in for {user}@127.0.0.1 yet: {again}"
+    )
+    assert not [text for text in lines if text[2:].startswith("IMAP")]  # no login tried
+
+    authority.access_ttl = 4  # renewed after 3 s: the revocation shows soon
+    login(ini, authority, user)
+    rc, lines, _err = check(ini)
+    assert line(lines, "imap OAuth2 sign-in") == (
+        f"✓ imap OAuth2 sign-in: an access token for {user}@127.0.0.1"
+    )
+    assert line(lines, "IMAP login") == f"✓ IMAP login: logged in as {user}"
+    assert line(lines, "mailbox") == "✓ mailbox: INBOX (0 messages)"
+
+    # An administrator revokes the sign-in; once the access token is used up, ✗.
+    authority.revoke(user)
+    stored = json.loads((tmp_path / "state" / "oauth2-imap.json").read_text())
+    time.sleep(max(0.0, stored["expires_at"] - 1 - time.time()) + 0.1)
+    rc, lines, _err = check(ini)
+    assert rc == 1
+    assert line(lines, "imap OAuth2 sign-in") == (
+        f"✗ imap OAuth2 sign-in: [imap] the OAuth2 sign-in of {user}@127.0.0.1 no longer "
+        f"works (invalid_grant: the refresh token expired or was revoked): {again}"
+    )
+    assert not [text for text in lines if text[2:].startswith("IMAP")]
+    assert not [t for t in authority.issued if t in "\n".join(lines)]

@@ -1,7 +1,9 @@
 """OAuth2 sign-in (issue 11): `agent login` (RFC 8628 device grant) against a local
 authorization server, then `agent sync` and `agent run` logging in to a real Dovecot with
 OAUTHBEARER / XOAUTH2 (its oauth2 passdb introspects each token there) and to an aiosmtpd
-server that checks the same tokens. The user approves through the server's own endpoint.
+server that checks the same tokens. The user approves through the server's own endpoint,
+or (browser flow) the test plays the browser: it opens the authorization address and
+follows the redirect to `agent login`'s loopback listener.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 from bridge import REPO, Bridge, run_cli
 from dovecot import Dovecot
-from oauth_server import AuthorizationServer
+from oauth_server import CLIENT_SECRET, AuthorizationServer, finish, start_browser_login
 from smtp_servers import MailServer
 from test_agent_run import stop_agent, wait_for
 
@@ -47,6 +49,7 @@ def bridge(
     oauth_dovecot: Dovecot, authority: AuthorizationServer, tmp_path: Path
 ) -> Iterator[Bridge]:
     authority.access_ttl = 3600
+    authority.require_secret = False
     b = Bridge(oauth_dovecot, tmp_path)
     b.oauth2 = authority.ini_lines()
     b.start()
@@ -79,6 +82,17 @@ def login(
     return first + out + err
 
 
+def sync_verbose(ini: Path) -> str:
+    """`agent sync -v` as a process: its debug log (every line imapclient, authlib and
+    urllib3 log), after it succeeded."""
+    synced = subprocess.run(
+        [sys.executable, "-m", "imapsync_bridge.cli", "-v", "agent", "sync", "--config", str(ini)],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert synced.returncode == 0, synced.stderr
+    return synced.stdout + synced.stderr
+
+
 def test_login_then_sync_with_oauthbearer(bridge: Bridge, authority: AuthorizationServer) -> None:
     first = bridge.deliver(1)
     bridge.pair()
@@ -95,19 +109,44 @@ def test_login_then_sync_with_oauthbearer(bridge: Bridge, authority: Authorizati
     assert stored["refresh_token"] in authority.refresh_tokens
     assert stored["refresh_token"] not in bridge.agent_ini.read_text()
 
-    # With debug logging on (-v): every line imapclient, authlib and urllib3 log.
-    synced = subprocess.run(
-        [sys.executable, "-m", "imapsync_bridge.cli", "-v", "agent", "sync",
-         "--config", str(bridge.agent_ini)],
-        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert synced.returncode == 0, synced.stderr
-    assert "AUTHENTICATE" in synced.stderr  # the debug log has the IMAP commands...
-    assert not [t for t in authority.issued if t in synced.stderr + shown]  # ...no token
+    debug_log = sync_verbose(bridge.agent_ini)
+    assert "AUTHENTICATE" in debug_log  # the debug log has the IMAP commands...
+    assert not [t for t in authority.issued if t in debug_log + shown]  # ...no token
     assert bridge.phone_inbox_ids() == [first]
     assert f"user=<{bridge.user}>, method=OAUTHBEARER" in bridge.dovecot.log()
     config = load_agent_config(bridge.agent_ini)
     assert tokens.check_sign_in(config.imap.server) is None
+
+
+def test_browser_sign_in_through_the_loopback_listener_then_sync(
+    bridge: Bridge, authority: AuthorizationServer
+) -> None:
+    first = bridge.deliver(1)
+    bridge.pair()
+    bridge.oauth2 = authority.ini_lines("browser")
+    bridge.write_agent_config(bridge.agent_ini)
+    proc, address = start_browser_login(bridge.agent_ini)
+    # The browser: the provider's page signs the user in and redirects to the agent.
+    with urllib.request.urlopen(address, timeout=30) as page:
+        assert page.url.startswith("http://127.0.0.1:") and "code=" in page.url
+        assert "Signed in: you can close this tab" in page.read().decode()
+    out, err = finish(proc)
+    assert proc.returncode == 0, err
+    assert "tokens stored in" in out
+    listener = page.url.split("?")[0]
+    with pytest.raises(OSError):  # the listener is gone once the sign-in is done
+        urllib.request.urlopen(listener, timeout=5)
+
+    # As Google does, the token endpoint wants the client secret with each refresh too:
+    # the stored access token is dropped, so this sync refreshes first (debug log on).
+    authority.require_secret = True
+    tokens.forget_access_token(load_agent_config(bridge.agent_ini).imap.server)
+    refreshed = authority.refreshes()
+    debug_log = sync_verbose(bridge.agent_ini)
+    assert authority.refreshes() == refreshed + 1
+    assert bridge.phone_inbox_ids() == [first]
+    assert f"user=<{bridge.user}>, method=OAUTHBEARER" in bridge.dovecot.log()
+    assert not [t for t in [*authority.issued, CLIENT_SECRET] if t in out + err + debug_log]
 
 
 def test_the_keyring_holds_the_sign_in_where_there_is_one(

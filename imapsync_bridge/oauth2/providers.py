@@ -1,10 +1,12 @@
 """Where each provider's device sign-in and token endpoints are, which scopes a role
 needs, and the SASL initial responses that carry an access token. No I/O here.
 
-Microsoft Entra: ``login.microsoftonline.com/<tenant>/oauth2/v2.0/{devicecode,token}``
+Microsoft Entra: ``login.microsoftonline.com/<tenant>/oauth2/v2.0/{devicecode,authorize,token}``
 with the Exchange Online scopes (IMAP.AccessAsUser.All for IMAP, SMTP.Send for SMTP) and
-``offline_access`` (without it no refresh token is issued). Google: the documented device
-and token endpoints and the one scope Gmail's IMAP and SMTP accept (``https://mail.google.com/``).
+``offline_access`` (without it no refresh token is issued). Google: the documented device,
+authorization and token endpoints and the one scope Gmail's IMAP and SMTP accept
+(``https://mail.google.com/``); its authorization request asks for offline access with a
+consent prompt, without which Google issues no refresh token on a second sign-in.
 ``generic``: whatever the configuration names. docs/oauth2.md says how to register a client.
 """
 
@@ -20,7 +22,9 @@ MICROSOFT_SCOPES = {
     "smtp": ("https://outlook.office.com/SMTP.Send", "offline_access"),
 }
 GOOGLE_DEVICE = "https://oauth2.googleapis.com/device/code"
+GOOGLE_AUTHORIZE = "https://accounts.google.com/o/oauth2/v2/auth"
 GOOGLE_TOKEN = "https://oauth2.googleapis.com/token"
+GOOGLE_AUTHORIZE_PARAMS = (("access_type", "offline"), ("prompt", "consent"))
 GOOGLE_SCOPES = ("https://mail.google.com/",)
 DEFAULT_TENANT = "organizations"  # any work or school account (Microsoft's own default)
 
@@ -30,6 +34,8 @@ class Endpoints:
     device_authorization: str
     token: str
     scopes: tuple[str, ...]
+    authorization: str = ""  # the browser sign-in's authorization endpoint
+    authorize_params: tuple[tuple[str, str], ...] = ()  # a provider's extra parameters
 
     @property
     def scope(self) -> str:
@@ -46,14 +52,22 @@ def endpoints(settings: OAuth2Settings, role: str) -> Endpoints:
             settings.device_authorization_endpoint or f"{base}/devicecode",
             settings.token_endpoint or f"{base}/token",
             scopes or MICROSOFT_SCOPES[role],
+            settings.authorization_endpoint or f"{base}/authorize",
         )
     if settings.provider == "google":
         return Endpoints(
             settings.device_authorization_endpoint or GOOGLE_DEVICE,
             settings.token_endpoint or GOOGLE_TOKEN,
             scopes or GOOGLE_SCOPES,
+            settings.authorization_endpoint or GOOGLE_AUTHORIZE,
+            GOOGLE_AUTHORIZE_PARAMS,
         )
-    return Endpoints(settings.device_authorization_endpoint, settings.token_endpoint, scopes)
+    return Endpoints(
+        settings.device_authorization_endpoint,
+        settings.token_endpoint,
+        scopes,
+        settings.authorization_endpoint,
+    )
 
 
 def xoauth2(user: str, token: str) -> str:

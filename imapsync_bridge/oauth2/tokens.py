@@ -1,5 +1,7 @@
 """The OAuth2 flows, with authlib's OAuth2 client (any RFC 6749 provider):
 
+- :func:`sign_in`: ``agent login``, by the configured ``oauth2_flow``: the browser
+  (:mod:`.loopback`) or the device grant;
 - :func:`device_login`: RFC 8628's device authorization grant for ``agent login``: shows
   the verification address and the user code, polls the token endpoint (respecting
   ``interval`` and ``slow_down``) and keeps the grant (:mod:`.store`);
@@ -61,12 +63,12 @@ def refresh_margin(lifetime: float) -> float:
 
 
 def store_of(server: MailServer) -> TokenStore:
-    settings = _settings(server)
+    settings = settings_of(server)
     return TokenStore(server.role, server.username, server.host, settings.state_dir)
 
 
 def login_hint(server: MailServer) -> str:
-    settings = _settings(server)
+    settings = settings_of(server)
     return f"run `imapsync-bridge agent login --config {settings.config_path} {server.role}`"
 
 
@@ -119,11 +121,29 @@ def check_sign_in(server: MailServer) -> str | None:
     return None
 
 
+def sign_in(server: MailServer, show: Callable[[str], None], open_browser: bool = True) -> str:
+    """``agent login`` for *server* by its ``oauth2_flow``; says where the grant went.
+    *open_browser*: the browser flow may start the desktop's browser."""
+    if settings_of(server).flow == "browser":
+        from imapsync_bridge.oauth2.loopback import browser_login
+
+        return browser_login(server, show, open_browser=open_browser)
+    return device_login(server, show)
+
+
+def keep(server: MailServer, token: dict[str, Any]) -> str:
+    """Store the grant a sign-in got; says where it went."""
+    grant = _grant(token, server.role, previous=None)
+    store = store_of(server)
+    with store.locked():
+        return store.save(grant)
+
+
 def device_login(server: MailServer, show: Callable[[str], None]) -> str:
     """RFC 8628 device sign-in for *server*; says where the grant was stored."""
-    settings = _settings(server)
+    settings = settings_of(server)
     ends = endpoints(settings, server.role)
-    with _client(settings, ends) as session:
+    with client(settings, ends) as session:
         answer = _post(session, ends.device_authorization, server.role,
                        data={"client_id": settings.client_id, "scope": ends.scope})  # fmt: skip
         try:
@@ -160,15 +180,12 @@ def device_login(server: MailServer, show: Callable[[str], None]) -> str:
                     break
                 if exc.error == "access_denied":
                     raise AuthError(f"[{server.role}] the sign-in was declined") from None
-                raise AuthError(f"[{server.role}] sign-in refused: {_describe(exc)}") from None
+                raise AuthError(f"[{server.role}] sign-in refused: {describe(exc)}") from None
             except requests.RequestException as exc:
                 raise TransientError(
                     f"[{server.role}] cannot reach the token endpoint: {type(exc).__name__}"
                 ) from None
-            grant = _grant(token, server.role, previous=None)
-            store = store_of(server)
-            with store.locked():
-                return store.save(grant)
+            return keep(server, token)
     raise AuthError(
         f"[{server.role}] the code expired before it was approved; run `agent login` again"
     )
@@ -177,7 +194,7 @@ def device_login(server: MailServer, show: Callable[[str], None]) -> str:
 # -- helpers -----------------------------------------------------------------------------
 
 
-def _settings(server: MailServer) -> OAuth2Settings:
+def settings_of(server: MailServer) -> OAuth2Settings:
     if server.auth != "oauth2" or server.oauth2 is None:
         raise ConfigError(
             f"[{server.role}] auth is not oauth2: set auth = oauth2 and its keys "
@@ -186,13 +203,16 @@ def _settings(server: MailServer) -> OAuth2Settings:
     return server.oauth2
 
 
-def _client(settings: OAuth2Settings, ends: Endpoints) -> OAuth2Session:
-    """A public client (no secret: device sign-in is for apps that cannot keep one)."""
+def client(settings: OAuth2Settings, ends: Endpoints, **options: str) -> OAuth2Session:
+    """A public client: no secret, or an installed app's (Google's Desktop clients
+    send theirs, which Google does not treat as confidential) in the request body."""
     return OAuth2Session(
         client_id=settings.client_id,
+        client_secret=settings.client_secret or None,
         scope=ends.scope,
         token_endpoint=ends.token,
-        token_endpoint_auth_method="none",
+        token_endpoint_auth_method="client_secret_post" if settings.client_secret else "none",
+        **options,
     )
 
 
@@ -212,9 +232,9 @@ def _post(session: OAuth2Session, url: str, role: str, data: dict[str, str]) -> 
 
 
 def _refresh(server: MailServer, grant: Grant) -> Grant:
-    settings = _settings(server)
+    settings = settings_of(server)
     ends = endpoints(settings, server.role)
-    with _client(settings, ends) as session:
+    with client(settings, ends) as session:
         try:
             token = session.refresh_token(
                 ends.token, refresh_token=grant.refresh_token, timeout=HTTP_TIMEOUT
@@ -223,10 +243,10 @@ def _refresh(server: MailServer, grant: Grant) -> Grant:
             if exc.error in _SIGN_IN_AGAIN:
                 raise LoginRequired(
                     f"[{server.role}] the OAuth2 sign-in of {server.username}@{server.host} "
-                    f"no longer works ({_describe(exc)}): {login_hint(server)}"
+                    f"no longer works ({describe(exc)}): {login_hint(server)}"
                 ) from None
             raise TransientError(
-                f"[{server.role}] the token endpoint refused a refresh: {_describe(exc)}"
+                f"[{server.role}] the token endpoint refused a refresh: {describe(exc)}"
             ) from None
         except requests.RequestException as exc:
             raise TransientError(
@@ -249,6 +269,6 @@ def _grant(token: dict[str, Any], role: str, previous: Grant | None) -> Grant:
     return Grant(str(refresh), str(access), time.time() + lifetime, lifetime, grown_from)
 
 
-def _describe(exc: _OAuthError) -> str:
+def describe(exc: _OAuthError) -> str:
     text = " ".join(str(exc.description or "").split())[:200]
     return f"{exc.error}: {text}" if text else str(exc.error)
