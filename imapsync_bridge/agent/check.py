@@ -48,8 +48,8 @@ CAPABILITIES: tuple[tuple[str, str, str], ...] = (
     (
         "IDLE",
         "`agent run` hears inbox changes at once",
-        "not offered: `agent run` syncs every sync_interval; set idle = false there so it "
-        "looks for trigger mail every poll_interval",
+        "not offered: `agent run` polls for inbox changes and trigger mail every "
+        "poll_interval instead",
     ),
     (
         "MOVE",

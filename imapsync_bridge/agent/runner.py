@@ -176,6 +176,8 @@ def status_lines(info: dict[str, Any]) -> list[str]:
         idle, push = connections.get("imap_idle"), connections.get("push") or {}
         lines.append(f"  imap idle   {idle['state'] if idle else 'off (idle = false)'}")
         lines.append(f"  push link   {push.get('state', '-')}")
+        if poll := connections.get("poll"):
+            lines.append(f"  polling     every {poll['every']} s ({poll['why']})")
     else:
         lines.append(f"service       {info['service']}")
     result = info["last_result"] or "-"
