@@ -7,6 +7,7 @@ import contextlib
 import re
 import socket
 import threading
+import time
 
 
 class Proxy:
@@ -75,6 +76,28 @@ class RewritingProxy(Proxy):
             pass
         finally:
             upstream.close()
+
+
+class SlowProxy(Proxy):
+    """Passes the server's bytes to the client at about ``bytes_per_second``: a slow
+    VPN or a far-away server (what the client sends goes at full speed)."""
+
+    def __init__(self, target_port: int, bytes_per_second: int) -> None:
+        super().__init__(target_port)
+        self.bytes_per_second = bytes_per_second
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:  # type: ignore[override]
+        try:
+            while data := source.recv(8192):
+                sink.sendall(data)
+                time.sleep(len(data) / self.bytes_per_second)
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+    def _upstream(self, client: socket.socket, upstream: socket.socket) -> None:
+        Proxy._pump(client, upstream)
 
 
 class StallingProxy(Proxy):

@@ -54,6 +54,8 @@ def test_log_lines_levels_journal_and_progress(dovecot: Dovecot, tmp_path: Path)
         finally:
             os.close(controller)
         assert done.returncode == 0, shown
+        fetched = re.findall(rb"\rfetching from the desktop: (\d+)/(\d+)", shown)
+        assert fetched == [(b"50", b"60"), (b"60", b"60")], shown  # one per batch
         progress = re.findall(rb"\rsending to the phone: (\d+)/(\d+)", shown)
         assert progress and progress[-1][0] == progress[-1][1] and int(progress[-1][1]) >= 60
 
@@ -66,6 +68,7 @@ def test_log_lines_levels_journal_and_progress(dovecot: Dovecot, tmp_path: Path)
             line for line in lines if " INFO imapsync_bridge." in line and "sync complete" in line
         ]
         assert b"sending to the phone" not in default.stderr  # not a terminal: no progress
+        assert b"fetching from the desktop" not in default.stderr
 
         quiet = agent_sync(bridge, "--quiet")
         assert (quiet.returncode, quiet.stderr) == (0, b"")
