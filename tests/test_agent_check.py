@@ -160,6 +160,13 @@ def test_a_state_directory_that_is_missing_or_cannot_be_made(tmp_path: Path) -> 
         f"✗ state directory: {blocked} cannot be created: {tmp_path}/imap.pass is not a "
         f"directory — {fix.format(blocked)}"
     )
+    for command in ("sync", "status"):  # the commands that use it: one line, not a traceback
+        rc, out, err = run_cli("agent", command, "--config", str(ini))
+        assert (rc, out) == (1, ""), err
+        assert err == (
+            f"imapsync-bridge: cannot create the state directory {blocked}: Not a directory; "
+            "`agent check` says what to do\n"
+        )
 
 
 def test_a_state_directory_the_service_user_cannot_write() -> None:
