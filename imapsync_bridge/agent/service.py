@@ -59,6 +59,7 @@ from imapsync_bridge.agent.state import AgentState
 from imapsync_bridge.agent.trigger import TriggerWatch
 from imapsync_bridge.config import AgentConfig
 from imapsync_bridge.errors import AuthError, BridgeError, TransientError
+from imapsync_bridge.logs import Progress, ProgressFanout
 from imapsync_bridge.oauth2 import tokens
 from imapsync_bridge.oauth2.tokens import LoginRequired
 from imapsync_bridge.protocol import schema
@@ -134,6 +135,8 @@ class AgentService:
         self.timing = timing or ServiceTiming()
         # systemd (Type=notify): ready once the loop runs, the watchdog pinged from it
         self.notifier = notifier or Notifier.from_environment()
+        # a long session pings the watchdog, and shows its counts when run on a terminal
+        self.progress = ProgressFanout(self.notifier, Progress())
         self.wake = Wakeup()
         self.state: AgentState  # opened by run(), in the thread that uses it
         self.scheduler = schedule.Scheduler()
@@ -397,12 +400,12 @@ class AgentService:
             with open_link(self.config) as link:
                 return SyncSession(
                     self.state, desktop, link, options, keep_inbox_selected=not routine,
-                    outgoing=outgoing_settings(self.config), progress=self.notifier,
+                    outgoing=outgoing_settings(self.config), progress=self.progress,
                 ).run()  # fmt: skip
         report = SyncSession(
             self.state, desktop, self.push, options, phone_vouched=vouched,
             keep_inbox_selected=not routine,
-            outgoing=outgoing_settings(self.config), progress=self.notifier,
+            outgoing=outgoing_settings(self.config), progress=self.progress,
         ).run()  # fmt: skip
         self._push_said = self._push_heard = time.monotonic()
         return report
