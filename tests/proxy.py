@@ -35,10 +35,14 @@ class Proxy:
             threading.Thread(target=self._upstream, args=(client, upstream), daemon=True).start()
 
     @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(
+        source: socket.socket, sink: socket.socket, bytes_per_second: float | None = None
+    ) -> None:
         try:
             while data := source.recv(65536):
                 sink.sendall(data)
+                if bytes_per_second:
+                    time.sleep(len(data) / bytes_per_second)
         except OSError:
             pass
         finally:
@@ -87,14 +91,7 @@ class SlowProxy(Proxy):
         self.bytes_per_second = bytes_per_second
 
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:  # type: ignore[override]
-        try:
-            while data := source.recv(8192):
-                sink.sendall(data)
-                time.sleep(len(data) / self.bytes_per_second)
-        except OSError:
-            pass
-        finally:
-            sink.close()
+        Proxy._pump(source, sink, self.bytes_per_second)
 
     def _upstream(self, client: socket.socket, upstream: socket.socket) -> None:
         Proxy._pump(client, upstream)
