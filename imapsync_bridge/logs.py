@@ -58,6 +58,17 @@ class ProgressSink(Protocol):
     def update(self, what: str, done: int, total: int) -> None: ...
 
 
+class ProgressFanout:
+    """Tells several sinks at once: `agent run`'s watchdog and, on a terminal, the line."""
+
+    def __init__(self, *sinks: ProgressSink) -> None:
+        self._sinks = sinks
+
+    def update(self, what: str, done: int, total: int) -> None:
+        for sink in self._sinks:
+            sink.update(what, done, total)
+
+
 # Work of at least this many steps (a first sync, a large pull) shows a progress line.
 PROGRESS_MIN_TOTAL = 50
 

@@ -184,6 +184,15 @@ CYRUS_LIKE = Profile(
     {"Trash": None, "Sent": None, "Drafts": None},
 )
 PROFILES = (FULL, EXCHANGE_LIKE, CYRUS_LIKE)
+#: A server with IDLE switched off (as some corporate gateways and older servers): the
+#: agent must poll. Not in PROFILES: only `agent run` behaves differently on it.
+NO_IDLE = Profile(
+    "no-idle",
+    "IMAP4rev1 LITERAL+ UIDPLUS MOVE UNSELECT NAMESPACE CHILDREN ENABLE",
+    "",
+    "/",
+    {"Trash": "\\Trash", "Sent": "\\Sent"},
+)
 
 
 class DovecotError(RuntimeError):

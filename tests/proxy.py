@@ -7,6 +7,7 @@ import contextlib
 import re
 import socket
 import threading
+import time
 
 
 class Proxy:
@@ -34,10 +35,14 @@ class Proxy:
             threading.Thread(target=self._upstream, args=(client, upstream), daemon=True).start()
 
     @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(
+        source: socket.socket, sink: socket.socket, bytes_per_second: float | None = None
+    ) -> None:
         try:
             while data := source.recv(65536):
                 sink.sendall(data)
+                if bytes_per_second:
+                    time.sleep(len(data) / bytes_per_second)
         except OSError:
             pass
         finally:
@@ -75,6 +80,21 @@ class RewritingProxy(Proxy):
             pass
         finally:
             upstream.close()
+
+
+class SlowProxy(Proxy):
+    """Passes the server's bytes to the client at about ``bytes_per_second``: a slow
+    VPN or a far-away server (what the client sends goes at full speed)."""
+
+    def __init__(self, target_port: int, bytes_per_second: int) -> None:
+        super().__init__(target_port)
+        self.bytes_per_second = bytes_per_second
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:  # type: ignore[override]
+        Proxy._pump(source, sink, self.bytes_per_second)
+
+    def _upstream(self, client: socket.socket, upstream: socket.socket) -> None:
+        Proxy._pump(client, upstream)
 
 
 class StallingProxy(Proxy):

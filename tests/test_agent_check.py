@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +19,7 @@ from pathlib import Path
 import pytest
 import smtp_servers
 from aiosmtpd.smtp import AuthResult, LoginPassword
-from bridge import Bridge, run_cli
+from bridge import REPO, Bridge, run_cli
 from dovecot import Dovecot, Profile
 from oauth_server import AuthorizationServer
 from test_oauth2 import authority, login, oauth_dovecot  # noqa: F401 (fixtures)
@@ -123,6 +127,78 @@ def test_a_good_set_up_passes_every_check_and_changes_nothing(bridge: Bridge) ->
     assert smtp.startswith("✗ SMTP: 127.0.0.1:") and "refused the login as 'agent': 535" in smtp
     assert "set-password --config agent.ini smtp" in smtp
     assert "not-it" not in "\n".join(lines)
+
+
+def test_the_state_directory_and_the_agent_key(bridge: Bridge) -> None:
+    state = bridge.agent_ini.parent / "state"
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    _rc, lines, _err = check(bridge.agent_ini)
+    assert line(lines, "state directory") == f"✓ state directory: {state} is writable by {user}"
+    assert line(lines, "agent key") == f"✓ agent key: {state}/agent.key is private (mode 0600)"
+    (state / "agent.key").chmod(0o640)
+    rc, lines, _err = check(bridge.agent_ini)
+    assert rc == 1
+    assert line(lines, "agent key") == (
+        f"✗ agent key: {state}/agent.key is open to group or others (mode 0640) — "
+        f"chmod 600 {state}/agent.key: anyone who reads it can act as this agent"
+    )
+
+
+def test_a_state_directory_that_is_missing_or_cannot_be_made(tmp_path: Path) -> None:
+    port = smtp_servers.free_port()  # the IMAP lines do not matter here
+    ini = plain_agent_ini(tmp_path, port, "someone", "secret-1")
+    _rc, lines, _err = check(ini)
+    state = tmp_path / "state"
+    assert (
+        line(lines, "state directory") == f"✓ state directory: {state} (missing: made at pairing)"
+    )
+    assert not state.exists(), "the check created it"
+    fix = (
+        "create it for the user the agent runs as (`install -d -m 700 -o USER {}`; systemd's "
+        "StateDirectory= does it), or set [agent] state_dir"
+    )
+    ini.write_text(ini.read_text().replace("state_dir = state", "state_dir = imap.pass/state"))
+    rc, lines, _err = check(ini)
+    assert rc == 1
+    blocked = tmp_path / "imap.pass" / "state"
+    assert line(lines, "state directory") == (
+        f"✗ state directory: {blocked} cannot be created: {tmp_path}/imap.pass is not a "
+        f"directory — {fix.format(blocked)}"
+    )
+    for command in ("sync", "status"):  # the commands that use it: one line, not a traceback
+        rc, out, err = run_cli("agent", command, "--config", str(ini))
+        assert (rc, out) == (1, ""), err
+        assert err == (
+            f"imapsync-bridge: cannot create the state directory {blocked}: Not a directory; "
+            "`agent check` says what to do\n"
+        )
+
+
+def test_a_state_directory_the_service_user_cannot_write() -> None:
+    """`agent check` run as the service's user (nobody here, through util-linux's
+    setpriv) on a root-owned 0700 directory."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as shared:  # pytest's tmp_path is 0700
+        root = Path(shared)
+        root.chmod(0o755)
+        (root / "state").mkdir(mode=0o700)
+        ini = root / "agent.ini"
+        ini.write_text(
+            "[agent]\nstate_dir = state\nserver = 127.0.0.1:9\n[imap]\nhost = 127.0.0.1\n"
+            f"port = {smtp_servers.free_port()}\nsecurity = none\nusername =\n"
+        )
+        ini.chmod(0o644)
+        nobody = pwd.getpwnam("nobody")
+        as_nobody = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}"]
+        done = subprocess.run(
+            [*as_nobody, "--clear-groups", sys.executable, "-m", "imapsync_bridge.cli",
+             "agent", "check", "--config", str(ini)],
+            env=dict(os.environ, PYTHONPATH=str(REPO)), cwd="/",
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert line(done.stdout.splitlines(), "state directory").startswith(
+        f"✗ state directory: {root}/state is not writable by nobody — create it for the user"
+    )
 
 
 def test_a_wrong_password_is_the_login_line(tmp_path: Path) -> None:

@@ -117,7 +117,9 @@ def test_the_path_to_imap_blackholed(bridge: Bridge, caplog: pytest.LogCaptureFi
             wait_for(lambda: service.watcher.state != "idle", 10, "the loss noticed")  # type: ignore[union-attr]
             during = bridge.deliver(2)  # made while the path is dead
             proxy.restore()
-            wait_for(lambda: during in bridge.phone_inbox_ids(), 20, "the change made meanwhile")
+            # A reconnect begun before restore() (the watcher retries after ~0.1 s; on a
+            # loaded machine deliver() takes longer) waits out the 30 s IMAP timeout.
+            wait_for(lambda: during in bridge.phone_inbox_ids(), 45, "the change made meanwhile")
             after = bridge.deliver(3)
             wait_for(lambda: after in bridge.phone_inbox_ids(), 5, "the next change, by IDLE")
             bridge.assert_in_sync()

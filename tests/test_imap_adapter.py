@@ -11,7 +11,8 @@ import pytest
 from dovecot import Dovecot
 
 from imapsync_bridge import model
-from imapsync_bridge.agent.imap import ImapMailbox
+from imapsync_bridge.agent.imap import FETCH_BATCH, ImapMailbox
+from imapsync_bridge.agent.imap_data import size_batches
 from imapsync_bridge.agent.imap_session import MailboxStatus
 from imapsync_bridge.errors import (
     AuthError,
@@ -370,6 +371,33 @@ def test_fetch_raws_exact_bytes_limit_and_gone(dovecot, imap_user, mbox):
     assert isinstance(too_large, MessageError) and re.search("larger", str(too_large))
     gone = mbox.fetch_raws([uid + 1], 10_000)[uid + 1]
     assert isinstance(gone, MessageError) and re.search("no longer exists", str(gone))
+
+
+def test_fetch_raws_reports_each_batch_and_skips_bodies_too_large(dovecot, imap_user, mbox):
+    raws = [dovecot.make_message(n) for n in range(FETCH_BATCH + 12)]
+    big = dovecot.make_message(99, body="x" * 20_000)
+    uids = [dovecot.append(imap_user, raw, T0) for raw in [*raws, big]]
+    mbox.select("INBOX")
+    done: list[int] = []
+    got = mbox.fetch_raws([*uids, uids[-1] + 1], 10_000, done.append)
+    assert [got[uid] for uid in uids[:-1]] == raws
+    assert "larger" in str(got[uids[-1]]) and "no longer exists" in str(got[uids[-1] + 1])
+    assert done == [FETCH_BATCH + 2, FETCH_BATCH + 14], "each batch counted, errors at once"
+
+
+@pytest.mark.parametrize(
+    ("sizes", "batches"),
+    [
+        ([], []),
+        ([10, 10], [[0, 1]]),  # within both limits: one batch
+        ([10] * 5, [[0, 1], [2, 3], [4]]),  # at most 2 messages
+        ([60, 50, 10, 100], [[0], [1, 2], [3]]),  # at most 100 bytes
+        ([500, 10], [[0], [1]]),  # larger than the limit: alone
+    ],
+)
+def test_size_batches(sizes: list[int], batches: list[list[int]]) -> None:
+    uids = list(range(len(sizes)))
+    assert list(size_batches(uids, dict(enumerate(sizes)), 2, 100)) == batches
 
 
 # -- changing -----------------------------------------------------------------------------------

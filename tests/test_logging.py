@@ -9,6 +9,7 @@ import os
 import pty
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from importlib.metadata import version
@@ -54,6 +55,8 @@ def test_log_lines_levels_journal_and_progress(dovecot: Dovecot, tmp_path: Path)
         finally:
             os.close(controller)
         assert done.returncode == 0, shown
+        fetched = re.findall(rb"\rfetching from the desktop: (\d+)/(\d+)", shown)
+        assert fetched == [(b"50", b"60"), (b"60", b"60")], shown  # one per batch
         progress = re.findall(rb"\rsending to the phone: (\d+)/(\d+)", shown)
         assert progress and progress[-1][0] == progress[-1][1] and int(progress[-1][1]) >= 60
 
@@ -66,6 +69,7 @@ def test_log_lines_levels_journal_and_progress(dovecot: Dovecot, tmp_path: Path)
             line for line in lines if " INFO imapsync_bridge." in line and "sync complete" in line
         ]
         assert b"sending to the phone" not in default.stderr  # not a terminal: no progress
+        assert b"fetching from the desktop" not in default.stderr
 
         quiet = agent_sync(bridge, "--quiet")
         assert (quiet.returncode, quiet.stderr) == (0, b"")
@@ -88,6 +92,36 @@ def test_log_lines_levels_journal_and_progress(dovecot: Dovecot, tmp_path: Path)
         # file) keeps the time
         other = agent_sync(bridge, env={"JOURNAL_STREAM": "1:2"})
         assert all(TIMED.match(line) for line in other.stderr.decode().splitlines())
+    finally:
+        bridge.stop()
+
+
+def test_agent_run_on_a_terminal_shows_the_first_syncs_progress(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    bridge = Bridge(dovecot, tmp_path, window=60).start()
+    try:
+        bridge.write_agent_config(bridge.agent_ini, idle="false")
+        bridge.pair()
+        for n in range(1, 61):
+            bridge.deliver(n)
+        controller, terminal = pty.openpty()
+        try:
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "imapsync_bridge.cli", "agent", "run",
+                 "--config", str(bridge.agent_ini)],
+                env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=terminal, stderr=terminal,
+            )  # fmt: skip
+            os.close(terminal)
+            shown = b""
+            while b"sync (" not in shown and (chunk := _read(controller)):
+                shown += chunk
+            agent.send_signal(signal.SIGTERM)
+            assert agent.wait(15) == 0
+        finally:
+            os.close(controller)
+        assert re.search(rb"\rfetching from the desktop: 60/60\r?\n", shown), shown
+        assert re.search(rb"\rsending to the phone: 60/60\r?\n", shown), shown
     finally:
         bridge.stop()
 

@@ -4,6 +4,8 @@ run` as real processes saying READY=1 and pinging the watchdog, and the shipped 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import re
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 from bridge import REPO, Bridge
 from dovecot import Dovecot
+from proxy import SlowProxy
 
 from imapsync_bridge import cli
 from imapsync_bridge.sdnotify import Notifier
@@ -94,12 +97,15 @@ def test_an_unreachable_socket_is_one_warning_not_a_crash(
     ]
 
 
-def run_notified(argv: list[str], sock: socket.socket, log: Path) -> subprocess.Popen[bytes]:
+def run_notified(
+    argv: list[str], sock: socket.socket, log: Path, watchdog_usec: int = 600_000
+) -> subprocess.Popen[bytes]:
+    """*argv* as systemd runs it; the default WatchdogSec=0.6 s: a ping every 0.3 s."""
     env = dict(
         os.environ,
         PYTHONPATH=str(REPO),
         NOTIFY_SOCKET=sock.getsockname(),
-        WATCHDOG_USEC="600000",  # WatchdogSec=0.6 s: a ping every 0.3 s
+        WATCHDOG_USEC=str(watchdog_usec),
     )
     with log.open("ab") as out:
         return subprocess.Popen(
@@ -135,6 +141,48 @@ def test_agent_run_says_ready_and_pings_the_watchdog(
         )
         assert_ready_pings_and_stops(process, notify_socket)
     finally:
+        bridge.stop()
+
+
+def test_a_long_first_sync_keeps_pinging_the_watchdog(
+    dovecot: Dovecot, tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    """A first sync whose desktop fetch takes longer than WatchdogSec (a slow line):
+    the session pings as each batch arrives, so systemd never sees a silence that long."""
+    watchdog = 2.5  # WatchdogSec, seconds
+    bridge = Bridge(dovecot, tmp_path, window=200).start()
+    proxy = SlowProxy(dovecot.port, bytes_per_second=200_000)  # 200 x 4 kB: about 4 s
+    try:
+        for n in range(1, 201):
+            bridge.deliver(n, body="x" * 4000)
+        bridge.write_agent_config(bridge.agent_ini, imap_port=proxy.port, idle="false")
+        bridge.pair()
+        process = run_notified(
+            ["agent", "run", "--config", str(bridge.agent_ini)],
+            notify_socket, tmp_path / "log", int(watchdog * 1e6),
+        )  # fmt: skip
+        try:
+            messages(notify_socket, "READY=1")
+            heard = [time.monotonic()]
+            notify_socket.settimeout(0.1)
+            deadline = heard[0] + 40
+            while "sync (" not in (tmp_path / "log").read_text() and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    if notify_socket.recv(4096) == b"WATCHDOG=1":
+                        heard.append(time.monotonic())
+            heard.append(time.monotonic())
+            log = (tmp_path / "log").read_text()
+            took = re.search(r"sync \(\S+\): .* in ([\d.]+) s", log)
+            assert took, log
+            assert float(took[1]) > watchdog, "the session was not longer than the watchdog"
+            gaps = [b - a for a, b in itertools.pairwise(heard)]
+            assert max(gaps) < watchdog, f"watchdog starved: {gaps}"
+            assert len(bridge.phone_inbox_ids()) == 200
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(15) == 0
+    finally:
+        proxy.close()
         bridge.stop()
 
 

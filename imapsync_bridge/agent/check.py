@@ -8,13 +8,16 @@ IMAP login: no capabilities and no folders), the others still run.
 
 from __future__ import annotations
 
+import os
+import pwd
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from imapsync_bridge.agent import folders
 from imapsync_bridge.agent.imap import ImapMailbox
-from imapsync_bridge.agent.link import AGENT_CRT, SERVER_CA, ServerLink
+from imapsync_bridge.agent.link import AGENT_CRT, AGENT_KEY, SERVER_CA, ServerLink
 from imapsync_bridge.agent.runner import connect_imap
 from imapsync_bridge.config import AgentConfig, MailServer, find_secret, load_agent_config
 from imapsync_bridge.errors import AuthError, BridgeError, ConfigError, ImapError, LoginRefused
@@ -48,8 +51,8 @@ CAPABILITIES: tuple[tuple[str, str, str], ...] = (
     (
         "IDLE",
         "`agent run` hears inbox changes at once",
-        "not offered: `agent run` syncs every sync_interval; set idle = false there so it "
-        "looks for trigger mail every poll_interval",
+        "not offered: `agent run` polls for inbox changes and trigger mail every "
+        "poll_interval instead",
     ),
     (
         "MOVE",
@@ -72,6 +75,7 @@ def run_checks(path: Path) -> Iterator[Outcome]:
         yield Outcome(False, "config", str(exc), "fix the setting named, then run this again")
         return
     yield Outcome(True, "config", f"{path} loads")
+    yield _state_dir(config.state_dir)
     found = _secret(config.imap.server)
     yield found
     if found.ok:
@@ -85,7 +89,69 @@ def run_checks(path: Path) -> Iterator[Outcome]:
         yield found
         if found.ok:
             yield _smtp(config.smtp)
+    key = _agent_key(config.state_dir / AGENT_KEY)
+    if key is not None:
+        yield key
     yield _server(config)
+
+
+def _user() -> str:
+    """Who runs this (the service's user when run as the service runs)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+def _state_dir(path: Path) -> Outcome:
+    """The agent keeps its state, lock and certificates there: it must be a directory
+    this user can write, or one it can create (pairing creates it). Creates nothing."""
+    what = "state directory"
+    fix = (
+        f"create it for the user the agent runs as (`install -d -m 700 -o USER {path}`; "
+        "systemd's StateDirectory= does it), or set [agent] state_dir"
+    )
+    if path.exists():
+        if not path.is_dir():
+            return Outcome(False, what, f"{path} is not a directory", fix)
+        if not os.access(path, os.W_OK | os.X_OK):
+            return Outcome(False, what, f"{path} is not writable by {_user()}", fix)
+        return Outcome(True, what, f"{path} is writable by {_user()}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return Outcome(False, what, f"{path} cannot be created: {parent} is not a directory", fix)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        reason = f"{parent} is not writable by {_user()}"
+        return Outcome(False, what, f"{path} is missing and cannot be created ({reason})", fix)
+    return Outcome(True, what, f"{path} (missing: made at pairing)")
+
+
+def _agent_key(key: Path) -> Outcome | None:
+    """The agent's private key (None before pairing: the hosted-server line says so)."""
+    what = "agent key"
+    try:
+        mode = stat.S_IMODE(key.stat().st_mode)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return Outcome(False, what, f"{key}: {exc.strerror}", "check the state directory's owner")
+    if mode & 0o077:
+        return Outcome(
+            False,
+            what,
+            f"{key} is open to group or others (mode {mode:04o})",
+            f"chmod 600 {key}: anyone who reads it can act as this agent",
+        )
+    if not os.access(key, os.R_OK):
+        return Outcome(
+            False,
+            what,
+            f"{key} is not readable by {_user()}",
+            f"`chown USER {key}` for the user the agent runs as",
+        )
+    return Outcome(True, what, f"{key} is private (mode {mode:04o})")
 
 
 def _secret(server: MailServer) -> Outcome:

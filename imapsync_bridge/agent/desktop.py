@@ -258,9 +258,11 @@ class DesktopSide:
         log.info("window: %d message(s) added since UID %d, no full sort", len(added), since_uid)
         return window_of(_newest_first(last_window + added), count)
 
-    def fetch_raws(self, uids: list[int], max_size: int) -> dict[int, bytes | MessageError]:
+    def fetch_raws(
+        self, uids: list[int], max_size: int, on_batch: Callable[[int], None] | None = None
+    ) -> dict[int, bytes | MessageError]:
         self.imap.ensure_selected(self.inbox)
-        return self.imap.fetch_raws(uids, max_size)
+        return self.imap.fetch_raws(uids, max_size, on_batch)
 
     # -- actions ---------------------------------------------------------------------
     def apply_all(

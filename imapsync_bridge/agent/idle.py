@@ -10,6 +10,8 @@ change anything), IDLEs, and calls ``on_change(reason)``:
 ``"reconnected"``  once after every (re)connect, first connect included, as soon as IDLE
                    runs: what happened while we were not watching is unknown, so IDLE is
                    only a hint from here on and the caller runs a normal sync.
+``"no-idle"``      once, when the server offers no IDLE: the watcher ends and the caller
+                   polls instead.
 
 Each reason is reported once per batch of lines that arrived together (1,000 FETCHes for
 one "mark all read" make one ``"flags"``); nothing is delayed or debounced over time, the
@@ -51,8 +53,8 @@ Why these intervals (:class:`IdleTiming`, all shortened by tests):
   logs out and connects again with a fresh token (Exchange Online ends a session whose
   token expired). The new connection reports ``"reconnected"`` like any other.
 
-A server without IDLE gets no push: the watcher logs it, reports the state
-``"unsupported"`` and ends (the periodic sync still runs).
+A server without IDLE gets no push: the watcher reports the state ``"unsupported"``,
+calls ``on_change("no-idle")`` and ends; the service then polls every ``poll_interval``.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ NEW = "new"
 FLAGS = "flags"
 EXPUNGE = "expunge"
 RECONNECTED = "reconnected"
+NO_IDLE = "no-idle"  # once, when the server turns out to offer no IDLE: poll instead
 
 #: Untagged response type → reason, in the order reasons are reported within a batch.
 _REASONS = (("EXISTS", NEW), ("FETCH", FLAGS), ("EXPUNGE", EXPUNGE), ("VANISHED", EXPUNGE))
@@ -320,9 +323,9 @@ class InboxWatcher:
         conn.keepalive(*t.keepalive)
         messages = conn.examine(self.mailbox)
         if not conn.has("IDLE"):
-            log.warning("inbox watcher: the server offers no IDLE: no push, periodic sync only")
             self._set(state="unsupported")
             self._stopping.set()
+            self._emit(NO_IDLE)
             return
         conn.idle_start(t.reply_timeout)  # what came before is covered by "reconnected"
         with self._lock:

@@ -29,6 +29,7 @@ from imapsync_bridge.agent.imap_data import (
     modseq_of,
     msgset,
     raw_or_error,
+    size_batches,
     utc,
 )
 from imapsync_bridge.agent.imap_idle import ImapWatching
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 #: How many of a mailbox's newest messages :meth:`ImapMailbox.locate` scans for a
 #: ``sha256:`` key (a message without a Message-ID cannot be searched for).
 HASH_SCAN_LIMIT = 2000
+#: fetch_raws batches: few enough bytes that each reports progress within seconds on a
+#: slow line (a service's watchdog waits minutes), many enough messages per round trip.
+FETCH_BATCH, FETCH_BATCH_BYTES = 50, 4_000_000
 
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]", re.I)
 _COPYUID = re.compile(rb"\[COPYUID (\d+) ([\d:,]+) ([\d:,]+)\]", re.I)
@@ -239,19 +243,42 @@ class ImapMailbox(ImapWatching):
                         out[uid] = utc(data[b"INTERNALDATE"])
         return out
 
-    def fetch_raws(self, uids: Sequence[int], max_size: int) -> dict[int, bytes | MessageError]:
-        """Whole messages in one ``UID FETCH`` per chunk (BODY.PEEK[]: \\Seen not set).
+    def fetch_raws(
+        self,
+        uids: Sequence[int],
+        max_size: int,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> dict[int, bytes | MessageError]:
+        """Whole messages (BODY.PEEK[]: \\Seen not set) in batches of at most
+        FETCH_BATCH messages and about FETCH_BATCH_BYTES, sized by one ``RFC822.SIZE``
+        fetch first; ``on_batch(done)`` after each, so a long first sync shows progress
+        and keeps a service's watchdog fed however slow the line.
 
         Each UID maps to its bytes, or to the MessageError that makes it unusable (gone,
-        larger than *max_size*); at most ``max_size + 1`` bytes of each are transferred.
+        larger than *max_size*: such a message's body is never transferred).
         """
         self._require_selected()
+        sizes: dict[int, int] = {}
+        with self._guard("FETCH sizes"):
+            for chunk in chunks(sorted(set(uids))):
+                for uid, item in self._fetch(msgset(chunk), "UID RFC822.SIZE").items():
+                    if b"RFC822.SIZE" in item:
+                        sizes[uid] = int(item[b"RFC822.SIZE"])
         out: dict[int, bytes | MessageError] = {}
-        for chunk in chunks(list(uids), 50):
+        wanted = []
+        for uid in uids:
+            if uid in sizes and sizes[uid] <= max_size:
+                wanted.append(uid)
+            else:  # gone or too large: the error a fetch would give, without the body
+                known = {b"RFC822.SIZE": sizes[uid]} if uid in sizes else None
+                out[uid] = raw_or_error(uid, known, max_size, self._selected)
+        for batch in size_batches(wanted, sizes, FETCH_BATCH, FETCH_BATCH_BYTES):
             with self._guard("FETCH messages"):
-                data = self._fetch(msgset(chunk), f"UID RFC822.SIZE BODY.PEEK[]<0.{max_size + 1}>")
-            for uid in chunk:
+                data = self._fetch(msgset(batch), f"UID RFC822.SIZE BODY.PEEK[]<0.{max_size + 1}>")
+            for uid in batch:
                 out[uid] = raw_or_error(uid, data.get(uid), max_size, self._selected)
+            if on_batch is not None:
+                on_batch(len(out))
         return out
 
     def summaries(

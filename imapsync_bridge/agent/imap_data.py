@@ -7,7 +7,7 @@ reads (and is tested) on its own.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,6 +63,24 @@ def raw_or_error(
     if body is None:
         return MessageError(f"UID {uid}: server returned no body")
     return body
+
+
+def size_batches(
+    uids: Sequence[int], sizes: Mapping[int, int], most: int, most_bytes: int
+) -> Iterator[list[int]]:
+    """*uids* in order, in batches of at most *most* messages and *most_bytes* (a
+    message larger than that alone makes a batch)."""
+    batch: list[int] = []
+    total = 0
+    for uid in uids:
+        size = sizes.get(uid, 0)
+        if batch and (len(batch) >= most or total + size > most_bytes):
+            yield batch
+            batch, total = [], 0
+        batch.append(uid)
+        total += size
+    if batch:
+        yield batch
 
 
 def chunks(items: Sequence[int], size: int = CHUNK) -> Iterator[Sequence[int]]:

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from imapsync_bridge.agent.link import AGENT_CRT, AGENT_KEY, SERVER_CA, ServerLink
-from imapsync_bridge.agent.state import STATE_FILE, AgentState
+from imapsync_bridge.agent.state import STATE_FILE, AgentState, make_state_dir
 from imapsync_bridge.protocol import pki, schema, tls
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def pair(host: str, port: int, code: str, state_dir: Path, timeout: float = 30.0
         pki.check_ca_fingerprint(ca_pem, fp_prefix)
         tls.verify_leaf_issued_by(probe.getpeercert(binary_form=True), ca_pem, host)
 
-    state_dir.mkdir(parents=True, exist_ok=True)
+    make_state_dir(state_dir)
     ca_path = state_dir / SERVER_CA
     pki.write_public(ca_path, ca_pem)
     key_pem, csr_pem = pki.make_key_and_csr("agent")

@@ -15,9 +15,15 @@ from imapsync_bridge.agent.imap import ImapMailbox
 from imapsync_bridge.agent.link import AGENT_CRT, ServerLink
 from imapsync_bridge.agent.outbox import OutgoingSettings
 from imapsync_bridge.agent.session import SyncSession
-from imapsync_bridge.agent.state import STATE_FILE, AgentState
+from imapsync_bridge.agent.state import STATE_FILE, AgentState, make_state_dir
 from imapsync_bridge.config import AgentConfig
-from imapsync_bridge.errors import AuthError, BridgeError, ConfigError, TransientError
+from imapsync_bridge.errors import (
+    AuthError,
+    BridgeError,
+    ConfigError,
+    StoreError,
+    TransientError,
+)
 from imapsync_bridge.logs import ProgressSink
 from imapsync_bridge.model import Where
 from imapsync_bridge.sync.outgoing import Limits
@@ -83,8 +89,12 @@ LOCK_FILE = "agent.lock"  # held around every session: one at a time (agent sync
 @contextlib.contextmanager
 def session_lock(config: AgentConfig) -> Iterator[None]:
     """Exclusive use of the agent state for one session; a second waits for the first."""
-    config.state_dir.mkdir(parents=True, exist_ok=True)
-    with (config.state_dir / LOCK_FILE).open("a") as handle:
+    make_state_dir(config.state_dir)
+    try:
+        handle = (config.state_dir / LOCK_FILE).open("a")
+    except OSError as exc:
+        raise StoreError(f"cannot open {config.state_dir / LOCK_FILE}: {exc.strerror}") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -176,6 +186,8 @@ def status_lines(info: dict[str, Any]) -> list[str]:
         idle, push = connections.get("imap_idle"), connections.get("push") or {}
         lines.append(f"  imap idle   {idle['state'] if idle else 'off (idle = false)'}")
         lines.append(f"  push link   {push.get('state', '-')}")
+        if poll := connections.get("poll"):
+            lines.append(f"  polling     every {poll['every']} s ({poll['why']})")
     else:
         lines.append(f"service       {info['service']}")
     result = info["last_result"] or "-"

@@ -12,7 +12,11 @@ merge into one following session. Around it:
   per session). While it is up and said nothing, the phone has not changed since the
   last session, so a session starts from the desktop's counts alone and asks the server
   nothing unless the desktop moved;
-- with ``idle = false``, "poll" every ``poll_interval`` looks for trigger mail.
+- with ``idle = false``, "poll" every ``poll_interval`` looks for trigger mail; with
+  ``idle = true`` on a server that offers no IDLE the watcher says "no-idle" and the
+  poll stands in for IDLE: it looks for trigger mail and, with ``sync_on_change``,
+  runs a session (a no-change one costs a round trip), so desktop changes still reach
+  the phone within ``poll_interval``.
 
 A session that fails is retried with backoff; the service itself keeps running. SIGTERM
 or SIGINT end it after the session in progress (``agent run`` abandons one that takes
@@ -37,7 +41,7 @@ from typing import Any
 import schedule
 
 from imapsync_bridge.agent.desktop import DesktopSide
-from imapsync_bridge.agent.idle import IdleTiming, InboxWatcher
+from imapsync_bridge.agent.idle import NO_IDLE, IdleTiming, InboxWatcher
 from imapsync_bridge.agent.imap import ImapMailbox
 from imapsync_bridge.agent.link import ServerLink
 from imapsync_bridge.agent.push import PushConnector, PushTiming
@@ -55,6 +59,7 @@ from imapsync_bridge.agent.state import AgentState
 from imapsync_bridge.agent.trigger import TriggerWatch
 from imapsync_bridge.config import AgentConfig
 from imapsync_bridge.errors import AuthError, BridgeError, TransientError
+from imapsync_bridge.logs import Progress, ProgressFanout
 from imapsync_bridge.oauth2 import tokens
 from imapsync_bridge.oauth2.tokens import LoginRequired
 from imapsync_bridge.protocol import schema
@@ -75,6 +80,7 @@ MERGE_WINDOW = 0.25
 ROUTINE_REASONS = frozenset({"timer", "poll"})
 # Reasons after which new inbox mail may hold a trigger.
 SCAN_REASONS = frozenset({"start", "new", "reconnected", "poll"})
+NO_IDLE_POLL = "the server offers no IDLE"  # why the service polls although idle = true
 LOGIN_POLL = 2.0  # seconds between looks for a new `agent login` while one is needed
 
 
@@ -129,12 +135,16 @@ class AgentService:
         self.timing = timing or ServiceTiming()
         # systemd (Type=notify): ready once the loop runs, the watchdog pinged from it
         self.notifier = notifier or Notifier.from_environment()
+        # a long session pings the watchdog, and shows its counts when run on a terminal
+        self.progress = ProgressFanout(self.notifier, Progress())
         self.wake = Wakeup()
         self.state: AgentState  # opened by run(), in the thread that uses it
         self.scheduler = schedule.Scheduler()
         self.scheduler.every(config.sync_interval).seconds.do(self.wake.add, "timer")
+        #: Why the service polls the inbox (None: IDLE tells it); `agent status` shows it.
+        self._polling: str | None = None
         if not config.idle:
-            self.scheduler.every(config.poll_interval).seconds.do(self.wake.add, "poll")
+            self._start_polling("idle = false")
         self._handover: queue.SimpleQueue[ServerLink] = queue.SimpleQueue()
         self.connector = PushConnector(self._connect_push, self._handed_over, self.timing.push)
         self.watcher = (
@@ -170,6 +180,22 @@ class AgentService:
         self._syncs = 0
         self._shown: dict[str, Any] = {}
         self._instance = ""
+
+    def _start_polling(self, why: str) -> None:
+        self._polling = why
+        self.scheduler.every(self.config.poll_interval).seconds.do(self.wake.add, "poll")
+
+    def _fall_back_to_polling(self) -> None:
+        """The server offers no IDLE: poll every ``poll_interval`` instead (said once)."""
+        if self._polling is not None:
+            return
+        log.warning(
+            "the IMAP server offers no IDLE: looking for desktop changes and trigger mail "
+            "every %d s (poll_interval) instead",
+            self.config.poll_interval,
+        )
+        self._start_polling(NO_IDLE_POLL)
+        self._pending.add("poll")  # look now, not a poll_interval from now
 
     # -- life cycle ----------------------------------------------------------------------
     def stop(self) -> None:
@@ -263,6 +289,9 @@ class AgentService:
         if self._trigger_at is not None and now >= self._trigger_at:
             self._trigger_at = None
             self._pending.add("trigger")
+        if NO_IDLE in self._pending:
+            self._pending.discard(NO_IDLE)
+            self._fall_back_to_polling()
         reasons, self._pending = self._pending, set()
         if not reasons and not self._deferred:
             return
@@ -277,7 +306,13 @@ class AgentService:
         wanted = reasons & SYNC_REASONS
         if self.config.sync_on_change:
             wanted |= reasons & INBOX_CHANGES
-        if wanted and self._retry_at is not None and wanted <= {"timer", "push", *INBOX_CHANGES}:
+            if self._polling == NO_IDLE_POLL:  # the poll stands in for IDLE
+                wanted |= reasons & {"poll"}
+        if (
+            wanted
+            and self._retry_at is not None
+            and wanted <= {"timer", "poll", "push", *INBOX_CHANGES}
+        ):
             # A failed session waits for its retry; only a user's request jumps it (not
             # the push link coming back: the failure dropped it, and would again at once).
             return
@@ -365,12 +400,12 @@ class AgentService:
             with open_link(self.config) as link:
                 return SyncSession(
                     self.state, desktop, link, options, keep_inbox_selected=not routine,
-                    outgoing=outgoing_settings(self.config), progress=self.notifier,
+                    outgoing=outgoing_settings(self.config), progress=self.progress,
                 ).run()  # fmt: skip
         report = SyncSession(
             self.state, desktop, self.push, options, phone_vouched=vouched,
             keep_inbox_selected=not routine,
-            outgoing=outgoing_settings(self.config), progress=self.notifier,
+            outgoing=outgoing_settings(self.config), progress=self.progress,
         ).run()  # fmt: skip
         self._push_said = self._push_heard = time.monotonic()
         return report
@@ -506,6 +541,11 @@ class AgentService:
             "started": self._started.isoformat(timespec="seconds"),
             "connections": {
                 "imap_idle": self.watcher.status() if self.watcher is not None else None,
+                "poll": (
+                    {"every": self.config.poll_interval, "why": self._polling}
+                    if self._polling is not None
+                    else None
+                ),
                 "push": {
                     "state": "connected" if self.push is not None else "connecting",
                     "since": self._push_since,

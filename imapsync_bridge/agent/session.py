@@ -35,6 +35,7 @@ from imapsync_bridge.model import (
 from imapsync_bridge.protocol import schema
 from imapsync_bridge.sync.ledger import roll_forward
 from imapsync_bridge.sync.ops import (
+    AppendToDesktop,
     DestroyOnPhone,
     EvictFromPhone,
     MoveOnPhone,
@@ -250,8 +251,9 @@ class SyncSession:
             self.state.set_many({"interrupted": "1"})
             return None
         if isinstance(step, ApplyDesktop):
+            copies = sum(isinstance(a, AppendToDesktop) for a in step.actions)
             return self.desktop.apply_all(
-                step.actions, step.facts, step.ledger, self._fetch_from_phone
+                step.actions, step.facts, step.ledger, self._pulling(copies)
             )
         if isinstance(step, SendToPhone):
             ops = [
@@ -268,7 +270,8 @@ class SyncSession:
         if isinstance(step, ListNewestAfterAdditions):
             return self.desktop.newest_after_additions(step.last_window, step.since_uid, step.count)
         if isinstance(step, FetchRaws):
-            return self.desktop.fetch_raws(step.uids, step.max_size)
+            counted = self._reporting("fetching from the desktop", len(step.uids))
+            return self.desktop.fetch_raws(step.uids, step.max_size, counted)
         if isinstance(step, AcknowledgePhone):
             self.link.ack_actions(step.up_to)
             return None
@@ -342,8 +345,27 @@ class SyncSession:
 
         return acked
 
+    def _reporting(self, what: str, total: int) -> Callable[[int], None] | None:
+        """``done -> None`` telling :attr:`progress` how far work of *total* steps is."""
+        progress = self.progress
+        if progress is None:
+            return None
+        return lambda done: progress.update(what, done, total)
+
     def _note_acked(self, seq: int) -> None:
         self._acked = max(self._acked, seq)
 
-    def _fetch_from_phone(self, key: str) -> bytes:
-        return self.link.fetch(key)
+    def _pulling(self, total: int) -> Callable[[str], bytes]:
+        """The phone's copy of a message, counted as a step of copying *total* of them."""
+        counted = self._reporting("copying to the desktop", total)
+        done = 0
+
+        def fetch(key: str) -> bytes:
+            nonlocal done
+            raw = self.link.fetch(key)
+            done += 1
+            if counted is not None:
+                counted(done)
+            return raw
+
+        return fetch

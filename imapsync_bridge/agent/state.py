@@ -74,6 +74,18 @@ _SCHEMA_V3 = (
 _MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
 
+def make_state_dir(path: Path) -> None:
+    """The state directory, created when missing; one line, not a traceback, when it
+    cannot be (a file in the way, no write permission for the service's user)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create the state directory {path}: {exc.strerror}; "
+            "`agent check` says what to do"
+        ) from None
+
+
 def _migrate(db: sqlite3.Connection, path: Path) -> None:
     """Bring the state file to SCHEMA_VERSION in one transaction; refuse a newer one.
 
@@ -123,7 +135,7 @@ class AgentState:
     """One agent's state database (``state_dir/agent.sqlite3``)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_state_dir(path.parent)
         try:
             self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
         except sqlite3.Error as exc:
