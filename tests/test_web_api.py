@@ -15,8 +15,10 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from bridge import REPO, ServerThread, run_cli
@@ -323,3 +325,100 @@ def test_a_bad_certificate_or_a_taken_port_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr
     assert f"web listener: cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- the security review's findings (docs/web.md "Security review") ------------------------
+BCC = "Bcc: eve@evil.example"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"subject": "Hi\r\nBcc: eve@evil.example"}, {"to": [f"carol@example.net\r\n{BCC}"]},
+     {"to": [f"carol@example.net\n{BCC}"]}, {"subject": "lone \ud800 surrogate"},
+     {"body": "lone \udfff surrogate"}, {"to": [f"carol@example.net\u2028{BCC}"]}],
+)  # fmt: skip
+def test_line_breaks_and_broken_unicode_in_compose_are_400_and_inject_nothing(
+    hosted: WebHosted, relay: MailServer, fields: dict[str, Any]
+) -> None:
+    body = {"to": ["carol@example.net"], "subject": "s", "body": "b", **fields}
+    answer = hosted.client().request("POST", "/api/compose", body, basic=ALICE)
+    assert answer.status == 400, answer.text
+    assert set(answer.json()) == {"error"} and answer.json()["error"]
+    assert hosted.client().request("GET", "/api/mailbox", basic=ALICE).json()["outbox"] == []
+    assert relay.received == []
+
+
+def test_the_compose_form_refuses_line_breaks_with_the_draft_kept(
+    hosted: WebHosted, relay: MailServer
+) -> None:
+    client = hosted.client()
+    client.login()
+    fields = {"csrf": client.csrf("/compose"), "subject": "s", "body": "b", "send": "now"}
+    for hostile in ({"to": f"carol@example.net\r\n{BCC}"},
+                    {"to": "carol@example.net", "subject": f"Hi\r\n{BCC}"}):  # fmt: skip
+        answer = client.form("/compose", {**fields, **hostile})
+        assert answer.status == 400, answer.text
+        assert "line break" in answer.text and 'name="body"' in answer.text
+    assert relay.received == []
+    assert client.request("GET", "/api/mailbox").json()["outbox"] == []
+
+
+def test_deeply_nested_json_is_400_not_a_crash(hosted: WebHosted) -> None:
+    for body in (b"[" * 200_000, b'{"to": ' + b"[" * 200_000):
+        answer = hosted.client().request("POST", "/api/compose", body, basic=ALICE)
+        assert answer.status == 400, answer.text
+        assert set(answer.json()) == {"error"}
+    assert hosted.client().request("GET", "/api/status", basic=ALICE).status == 200
+
+
+def test_ids_are_ascii_digits_only(hosted: WebHosted) -> None:
+    hosted.deliver(1)
+    client = hosted.client()
+    client.login()
+    (item,) = client.request("GET", "/api/mailbox").json()["inbox"]
+    assert item["id"] < 10
+    arabic = chr(0x0660 + item["id"])  # ARABIC-INDIC DIGIT: int() takes it, a URL should not
+    for path in (f"/messages/{arabic}", f"/api/messages/{arabic}"):
+        assert client.request("GET", urllib.parse.quote(path)).status == 404, path
+    for odd in ("²", arabic, "-1", "1e3", "0x1"):
+        answer = client.request("GET", "/compose?" + urllib.parse.urlencode({"reply": odd}))
+        assert answer.status == 200 and 'name="in_reply_to" value=""' in answer.text, odd
+        token = client.csrf("/compose")
+        form = {"csrf": token, "to": "carol@example.net", "body": "b", "in_reply_to": odd}
+        assert client.form("/compose", {**form, "send": "desktop"}).status == 303, odd
+    queued = client.request("GET", "/api/mailbox").json()["outbox"]
+    assert len(queued) == 5  # sent, not as replies to anything
+
+
+def test_every_answer_is_uncacheable_and_strict(hosted: WebHosted) -> None:
+    client = hosted.client()
+    answers = [client.request("GET", "/"), client.request("GET", "/inbox"),
+               client.request("GET", "/api/mailbox"), client.request("GET", "/nowhere"),
+               client.login(), client.request("GET", "/inbox"),
+               client.request("GET", "/static/live.js")]  # fmt: skip
+    for answer in answers:
+        assert answer.headers["Cache-Control"] == "no-store", answer.status
+        assert answer.headers["X-Content-Type-Options"] == "nosniff", answer.status
+        assert "frame-ancestors 'none'" in answer.headers["Content-Security-Policy"]
+        assert answer.headers["Referrer-Policy"] == "no-referrer"
+    context = ssl.create_default_context(cafile=str(hosted.ca))
+    conn = http.client.HTTPSConnection("127.0.0.1", hosted.port, context=context, timeout=10)
+    cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+    conn.request("GET", "/events", headers={"Cookie": cookie})
+    stream = conn.getresponse()
+    assert stream.status == 200
+    assert stream.headers["X-Content-Type-Options"] == "nosniff"
+    assert "default-src 'none'" in stream.headers["Content-Security-Policy"]
+    conn.close()
+
+
+def test_logging_in_again_replaces_the_old_session(hosted: WebHosted) -> None:
+    client = hosted.client()
+    client.login()
+    first = client.cookies["__Host-session"]
+    client.login()  # the login form while logged in: a new session, the old one ended
+    assert client.cookies["__Host-session"] != first
+    assert client.request("GET", "/api/mailbox").status == 200
+    stale = hosted.client()
+    stale.cookies["__Host-session"] = first
+    assert stale.request("GET", "/api/mailbox").status == 401

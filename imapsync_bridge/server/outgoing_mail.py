@@ -92,6 +92,19 @@ def prepare_submitted(raw: bytes) -> tuple[bytes, str, str, list[str]]:
     return b"\r\n".join(kept) + rest, message_id, senders[0] if senders else "", recipients
 
 
+def check_form_text(**fields: str) -> None:
+    """Refuse a compose field with a line break (in a header it would start a header of
+    its own: a ``Bcc:`` smuggled in) or text no mail can carry (a lone surrogate, which
+    JSON allows), naming the field."""
+    for name, value in fields.items():
+        if name != "body" and len(value.splitlines()) > 1:
+            raise OutgoingRefused(f"{name} contains a line break")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise OutgoingRefused(f"{name} is not valid Unicode text") from None
+
+
 def check_recipients(recipients: list[str]) -> None:
     if not recipients:
         raise OutgoingRefused("the message has no recipients")

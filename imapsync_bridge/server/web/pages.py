@@ -22,11 +22,14 @@ import aiohttp_jinja2
 from aiohttp import web
 from multidict import MultiDictProxy
 
+from imapsync_bridge.server.outgoing_mail import check_form_text
 from imapsync_bridge.server.phone import VERBS, MessageDetail, NoSuchMessage, OutgoingRefused
 from imapsync_bridge.server.web import mailview
 from imapsync_bridge.server.web.context import WebContext, context_of
 from imapsync_bridge.server.web.security import (
     ANON_COOKIE,
+    HEADERS,
+    ID,
     SESSION_COOKIE,
     SESSION_SECONDS,
     Handler,
@@ -40,7 +43,6 @@ from imapsync_bridge.server.web.security import (
 )
 
 routes = web.RouteTableDef()
-ID = r"{id:\d{1,18}}"
 KEEPALIVE_SECONDS = 15.0  # a comment line on a quiet event stream, for proxies
 
 
@@ -129,6 +131,7 @@ async def login(request: web.Request) -> web.Response:
         return _login_form(request, "Too many failed logins: try again in a few minutes.", 429)
     except web.HTTPUnauthorized:
         return _login_form(request, "Wrong user name or password.", 401)
+    context.sessions.drop(request.cookies.get(SESSION_COOKIE))  # one browser, one session
     token, _session_ = context.sessions.new(user)
     response = web.HTTPSeeOther("/inbox")
     set_cookie(response, SESSION_COOKIE, token, SESSION_SECONDS)
@@ -244,11 +247,12 @@ async def compose(request: web.Request) -> web.Response:
     session = _session(request)
     form = await _form(request, session)
     draft = {k: _field(form, k) for k in ("to", "subject", "body", "in_reply_to")}
-    to = [formataddr(pair) for pair in getaddresses([draft["to"]]) if pair[1]]
     reply = phone_id(draft["in_reply_to"])
     via_desktop = _field(form, "send") == "desktop"
     context = context_of(request)
     try:
+        check_form_text(to=draft["to"])  # before getaddresses reads a line break as a comma
+        to = [formataddr(pair) for pair in getaddresses([draft["to"]]) if pair[1]]
         await context.call(
             context.service.compose, session.user, to, draft["subject"], draft["body"],
             via_desktop, reply,
@@ -276,9 +280,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     watch too) says when to look: any commit by SMTP in, a sync, the CLI or this page."""
     session = _session(request)
     context = context_of(request)
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
-    )
+    response = web.StreamResponse(headers={**HEADERS, "Content-Type": "text/event-stream"})
     await response.prepare(request)
     seen, last = context.feed.version, request.query.get("since")  # the page's mark
     quiet = False  # the last wait ended without a change

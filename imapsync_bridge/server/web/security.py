@@ -54,8 +54,10 @@ HEADERS = {
     "X-Frame-Options": "DENY",
     "Strict-Transport-Security": "max-age=31536000",
     "Cross-Origin-Opener-Policy": "same-origin",
+    "Cache-Control": "no-store",  # private mail: no copy in any cache, redirects too
 }
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+ID = r"{id:[0-9]{1,18}}"  # a message id in a route: ASCII digits (\d takes any script's)
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def phone_id(text: str) -> int | None:
     """A message id from a form or query field (digits, within SQLite's integers)."""
-    return int(text) if text.isdigit() and len(text) <= 18 else None
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
 
 
 @web.middleware
@@ -198,7 +200,6 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
         raise web.HTTPServiceUnavailable(
             reason="the server cannot do that now", headers=HEADERS
         ) from None
-    if not response.prepared:
+    if not response.prepared:  # (the event stream sent them itself)
         response.headers.update(HEADERS)
-        response.headers.setdefault("Cache-Control", "no-store")
     return response
