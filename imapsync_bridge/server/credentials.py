@@ -22,6 +22,7 @@ The rows live in the ``passwords`` table (a migration of its own in :mod:`.store
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
 import re
 import sqlite3
@@ -168,6 +169,20 @@ class Login:
     refused: bool = False
 
 
+def client_block(address: str) -> str:
+    """What the throttle counts a client address as: an IPv6 client by its /64 (one
+    host is usually given a whole /64 to pick from), IPv4-mapped as IPv4."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 class Logins:
     """Every password check of one server process, behind one :class:`.throttle.Throttle`
     (submission now; the web page and the API later share the same instance)."""
@@ -182,7 +197,7 @@ class Logins:
         (scrypt): run it in a worker thread."""
         found = self.store.password_hash(login) if 0 < len(login) <= 320 else None
         user_subject = f"user:{found[0]}" if found else f"login:{login.lower()[:320]}"
-        subjects = [user_subject] + ([f"address:{address}"] if address else [])
+        subjects = [user_subject] + ([f"address:{client_block(address)}"] if address else [])
         if self.throttle.refused(*subjects):
             return Login(None, refused=True)
         user = check_password(self.store, login, password)
