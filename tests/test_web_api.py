@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.web import RouteDef
 from bridge import REPO, ServerThread, run_cli
 from smtp_servers import MailServer
 from test_smtp_in import set_options
 from web_hosted import PASSWORDS, WebHosted, add_phone_users, new_server_dir
 
 from imapsync_bridge.protocol import pki
+from imapsync_bridge.server.web import api, pages
+from imapsync_bridge.server.web.security import ID
 
 ALICE = ("alice", PASSWORDS["alice"])
 BOB = ("bob", PASSWORDS["bob"])
@@ -422,3 +425,51 @@ def test_logging_in_again_replaces_the_old_session(hosted: WebHosted) -> None:
     stale = hosted.client()
     stale.cookies["__Host-session"] = first
     assert stale.request("GET", "/api/mailbox").status == 401
+
+
+def _write_routes() -> list[str]:
+    """Every POST route of the page and the API, an id filled in: a new one is covered."""
+    paths = [route.path for table in (pages.routes, api.routes) for route in table
+             if isinstance(route, RouteDef) and route.method == "POST"]  # fmt: skip
+    return [p.replace(ID, "{id}").replace("{verb}", "delete") for p in paths]
+
+
+def test_every_write_route_needs_the_csrf_token_with_a_session(hosted: WebHosted) -> None:
+    hosted.deliver(1)
+    client = hosted.client()
+    client.login()
+    (item,) = client.request("GET", "/api/mailbox").json()["inbox"]
+    routes = [path.format(id=item["id"]) for path in _write_routes()]
+    assert {"/logout", "/compose", "/api/compose", "/sync", "/api/sync"} <= set(routes)
+    for path in routes:
+        body = {"to": ["carol@example.net"]} if path.startswith("/api/") else {}
+        assert client.request("POST", path, body).status == 403, path
+        if not path.startswith("/api/"):
+            assert client.form(path, {"csrf": "forged"}).status == 403, path
+    assert client.request("GET", "/api/mailbox").json()["inbox"] == [item]  # nothing changed
+    assert client.request("GET", "/api/mailbox").json()["outbox"] == []
+
+
+def test_another_users_ids_are_404_on_every_page_route(hosted: WebHosted) -> None:
+    hosted.deliver(1, subject="Alice's secret")
+    alice = hosted.client()
+    alice.login()
+    (item,) = alice.request("GET", "/api/mailbox").json()["inbox"]
+    bob = hosted.client()
+    bob.login("bob")
+    token = bob.csrf("/inbox")
+    for path in _write_routes():
+        if "{id}" in path and not path.startswith("/api/"):
+            answer = bob.form(path.format(id=item["id"]), {"csrf": token})
+            assert answer.status == 404 and "secret" not in answer.text, path
+    for mode in ("reply", "forward"):
+        answer = bob.request("GET", f"/compose?{mode}={item['id']}")
+        assert answer.status == 404 and "secret" not in answer.text
+    fields = {"csrf": token, "to": "carol@example.net", "body": "b", "in_reply_to": str(item["id"])}
+    assert bob.form("/compose", fields).status == 400
+    assert bob.request("GET", "/api/mailbox").json()["outbox"] == []
+    # logging in (with its redirect) never goes anywhere a parameter says
+    assert hosted.client().request("GET", "/login?next=https://evil.example/").status == 200
+    answer = hosted.client().login()
+    assert answer.headers["Location"] == "/inbox"
+    assert alice.request("GET", "/api/mailbox").json()["inbox"] == [item]
