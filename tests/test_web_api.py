@@ -29,6 +29,7 @@ from web_hosted import PASSWORDS, WebHosted, add_phone_users, new_server_dir
 
 from imapsync_bridge.protocol import pki
 from imapsync_bridge.server.web import api, pages
+from imapsync_bridge.server.web.pages import MAX_STREAMS_PER_USER
 from imapsync_bridge.server.web.security import ID
 
 ALICE = ("alice", PASSWORDS["alice"])
@@ -473,3 +474,38 @@ def test_another_users_ids_are_404_on_every_page_route(hosted: WebHosted) -> Non
     answer = hosted.client().login()
     assert answer.headers["Location"] == "/inbox"
     assert alice.request("GET", "/api/mailbox").json()["inbox"] == [item]
+
+
+def test_one_user_cannot_open_event_streams_without_end(hosted: WebHosted) -> None:
+    """Every store commit wakes every open stream: a thousand of one user's would make
+    each new mail cost the server a thousand mailbox reads."""
+    client = hosted.client()
+    client.login()
+    context = ssl.create_default_context(cafile=str(hosted.ca))
+    cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+
+    def open_stream() -> tuple[http.client.HTTPSConnection, http.client.HTTPResponse]:
+        conn = http.client.HTTPSConnection("127.0.0.1", hosted.port, context=context, timeout=10)
+        conn.request("GET", "/events", headers={"Cookie": cookie})
+        return conn, conn.getresponse()
+
+    streams = [open_stream() for _ in range(MAX_STREAMS_PER_USER)]
+    try:
+        assert [response.status for _conn, response in streams] == [200] * len(streams)
+        refused_conn, refused = open_stream()
+        assert refused.status == 429 and "too many" in refused.read().decode()
+        refused_conn.close()
+        bob = hosted.client()
+        bob.login("bob")
+        assert bob.request("GET", "/inbox").status == 200  # others are not affected
+        streams.pop()[0].close()  # a page closed: its place is free again once the
+        hosted.deliver(1)  # server notices (its next write: this mail, or the keep-alive)
+        deadline = time.monotonic() + 10
+        while (again := open_stream())[1].status == 429 and time.monotonic() < deadline:
+            again[0].close()
+            time.sleep(0.1)
+        streams.append(again)
+        assert again[1].status == 200
+    finally:
+        for conn, _response in streams:
+            conn.close()

@@ -44,6 +44,7 @@ from imapsync_bridge.server.web.security import (
 
 routes = web.RouteTableDef()
 KEEPALIVE_SECONDS = 15.0  # a comment line on a quiet event stream, for proxies
+MAX_STREAMS_PER_USER = 10  # open pages at once (every commit wakes every stream)
 
 
 def _session(request: web.Request) -> Session:
@@ -280,6 +281,20 @@ async def events(request: web.Request) -> web.StreamResponse:
     watch too) says when to look: any commit by SMTP in, a sync, the CLI or this page."""
     session = _session(request)
     context = context_of(request)
+    if context.streams[session.user] >= MAX_STREAMS_PER_USER:
+        raise web.HTTPTooManyRequests(reason="too many open pages: close some")
+    context.streams[session.user] += 1
+    try:
+        return await _stream(request, context, session)
+    finally:
+        context.streams[session.user] -= 1
+        if not context.streams[session.user]:
+            del context.streams[session.user]
+
+
+async def _stream(
+    request: web.Request, context: WebContext, session: Session
+) -> web.StreamResponse:
     response = web.StreamResponse(headers={**HEADERS, "Content-Type": "text/event-stream"})
     await response.prepare(request)
     seen, last = context.feed.version, request.query.get("since")  # the page's mark
