@@ -509,3 +509,17 @@ def test_one_user_cannot_open_event_streams_without_end(hosted: WebHosted) -> No
     finally:
         for conn, _response in streams:
             conn.close()
+
+
+def test_writes_a_browser_makes_for_another_site_are_403(hosted: WebHosted) -> None:
+    client = hosted.client()
+    own = f"https://127.0.0.1:{hosted.port}"
+    foreign = [{"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+               {"Origin": "https://evil.example"}, {"Origin": own.replace("s:", ":")}]  # fmt: skip
+    for headers in foreign:
+        answer = client.request("POST", "/api/sync", headers=headers, basic=ALICE)
+        assert (answer.status, answer.json()) == (403, {"error": "cross-site request refused"})
+        assert client.request("POST", "/logout", "", headers).status == 403
+    for headers in ({"Sec-Fetch-Site": "same-origin", "Origin": own}, {"Sec-Fetch-Site": "none"},
+                    {"Origin": "null"}, {}):  # fmt: skip
+        assert client.request("POST", "/api/sync", headers=headers, basic=ALICE).status == 202

@@ -31,7 +31,7 @@ from imapsync_bridge.server.phone import PhoneService
 from imapsync_bridge.server.store import PhoneStore
 from imapsync_bridge.server.web import api, pages
 from imapsync_bridge.server.web.context import CONTEXT, WebContext
-from imapsync_bridge.server.web.security import Sessions, security_headers
+from imapsync_bridge.server.web.security import Sessions, same_site_writes, security_headers
 
 HERE = Path(__file__).parent
 
@@ -72,7 +72,8 @@ _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 
 def make_app(context: WebContext, max_body: int) -> web.Application:
     app = web.Application(
-        middlewares=[security_headers, api.json_errors, pages.page_errors], client_max_size=max_body
+        middlewares=[security_headers, api.json_errors, pages.page_errors, same_site_writes],
+        client_max_size=max_body,
     )
     app[CONTEXT] = context
     environment = aiohttp_jinja2.setup(

@@ -11,6 +11,7 @@
 * The API also takes HTTP Basic with the phone password on every request (a phone mail
   app or a script). Every password check, the login form's and Basic's, goes through the
   process's one :class:`.credentials.Logins` (the throttle submission uses too).
+* :func:`same_site_writes` refuses a write another site's page makes the browser send.
 * :func:`security_headers` puts a strict Content-Security-Policy (nothing but our own
   files; no inline script or style, so a sanitized mail cannot style or script anything)
   and the usual companions on every answer.
@@ -184,6 +185,24 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def phone_id(text: str) -> int | None:
     """A message id from a form or query field (digits, within SQLite's integers)."""
     return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
+@web.middleware
+async def same_site_writes(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A write a browser makes for another site's page is refused (403) before anything
+    else: Basic credentials the browser holds go with a foreign form too (SameSite does
+    not cover them, and a text/plain form can post JSON). Browsers say who asks with
+    ``Sec-Fetch-Site`` (older ones only with ``Origin``, which is ``null`` under our
+    ``Referrer-Policy: no-referrer``); a client that sends neither is not a browser."""
+    if request.method in WRITE_METHODS:
+        site = request.headers.get("Sec-Fetch-Site", "same-origin")
+        origin = request.headers.get("Origin", "null")
+        if site not in ("same-origin", "none") or origin not in (
+            "null",
+            f"{request.scheme}://{request.host}",
+        ):
+            raise web.HTTPForbidden(reason="cross-site request refused")
+    return await handler(request)
 
 
 @web.middleware
