@@ -523,3 +523,20 @@ def test_writes_a_browser_makes_for_another_site_are_403(hosted: WebHosted) -> N
     for headers in ({"Sec-Fetch-Site": "same-origin", "Origin": own}, {"Sec-Fetch-Site": "none"},
                     {"Origin": "null"}, {}):  # fmt: skip
         assert client.request("POST", "/api/sync", headers=headers, basic=ALICE).status == 202
+
+
+def test_many_recipients_and_a_huge_body_are_refused_with_a_reason(
+    hosted: WebHosted, relay: MailServer
+) -> None:
+    many = [f"r{n}@example.net" for n in range(101)]
+    answer = hosted.client().request("POST", "/api/compose", {"to": many}, basic=ALICE)
+    assert (answer.status, answer.json()) == (400, {"error": "101 recipients: at most 100"})
+    client = hosted.client()
+    client.login()
+    fields = {"csrf": client.csrf("/compose"), "to": ", ".join(many), "body": "b"}
+    answer = client.form("/compose", fields)
+    assert answer.status == 400 and "101 recipients: at most 100" in answer.text
+    huge = {"to": ["carol@example.net"], "body": "x" * (26 * 1024 * 1024)}  # over the limit
+    answer = hosted.client().request("POST", "/api/compose", huge, basic=ALICE)
+    assert answer.status == 413 and set(answer.json()) == {"error"}
+    assert client.request("GET", "/api/mailbox").json()["outbox"] == [] and relay.received == []
