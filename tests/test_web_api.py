@@ -339,9 +339,11 @@ BCC = "Bcc: eve@evil.example"
     "fields",
     [{"subject": "Hi\r\nBcc: eve@evil.example"}, {"to": [f"carol@example.net\r\n{BCC}"]},
      {"to": [f"carol@example.net\n{BCC}"]}, {"subject": "lone \ud800 surrogate"},
-     {"body": "lone \udfff surrogate"}, {"to": [f"carol@example.net\u2028{BCC}"]}],
+     {"body": "lone \udfff surrogate"}, {"to": [f"carol@example.net\u2028{BCC}"]},
+     {"to": ["carol\x00@example.net"]}, {"subject": "nul \x00"}, {"subject": "escape \x1b[2J"},
+     {"body": "nul \x00 in the text"}],
 )  # fmt: skip
-def test_line_breaks_and_broken_unicode_in_compose_are_400_and_inject_nothing(
+def test_line_breaks_controls_and_broken_unicode_in_compose_are_400(
     hosted: WebHosted, relay: MailServer, fields: dict[str, Any]
 ) -> None:
     body = {"to": ["carol@example.net"], "subject": "s", "body": "b", **fields}
