@@ -44,6 +44,7 @@ from imapsync_bridge.server.web.security import (
 
 routes = web.RouteTableDef()
 KEEPALIVE_SECONDS = 15.0  # a comment line on a quiet event stream, for proxies
+GONE_CHECK_SECONDS = 1.0  # how often a quiet stream looks whether its page closed
 MAX_STREAMS_PER_USER = 10  # open pages at once (every commit wakes every stream)
 
 
@@ -300,13 +301,32 @@ async def _stream(
     seen, last = context.feed.version, request.query.get("since")  # the page's mark
     quiet = False  # the last wait ended without a change
     with contextlib.suppress(ConnectionResetError):  # the page went away
-        while not context.closing.is_set() and session_of(request, context.sessions):
+        while _still_open(request, context) and session_of(request, context.sessions):
             mark = (await _overview(context, session.user))["mark"]
             if mark != last:
                 await response.write(b"event: mailbox\ndata: changed\n\n")
             elif quiet:  # keep proxies from closing a quiet stream
                 await response.write(b": still here\n\n")
             last, before = mark, seen
-            seen = await context.feed.wait(seen, KEEPALIVE_SECONDS)
+            seen = await _next_change(request, context, seen)
             quiet = seen == before
     return response
+
+
+def _still_open(request: web.Request, context: WebContext) -> bool:
+    transport = request.transport
+    return not context.closing.is_set() and transport is not None and not transport.is_closing()
+
+
+async def _next_change(request: web.Request, context: WebContext, seen: int) -> int:
+    """The feed's version once past ``seen``, or ``seen`` after the keep-alive time or
+    when the stream must end. Looks every second whether the page is still there:
+    aiohttp does not cancel the handler of a client that went, and a closed page must
+    free its place among the user's streams."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + KEEPALIVE_SECONDS
+    while _still_open(request, context) and (left := deadline - loop.time()) > 0:
+        version = await context.feed.wait(seen, min(GONE_CHECK_SECONDS, left))
+        if version != seen:
+            return version
+    return seen
