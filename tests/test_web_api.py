@@ -6,6 +6,7 @@ send-now mail; the client is ``http.client`` verifying the server's certificate.
 
 from __future__ import annotations
 
+import html
 import http.client
 import json
 import re
@@ -541,3 +542,23 @@ def test_many_recipients_and_a_huge_body_are_refused_with_a_reason(
     answer = hosted.client().request("POST", "/api/compose", huge, basic=ALICE)
     assert answer.status == 413 and set(answer.json()) == {"error"}
     assert client.request("GET", "/api/mailbox").json()["outbox"] == [] and relay.received == []
+
+
+def test_a_reply_goes_to_the_reply_to_address_when_the_mail_names_one(hosted: WebHosted) -> None:
+    hosted.deliver(1, subject="list mail")
+    hosted.deliver(2, subject="broken", reply_to="=?utf-8?q?=0D=0A?= <<<")
+    hosted.deliver(
+        3, subject="answers elsewhere", reply_to="=?utf-8?q?Liste_M=C3=BCller?= <l@x.org>"
+    )
+    client = hosted.client()
+    client.login()
+    inbox = client.request("GET", "/api/mailbox").json()["inbox"]
+    shown = {}
+    for item in inbox:
+        page = client.request("GET", f"/compose?reply={item['id']}").text
+        found = re.search(r'name="to" type="text" inputmode="email" value="([^"]*)"', page)
+        assert found is not None
+        shown[item["subject"]] = html.unescape(found.group(1))
+    assert shown == {"answers elsewhere": '"Liste Müller" <l@x.org>',
+                     "broken": "Carol <carol@example.net>",  # nothing usable: the sender
+                     "list mail": "Carol <carol@example.net>"}  # fmt: skip

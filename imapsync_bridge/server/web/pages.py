@@ -14,7 +14,10 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import re
 import secrets
+from email import policy
+from email.parser import BytesHeaderParser
 from email.utils import formataddr, getaddresses
 from typing import Any
 
@@ -43,6 +46,7 @@ from imapsync_bridge.server.web.security import (
 )
 
 routes = web.RouteTableDef()
+_ADDRESS = re.compile(r"[^\s@<>,;:\"]+@[^\s@<>,;:\"]+")  # one plain local@domain
 KEEPALIVE_SECONDS = 15.0  # a comment line on a quiet event stream, for proxies
 GONE_CHECK_SECONDS = 1.0  # how often a quiet stream looks whether its page closed
 MAX_STREAMS_PER_USER = 10  # open pages at once (every commit wakes every stream)
@@ -238,10 +242,24 @@ def _draft(mode: str, detail: MessageDetail) -> dict[str, str]:
         quoted = "\n".join(f"> {line}" for line in detail.text.splitlines())
         subject = item.subject if item.subject.lower().startswith("re:") else f"Re: {item.subject}"
         body = f"\n\n{item.sender} wrote:\n{quoted}\n"
-        return {"to": item.sender, "subject": subject, "body": body, "in_reply_to": str(item.id)}
+        to = _reply_address(detail)
+        return {"to": to, "subject": subject, "body": body, "in_reply_to": str(item.id)}
     header = f"From: {item.sender}\nDate: {item.date}\nSubject: {item.subject}"
     body = f"\n\n---------- Forwarded message ----------\n{header}\n\n{detail.text}\n"
     return {"to": "", "subject": f"Fwd: {item.subject}", "body": body, "in_reply_to": ""}
+
+
+def _reply_address(detail: MessageDetail) -> str:
+    """Where a reply goes: the mail's Reply-To when it names an address (RFC 5322
+    3.6.2), else its sender. A hostile header gives the sender, never a line break."""
+    try:
+        header = BytesHeaderParser(policy=policy.default).parsebytes(detail.raw)
+        pairs = getaddresses([str(header.get("Reply-To", ""))])
+    except Exception:  # whatever a sender wrote: the From will do
+        pairs = []
+    names = [(" ".join(n.replace('"', "").replace("\\", "").split()), a) for n, a in pairs]
+    named = [f'"{n}" <{a}>' if n else a for n, a in names if _ADDRESS.fullmatch(a)]
+    return ", ".join(named) or detail.message.sender
 
 
 @routes.post("/compose")
