@@ -205,3 +205,23 @@ def test_a_foreign_page_cannot_write_with_the_browsers_basic_credentials(
         context.close()
     mailbox = hosted.client().request("GET", "/api/mailbox", basic=("alice", PASSWORDS["alice"]))
     assert mailbox.json()["outbox"] == [] and mailbox.json()["inbox"] == [item]
+
+
+def test_a_live_update_after_the_session_ended_goes_to_the_login_page(
+    hosted: WebHosted, chromium: Browser
+) -> None:
+    """The list the script fetches is then the login form (after a redirect): it must not
+    be swapped into the inbox; the whole page goes to the login instead."""
+    phone = open_phone(chromium, hosted.url)
+    try:
+        page = phone.page
+        phone.login("alice", PASSWORDS["alice"])
+        expect(page.locator("#live")).to_contain_text("Nothing here.")
+        page.wait_for_timeout(500)  # the event stream is open
+        phone.context.clear_cookies()  # the browser forgot the session (expired, cleared)
+        hosted.deliver(1, subject="After the cookie")
+        page.wait_for_url("**/login")
+        expect(page.locator("input[name=password]")).to_have_count(1)
+        expect(page.locator("#live")).to_have_count(0)
+    finally:
+        phone.context.close()
