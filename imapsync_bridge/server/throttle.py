@@ -7,6 +7,8 @@ not the address's: one account of their own must not let someone reset the count
 address they spray other users' passwords from. A streak older than the lockout is
 forgotten, so an address with a few typos a day is never refused. An IPv6 client counts
 as its /64 (:func:`.credentials.client_block`): it could pick a fresh address per guess.
+Where a user logged in before (her last 8 client blocks, per process), the user's count
+does not refuse her, only that address's own: others cannot lock her out of her network.
 
 While refused, a login is not checked at all (no scrypt cost, and no answer that tells a
 right password from a wrong one), and the attempt does not extend the refusal.
