@@ -198,6 +198,7 @@ def test_ten_bad_passwords_are_429_and_count_with_smtp_submission(hosted: WebHos
     assert client.login("alice", "wrong").status == 401
     answer = client.request("GET", "/api/status", basic=ALICE)  # even the right password
     assert (answer.status, answer.json()) == (429, {"error": "too many failed logins, try later"})
+    assert answer.headers["Retry-After"] == "300"  # at the latest: the lockout
     assert client.login("alice").status == 429
     context = ssl.create_default_context(cafile=str(hosted.ini.parent / pki.CA_CRT))
     with smtplib.SMTP("127.0.0.1", hosted.thread.ports["submission"], timeout=10) as smtp:

@@ -115,5 +115,6 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        headers = {k: v for k, v in exc.headers.items() if k == "WWW-Authenticate"}
+        kept = ("WWW-Authenticate", "Retry-After")
+        headers = {k: v for k, v in exc.headers.items() if k in kept}
         return web.json_response({"error": exc.reason}, status=exc.status, headers=headers)

@@ -35,6 +35,7 @@ from aiohttp import web
 
 from imapsync_bridge.errors import BridgeError
 from imapsync_bridge.server.credentials import Logins
+from imapsync_bridge.server.throttle import LOCKOUT
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,10 @@ async def check_login(logins: Logins, login: str, password: str, address: str | 
     """The user for a good password; raises 429 when throttled, 401 when wrong."""
     found = await asyncio.to_thread(logins.check, login, password, address)
     if found.refused:
-        raise web.HTTPTooManyRequests(reason="too many failed logins, try later")
+        raise web.HTTPTooManyRequests(
+            reason="too many failed logins, try later",
+            headers={"Retry-After": str(int(LOCKOUT))},  # at the latest
+        )
     if found.user is None:
         raise web.HTTPUnauthorized(
             reason="wrong user name or password",
