@@ -563,3 +563,25 @@ def test_a_reply_goes_to_the_reply_to_address_when_the_mail_names_one(hosted: We
     assert shown == {"answers elsewhere": '"Liste Müller" <l@x.org>',
                      "broken": "Carol <carol@example.net>",  # nothing usable: the sender
                      "list mail": "Carol <carol@example.net>"}  # fmt: skip
+
+
+def test_direction_controls_in_names_cannot_disguise_them_on_the_page(hosted: WebHosted) -> None:
+    """U+202E turns the rest of a name around: ``invoice<RLO>fdp.exe`` reads as
+    ``invoiceexe.pdf``. The page shows names without bidi controls (the API keeps them)."""
+    boundary = "b0undary"
+    body = (
+        f"--{boundary}\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+        f"--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+        "Content-Disposition: attachment; filename*=utf-8''invoice%E2%80%AEfdp.exe\r\n\r\n"
+        f"AAAA\r\n--{boundary}--\r\n"
+    )
+    hosted.deliver(1, subject="=?utf-8?q?pay_=E2=80=AEnow?=", body=body,
+                   content_type=f'multipart/mixed; boundary="{boundary}"')  # fmt: skip
+    client = hosted.client()
+    client.login()
+    (item,) = client.request("GET", "/api/mailbox").json()["inbox"]
+    assert item["subject"] == "pay \u202enow"  # the API gives what was sent
+    for path in ("/inbox", f"/messages/{item['id']}"):
+        page = client.request("GET", path).text
+        assert "\u202e" not in page and "pay now" in page, path
+    assert "invoicefdp.exe" in page

@@ -67,6 +67,16 @@ def display_name(sender: str) -> str:
     return name.strip().strip('"').strip() or address.rstrip().rstrip(">").strip() or sender
 
 
+_BIDI_CONTROLS = dict.fromkeys([*range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+
+
+def without_bidi_controls(value: Any) -> Any:
+    """Every value a template shows, as text without bidi embeddings, overrides and
+    isolates: U+202E would make ``invoice<RLO>fdp.exe`` read ``invoiceexe.pdf``.
+    Sanitized mail markup is left as it is."""
+    return value.translate(_BIDI_CONTROLS) if type(value) is str else value
+
+
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 
 
@@ -79,6 +89,7 @@ def make_app(context: WebContext, max_body: int) -> web.Application:
     environment = aiohttp_jinja2.setup(
         app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True
     )
+    environment.finalize = without_bidi_controls
     environment.filters["when"] = when
     environment.filters["name"] = display_name
     app.add_routes(api.routes)
