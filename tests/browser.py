@@ -9,6 +9,8 @@ hostile mail ran nothing and loaded nothing.
 
 from __future__ import annotations
 
+import base64
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from playwright.sync_api import (
     Browser,
     BrowserContext,
     Dialog,
+    FloatRect,
     Page,
     Playwright,
     expect,
@@ -36,7 +39,36 @@ QUIET_FLAGS = [
 ]
 PHONE = {"width": 360, "height": 740}
 TIMEOUT_MS = 15_000  # generous: CI runs these beside the whole suite on 2 cores
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+REPO = Path(__file__).resolve().parent.parent
+SCREENSHOTS = REPO / "docs" / "screenshots"  # committed: README and docs/web.md show them
+ARTEFACTS = Path(os.environ.get("SCREENSHOT_DIR", REPO / "build" / "screenshots"))
+UPDATE = os.environ.get("UPDATE_SCREENSHOTS") == "1"  # rewrite the committed ones anyway
+VOLATILE = "time"  # elements whose text is a time of this run: their pixels may differ
+# Chromium itself compares two PNGs (no image library needed): the number of pixels that
+# differ outside the given boxes, or -1 when the sizes differ.
+_DIFF_JS = """async ([a, b, boxes]) => {
+  const load = (src) => new Promise((ok, fail) => {
+    const image = new Image();
+    image.onload = () => ok(image);
+    image.onerror = fail;
+    image.src = src;
+  });
+  const [x, y] = await Promise.all([load(a), load(b)]);
+  if (x.width !== y.width || x.height !== y.height) return -1;
+  const pixels = (image) => {
+    const canvas = document.createElement("canvas");
+    canvas.width = image.width; canvas.height = image.height;
+    const g = canvas.getContext("2d"); g.drawImage(image, 0, 0);
+    return new Uint32Array(g.getImageData(0, 0, image.width, image.height).data.buffer);
+  };
+  const p = pixels(x), q = pixels(y);
+  const skipped = (px, py) => boxes.some((r) =>
+    px >= r.x - 2 && px <= r.x + r.width + 2 && py >= r.y - 2 && py <= r.y + r.height + 2);
+  let differ = 0;
+  for (let i = 0; i < p.length; i++)
+    if (p[i] !== q[i] && !skipped(i % x.width, Math.floor(i / x.width))) differ++;
+  return differ;
+}"""
 
 
 @pytest.fixture(scope="session")
@@ -76,10 +108,29 @@ class Phone:
         self.page.wait_for_url("**/inbox")
 
     def screenshot(self, name: str) -> Path:
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        path = SCREENSHOTS / name
-        self.page.screenshot(path=str(path), full_page=True)
-        return path
+        """Save the page as an artefact (``build/screenshots/``, or ``$SCREENSHOT_DIR``)
+        and copy it over the committed one in ``docs/screenshots/`` only when it visibly
+        changed (a pixel outside the run's times differs) or ``UPDATE_SCREENSHOTS=1``:
+        a test run leaves the tree clean. Returns the artefact."""
+        ARTEFACTS.mkdir(parents=True, exist_ok=True)
+        artefact = ARTEFACTS / name
+        self.page.evaluate("window.scrollTo(0, 0)")  # box coordinates are the page's
+        found = [time.bounding_box() for time in self.page.locator(VOLATILE).all()]
+        boxes = [box for box in found if box is not None]
+        png = self.page.screenshot(path=str(artefact), full_page=True)
+        committed = SCREENSHOTS / name
+        if UPDATE or not committed.exists() or self._differ(committed.read_bytes(), png, boxes):
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            committed.write_bytes(png)
+        return artefact
+
+    def _differ(self, old: bytes, new: bytes, boxes: list[FloatRect]) -> bool:
+        blank = self.context.new_page()  # about:blank: no CSP against data: images
+        try:
+            urls = [f"data:image/png;base64,{base64.b64encode(png).decode()}" for png in (old, new)]
+            return int(blank.evaluate(_DIFF_JS, [*urls, boxes])) != 0
+        finally:
+            blank.close()
 
 
 def open_phone(

@@ -103,3 +103,33 @@ def test_an_address_spraying_users_is_refused_and_a_good_login_does_not_reset_it
     for _ in range(9):
         logins.check("alice", "typo", "198.51.100.3")
     assert logins.check("alice", "pw-alice", "198.51.100.4") == Login("alice")
+
+
+def test_an_ipv6_client_counts_by_its_64_block(logins: Logins) -> None:
+    """One IPv6 host can pick any address of its /64: counting each would let it guess
+    without end. An IPv4-mapped address is the IPv4 address."""
+    for n in range(5):
+        assert logins.check("bob", "guess", f"2001:db8:1:2::{n + 1:x}").user is None
+        assert logins.check(f"user{n}", "guess", f"2001:db8:1:2:{n}::7").user is None
+    assert logins.check("alice", "pw-alice", "2001:db8:1:2:ffff::1").refused
+    assert logins.check("alice", "pw-alice", "2001:db8:1:3::1") == Login("alice")
+    for _ in range(10):
+        logins.check("nobody", "guess", "::ffff:192.0.2.9")
+    assert logins.check("alice", "pw-alice", "192.0.2.9").refused
+
+
+def test_others_cannot_lock_a_user_out_of_a_network_she_logged_in_from(
+    logins: Logins, clock: Clock
+) -> None:
+    """Anyone can lock a user for 5 minutes, again and again; not where she has logged
+    in before (per process): there only the address's own count applies."""
+    assert logins.check("alice", "pw-alice", "2001:db8:aa:1::5") == Login("alice")
+    for n in range(10):
+        assert logins.check("alice", "guess", f"10.0.0.{n}") == Login(None)
+    assert logins.check("alice", "pw-alice", "10.0.1.1").refused  # a new place: locked
+    assert logins.check("alice", "pw-alice", "2001:db8:aa:1::77") == Login("alice")  # her /64
+    for _ in range(10):  # her own network guessing: its own count still locks it
+        logins.check("alice", "typo", "2001:db8:aa:1::5")
+    assert logins.check("alice", "pw-alice", "2001:db8:aa:1::5").refused
+    clock.now += 301
+    assert logins.check("alice", "pw-alice", "10.0.1.1") == Login("alice")

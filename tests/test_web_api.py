@@ -6,6 +6,7 @@ send-now mail; the client is ``http.client`` verifying the server's certificate.
 
 from __future__ import annotations
 
+import html
 import http.client
 import json
 import re
@@ -15,16 +16,22 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp.web import RouteDef
 from bridge import REPO, ServerThread, run_cli
 from smtp_servers import MailServer
 from test_smtp_in import set_options
 from web_hosted import PASSWORDS, WebHosted, add_phone_users, new_server_dir
 
 from imapsync_bridge.protocol import pki
+from imapsync_bridge.server.web import api, pages
+from imapsync_bridge.server.web.pages import MAX_STREAMS_PER_USER
+from imapsync_bridge.server.web.security import ID
 
 ALICE = ("alice", PASSWORDS["alice"])
 BOB = ("bob", PASSWORDS["bob"])
@@ -191,6 +198,7 @@ def test_ten_bad_passwords_are_429_and_count_with_smtp_submission(hosted: WebHos
     assert client.login("alice", "wrong").status == 401
     answer = client.request("GET", "/api/status", basic=ALICE)  # even the right password
     assert (answer.status, answer.json()) == (429, {"error": "too many failed logins, try later"})
+    assert answer.headers["Retry-After"] == "300"  # at the latest: the lockout
     assert client.login("alice").status == 429
     context = ssl.create_default_context(cafile=str(hosted.ini.parent / pki.CA_CRT))
     with smtplib.SMTP("127.0.0.1", hosted.thread.ports["submission"], timeout=10) as smtp:
@@ -323,3 +331,257 @@ def test_a_bad_certificate_or_a_taken_port_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr
     assert f"web listener: cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- the security review's findings (docs/web.md "Security review") ------------------------
+BCC = "Bcc: eve@evil.example"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"subject": "Hi\r\nBcc: eve@evil.example"}, {"to": [f"carol@example.net\r\n{BCC}"]},
+     {"to": [f"carol@example.net\n{BCC}"]}, {"subject": "lone \ud800 surrogate"},
+     {"body": "lone \udfff surrogate"}, {"to": [f"carol@example.net\u2028{BCC}"]},
+     {"to": ["carol\x00@example.net"]}, {"subject": "nul \x00"}, {"subject": "escape \x1b[2J"},
+     {"body": "nul \x00 in the text"}],
+)  # fmt: skip
+def test_line_breaks_controls_and_broken_unicode_in_compose_are_400(
+    hosted: WebHosted, relay: MailServer, fields: dict[str, Any]
+) -> None:
+    body = {"to": ["carol@example.net"], "subject": "s", "body": "b", **fields}
+    answer = hosted.client().request("POST", "/api/compose", body, basic=ALICE)
+    assert answer.status == 400, answer.text
+    assert set(answer.json()) == {"error"} and answer.json()["error"]
+    assert hosted.client().request("GET", "/api/mailbox", basic=ALICE).json()["outbox"] == []
+    assert relay.received == []
+
+
+def test_the_compose_form_refuses_line_breaks_with_the_draft_kept(
+    hosted: WebHosted, relay: MailServer
+) -> None:
+    client = hosted.client()
+    client.login()
+    fields = {"csrf": client.csrf("/compose"), "subject": "s", "body": "b", "send": "now"}
+    for hostile in ({"to": f"carol@example.net\r\n{BCC}"},
+                    {"to": "carol@example.net", "subject": f"Hi\r\n{BCC}"}):  # fmt: skip
+        answer = client.form("/compose", {**fields, **hostile})
+        assert answer.status == 400, answer.text
+        assert "line break" in answer.text and 'name="body"' in answer.text
+    assert relay.received == []
+    assert client.request("GET", "/api/mailbox").json()["outbox"] == []
+
+
+def test_deeply_nested_json_is_400_not_a_crash(hosted: WebHosted) -> None:
+    for body in (b"[" * 200_000, b'{"to": ' + b"[" * 200_000):
+        answer = hosted.client().request("POST", "/api/compose", body, basic=ALICE)
+        assert answer.status == 400, answer.text
+        assert set(answer.json()) == {"error"}
+    assert hosted.client().request("GET", "/api/status", basic=ALICE).status == 200
+
+
+def test_ids_are_ascii_digits_only(hosted: WebHosted) -> None:
+    hosted.deliver(1)
+    client = hosted.client()
+    client.login()
+    (item,) = client.request("GET", "/api/mailbox").json()["inbox"]
+    assert item["id"] < 10
+    arabic = chr(0x0660 + item["id"])  # ARABIC-INDIC DIGIT: int() takes it, a URL should not
+    for path in (f"/messages/{arabic}", f"/api/messages/{arabic}"):
+        assert client.request("GET", urllib.parse.quote(path)).status == 404, path
+    for odd in ("²", arabic, "-1", "1e3", "0x1"):
+        answer = client.request("GET", "/compose?" + urllib.parse.urlencode({"reply": odd}))
+        assert answer.status == 200 and 'name="in_reply_to" value=""' in answer.text, odd
+        token = client.csrf("/compose")
+        form = {"csrf": token, "to": "carol@example.net", "body": "b", "in_reply_to": odd}
+        assert client.form("/compose", {**form, "send": "desktop"}).status == 303, odd
+    queued = client.request("GET", "/api/mailbox").json()["outbox"]
+    assert len(queued) == 5  # sent, not as replies to anything
+
+
+def test_every_answer_is_uncacheable_and_strict(hosted: WebHosted) -> None:
+    client = hosted.client()
+    answers = [client.request("GET", "/"), client.request("GET", "/inbox"),
+               client.request("GET", "/api/mailbox"), client.request("GET", "/nowhere"),
+               client.login(), client.request("GET", "/inbox"),
+               client.request("GET", "/static/live.js")]  # fmt: skip
+    for answer in answers:
+        assert answer.headers["Cache-Control"] == "no-store", answer.status
+        assert answer.headers["X-Content-Type-Options"] == "nosniff", answer.status
+        assert "frame-ancestors 'none'" in answer.headers["Content-Security-Policy"]
+        assert answer.headers["Referrer-Policy"] == "no-referrer"
+    context = ssl.create_default_context(cafile=str(hosted.ca))
+    conn = http.client.HTTPSConnection("127.0.0.1", hosted.port, context=context, timeout=10)
+    cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+    conn.request("GET", "/events", headers={"Cookie": cookie})
+    stream = conn.getresponse()
+    assert stream.status == 200
+    assert stream.headers["X-Content-Type-Options"] == "nosniff"
+    assert "default-src 'none'" in stream.headers["Content-Security-Policy"]
+    conn.close()
+
+
+def test_logging_in_again_replaces_the_old_session(hosted: WebHosted) -> None:
+    client = hosted.client()
+    client.login()
+    first = client.cookies["__Host-session"]
+    client.login()  # the login form while logged in: a new session, the old one ended
+    assert client.cookies["__Host-session"] != first
+    assert client.request("GET", "/api/mailbox").status == 200
+    stale = hosted.client()
+    stale.cookies["__Host-session"] = first
+    assert stale.request("GET", "/api/mailbox").status == 401
+
+
+def _write_routes() -> list[str]:
+    """Every POST route of the page and the API, an id filled in: a new one is covered."""
+    paths = [route.path for table in (pages.routes, api.routes) for route in table
+             if isinstance(route, RouteDef) and route.method == "POST"]  # fmt: skip
+    return [p.replace(ID, "{id}").replace("{verb}", "delete") for p in paths]
+
+
+def test_every_write_route_needs_the_csrf_token_with_a_session(hosted: WebHosted) -> None:
+    hosted.deliver(1)
+    client = hosted.client()
+    client.login()
+    (item,) = client.request("GET", "/api/mailbox").json()["inbox"]
+    routes = [path.format(id=item["id"]) for path in _write_routes()]
+    assert {"/logout", "/compose", "/api/compose", "/sync", "/api/sync"} <= set(routes)
+    for path in routes:
+        body = {"to": ["carol@example.net"]} if path.startswith("/api/") else {}
+        assert client.request("POST", path, body).status == 403, path
+        if not path.startswith("/api/"):
+            assert client.form(path, {"csrf": "forged"}).status == 403, path
+    assert client.request("GET", "/api/mailbox").json()["inbox"] == [item]  # nothing changed
+    assert client.request("GET", "/api/mailbox").json()["outbox"] == []
+
+
+def test_another_users_ids_are_404_on_every_page_route(hosted: WebHosted) -> None:
+    hosted.deliver(1, subject="Alice's secret")
+    alice = hosted.client()
+    alice.login()
+    (item,) = alice.request("GET", "/api/mailbox").json()["inbox"]
+    bob = hosted.client()
+    bob.login("bob")
+    token = bob.csrf("/inbox")
+    for path in _write_routes():
+        if "{id}" in path and not path.startswith("/api/"):
+            answer = bob.form(path.format(id=item["id"]), {"csrf": token})
+            assert answer.status == 404 and "secret" not in answer.text, path
+    for mode in ("reply", "forward"):
+        answer = bob.request("GET", f"/compose?{mode}={item['id']}")
+        assert answer.status == 404 and "secret" not in answer.text
+    fields = {"csrf": token, "to": "carol@example.net", "body": "b", "in_reply_to": str(item["id"])}
+    assert bob.form("/compose", fields).status == 400
+    assert bob.request("GET", "/api/mailbox").json()["outbox"] == []
+    # logging in (with its redirect) never goes anywhere a parameter says
+    assert hosted.client().request("GET", "/login?next=https://evil.example/").status == 200
+    answer = hosted.client().login()
+    assert answer.headers["Location"] == "/inbox"
+    assert alice.request("GET", "/api/mailbox").json()["inbox"] == [item]
+
+
+def test_one_user_cannot_open_event_streams_without_end(hosted: WebHosted) -> None:
+    """Every store commit wakes every open stream: a thousand of one user's would make
+    each new mail cost the server a thousand mailbox reads."""
+    client = hosted.client()
+    client.login()
+    context = ssl.create_default_context(cafile=str(hosted.ca))
+    cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+
+    def open_stream() -> tuple[http.client.HTTPSConnection, http.client.HTTPResponse]:
+        conn = http.client.HTTPSConnection("127.0.0.1", hosted.port, context=context, timeout=10)
+        conn.request("GET", "/events", headers={"Cookie": cookie})
+        return conn, conn.getresponse()
+
+    streams = [open_stream() for _ in range(MAX_STREAMS_PER_USER)]
+    try:
+        assert [response.status for _conn, response in streams] == [200] * len(streams)
+        refused_conn, refused = open_stream()
+        assert refused.status == 429 and "too many" in refused.read().decode()
+        refused_conn.close()
+        bob = hosted.client()
+        bob.login("bob")
+        assert bob.request("GET", "/inbox").status == 200  # others are not affected
+        streams.pop()[0].close()  # a page closed: its place is free again within seconds
+        deadline = time.monotonic() + 5
+        while (again := open_stream())[1].status == 429 and time.monotonic() < deadline:
+            again[0].close()
+            time.sleep(0.1)
+        streams.append(again)
+        assert again[1].status == 200
+    finally:
+        for conn, _response in streams:
+            conn.close()
+
+
+def test_writes_a_browser_makes_for_another_site_are_403(hosted: WebHosted) -> None:
+    client = hosted.client()
+    own = f"https://127.0.0.1:{hosted.port}"
+    foreign = [{"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+               {"Origin": "https://evil.example"}, {"Origin": own.replace("s:", ":")}]  # fmt: skip
+    for headers in foreign:
+        answer = client.request("POST", "/api/sync", headers=headers, basic=ALICE)
+        assert (answer.status, answer.json()) == (403, {"error": "cross-site request refused"})
+        assert client.request("POST", "/logout", "", headers).status == 403
+    for headers in ({"Sec-Fetch-Site": "same-origin", "Origin": own}, {"Sec-Fetch-Site": "none"},
+                    {"Origin": "null"}, {}):  # fmt: skip
+        assert client.request("POST", "/api/sync", headers=headers, basic=ALICE).status == 202
+
+
+def test_many_recipients_and_a_huge_body_are_refused_with_a_reason(
+    hosted: WebHosted, relay: MailServer
+) -> None:
+    many = [f"r{n}@example.net" for n in range(101)]
+    answer = hosted.client().request("POST", "/api/compose", {"to": many}, basic=ALICE)
+    assert (answer.status, answer.json()) == (400, {"error": "101 recipients: at most 100"})
+    client = hosted.client()
+    client.login()
+    fields = {"csrf": client.csrf("/compose"), "to": ", ".join(many), "body": "b"}
+    answer = client.form("/compose", fields)
+    assert answer.status == 400 and "101 recipients: at most 100" in answer.text
+    huge = {"to": ["carol@example.net"], "body": "x" * (26 * 1024 * 1024)}  # over the limit
+    answer = hosted.client().request("POST", "/api/compose", huge, basic=ALICE)
+    assert answer.status == 413 and set(answer.json()) == {"error"}
+    assert client.request("GET", "/api/mailbox").json()["outbox"] == [] and relay.received == []
+
+
+def test_a_reply_goes_to_the_reply_to_address_when_the_mail_names_one(hosted: WebHosted) -> None:
+    hosted.deliver(1, subject="list mail")
+    hosted.deliver(2, subject="broken", reply_to="=?utf-8?q?=0D=0A?= <<<")
+    hosted.deliver(
+        3, subject="answers elsewhere", reply_to="=?utf-8?q?Liste_M=C3=BCller?= <l@x.org>"
+    )
+    client = hosted.client()
+    client.login()
+    inbox = client.request("GET", "/api/mailbox").json()["inbox"]
+    shown = {}
+    for item in inbox:
+        page = client.request("GET", f"/compose?reply={item['id']}").text
+        found = re.search(r'name="to" type="text" inputmode="email" value="([^"]*)"', page)
+        assert found is not None
+        shown[item["subject"]] = html.unescape(found.group(1))
+    assert shown == {"answers elsewhere": '"Liste Müller" <l@x.org>',
+                     "broken": "Carol <carol@example.net>",  # nothing usable: the sender
+                     "list mail": "Carol <carol@example.net>"}  # fmt: skip
+
+
+def test_direction_controls_in_names_cannot_disguise_them_on_the_page(hosted: WebHosted) -> None:
+    """U+202E turns the rest of a name around: ``invoice<RLO>fdp.exe`` reads as
+    ``invoiceexe.pdf``. The page shows names without bidi controls (the API keeps them)."""
+    boundary = "b0undary"
+    body = (
+        f"--{boundary}\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+        f"--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+        "Content-Disposition: attachment; filename*=utf-8''invoice%E2%80%AEfdp.exe\r\n\r\n"
+        f"AAAA\r\n--{boundary}--\r\n"
+    )
+    hosted.deliver(1, subject="=?utf-8?q?pay_=E2=80=AEnow?=", body=body,
+                   content_type=f'multipart/mixed; boundary="{boundary}"')  # fmt: skip
+    client = hosted.client()
+    client.login()
+    (item,) = client.request("GET", "/api/mailbox").json()["inbox"]
+    assert item["subject"] == "pay \u202enow"  # the API gives what was sent
+    for path in ("/inbox", f"/messages/{item['id']}"):
+        page = client.request("GET", path).text
+        assert "\u202e" not in page and "pay now" in page, path
+    assert "invoicefdp.exe" in page

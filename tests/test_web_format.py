@@ -1,10 +1,11 @@
-"""How the page shows senders and times (pure functions, one row per case)."""
+"""How the page shows senders, times and mail links (pure functions, one row per case)."""
 
 from __future__ import annotations
 
 import pytest
 
 from imapsync_bridge.server.web import display_name, when
+from imapsync_bridge.server.web.mailview import sanitize
 
 
 @pytest.mark.parametrize(
@@ -33,3 +34,23 @@ def test_display_name(sender: str, shown: str) -> None:
 )
 def test_when(iso: str | None, shown: str) -> None:
     assert when(iso) == shown
+
+
+@pytest.mark.parametrize(
+    ("link", "kept"),
+    [
+        ("https://example.org/page", True),
+        ("mailto:carol@example.net?subject=hi", True),
+        ("/messages/1/destroy", False),  # the bridge's own routes: a mail has no base
+        ("../logout", False),
+        ("//evil.example/x", False),  # scheme-relative: not a link a mail can mean
+        ("#top", False),
+        ("jav&#x09;ascript:alert(1)", False),
+        ("cid:part1@example.net", False),
+        ("data:text/html;base64,PHNjcmlwdD4=", False),
+    ],
+)
+def test_mail_links_keep_only_absolute_allowed_urls(link: str, kept: bool) -> None:
+    markup = str(sanitize(f'<a href="{link}">here</a>'))
+    assert ("href=" in markup) == kept, markup
+    assert 'rel="noopener noreferrer nofollow"' in markup and ">here</a>" in markup

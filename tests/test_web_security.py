@@ -9,6 +9,7 @@ nothing was fetched from anywhere but the bridge itself.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -171,3 +172,56 @@ def luminance(css: str) -> float:
     channels = [int(v) / 255 for v in css[css.index("(") + 1 : css.index(")")].split(",")[:3]]
     linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
     return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def test_a_foreign_page_cannot_write_with_the_browsers_basic_credentials(
+    hosted: WebHosted, attacker: Attacker, chromium: Browser
+) -> None:
+    """Basic credentials a browser holds (typed into its 401 dialog) go with every
+    request to the bridge, a foreign page's form too, and SameSite does not cover them:
+    a text/plain form can post valid JSON. Writes from another site are refused."""
+    hosted.deliver(1)
+    context = chromium.new_context(
+        ignore_https_errors=True,
+        http_credentials={"username": "alice", "password": PASSWORDS["alice"]},
+    )
+    try:
+        page = context.new_page()
+        page.goto(hosted.url + "/api/mailbox")  # the browser now holds the credentials
+        (item,) = json.loads(page.inner_text("body"))["inbox"]
+        forms = [("/api/compose", '{"to": ["eve@evil.example"], "via_desktop": true, "x": "', '"}'),
+                 (f"/api/messages/{item['id']}/destroy", "x", "y")]  # fmt: skip
+        for path, name, value in forms:
+            page.goto(attacker.url + "/")  # the attacker's page, on its own site
+            page.set_content(
+                f'<form method="post" action="{hosted.url}{path}" enctype="text/plain">'
+                f"<input name='{name}' value='{value}'><button>Win a prize</button></form>"
+            )
+            with page.expect_navigation():
+                page.click("button")
+            assert page.url == hosted.url + path  # the browser did send it
+            assert json.loads(page.inner_text("body")) == {"error": "cross-site request refused"}
+    finally:
+        context.close()
+    mailbox = hosted.client().request("GET", "/api/mailbox", basic=("alice", PASSWORDS["alice"]))
+    assert mailbox.json()["outbox"] == [] and mailbox.json()["inbox"] == [item]
+
+
+def test_a_live_update_after_the_session_ended_goes_to_the_login_page(
+    hosted: WebHosted, chromium: Browser
+) -> None:
+    """The list the script fetches is then the login form (after a redirect): it must not
+    be swapped into the inbox; the whole page goes to the login instead."""
+    phone = open_phone(chromium, hosted.url)
+    try:
+        page = phone.page
+        phone.login("alice", PASSWORDS["alice"])
+        expect(page.locator("#live")).to_contain_text("Nothing here.")
+        page.wait_for_timeout(500)  # the event stream is open
+        phone.context.clear_cookies()  # the browser forgot the session (expired, cleared)
+        hosted.deliver(1, subject="After the cookie")
+        page.wait_for_url("**/login")
+        expect(page.locator("input[name=password]")).to_have_count(1)
+        expect(page.locator("#live")).to_have_count(0)
+    finally:
+        phone.context.close()

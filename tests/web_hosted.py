@@ -164,6 +164,8 @@ class WebHosted:
             "MIME-Version": "1.0",
             "Content-Type": parts.get("content_type", "text/plain; charset=utf-8"),
         }
+        if "reply_to" in parts:
+            headers["Reply-To"] = parts["reply_to"]
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         text = head + "\r\n" + parts.get("body", f"hello {n}\r\n")
         raw = text.replace("\r\n", "\n").replace("\n", "\r\n").encode()

@@ -22,9 +22,12 @@ The rows live in the ``passwords`` table (a migration of its own in :mod:`.store
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
 import re
 import sqlite3
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidKey
@@ -34,6 +37,7 @@ from imapsync_bridge.errors import ConfigError
 from imapsync_bridge.server.store_api import CredentialStore
 from imapsync_bridge.server.throttle import Throttle
 
+KNOWN_PLACES = 8  # client blocks remembered per user (see Logins.check)
 MAX_PASSWORD = 256  # characters: longer is a paste accident, not a password
 SALT_BYTES = 16
 HASH_BYTES = 32
@@ -168,6 +172,20 @@ class Login:
     refused: bool = False
 
 
+def client_block(address: str) -> str:
+    """What the throttle counts a client address as: an IPv6 client by its /64 (one
+    host is usually given a whole /64 to pick from), IPv4-mapped as IPv4."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 class Logins:
     """Every password check of one server process, behind one :class:`.throttle.Throttle`
     (submission now; the web page and the API later share the same instance)."""
@@ -175,6 +193,8 @@ class Logins:
     def __init__(self, store: CredentialStore, throttle: Throttle | None = None) -> None:
         self.store = store
         self.throttle = throttle or Throttle()
+        self._known: dict[str, OrderedDict[str, None]] = {}  # user: blocks she logged in from
+        self._known_lock = threading.Lock()
 
     def check(self, login: str, password: str, address: str | None) -> Login:
         """Check ``password`` for ``login`` from client ``address`` (an IP), counting a
@@ -182,15 +202,35 @@ class Logins:
         (scrypt): run it in a worker thread."""
         found = self.store.password_hash(login) if 0 < len(login) <= 320 else None
         user_subject = f"user:{found[0]}" if found else f"login:{login.lower()[:320]}"
-        subjects = [user_subject] + ([f"address:{address}"] if address else [])
-        if self.throttle.refused(*subjects):
+        block = client_block(address) if address else None
+        address_subjects = [f"address:{block}"] if block else []
+        # where she logged in before, others' failures do not lock her out: only the
+        # address's own count applies there
+        known = found is not None and block is not None and self._known_place(found[0], block)
+        checked = address_subjects if known else [user_subject, *address_subjects]
+        if self.throttle.refused(*checked):
             return Login(None, refused=True)
         user = check_password(self.store, login, password)
         if user is None:
-            self.throttle.failed(*subjects)
+            self.throttle.failed(user_subject, *address_subjects)
         else:
             self.throttle.succeeded(user_subject)
+            if block is not None:
+                self._remember_place(user, block)
         return Login(user)
+
+    def _known_place(self, user: str, block: str) -> bool:
+        with self._known_lock:
+            return block in self._known.get(user, ())
+
+    def _remember_place(self, user: str, block: str) -> None:
+        """Keep the user's last :data:`KNOWN_PLACES` client blocks of a good login."""
+        with self._known_lock:
+            places = self._known.setdefault(user, OrderedDict())
+            places[block] = None
+            places.move_to_end(block)
+            while len(places) > KNOWN_PLACES:
+                places.popitem(last=False)
 
 
 # -- the rows (inside PhoneStore's transactions) ----------------------------------------

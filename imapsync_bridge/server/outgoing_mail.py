@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 STALE_CLAIM = timedelta(minutes=10)  # a relay claim older than this was left by a crash
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _DROPPED = (b"x-bridge-via", b"bcc")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # C0 and DEL, tab allowed
 
 
 class OutgoingRefused(BridgeError):
@@ -90,6 +91,22 @@ def prepare_submitted(raw: bytes) -> tuple[bytes, str, str, list[str]]:
         message_id = make_msgid(domain=domain_of(senders[0] if senders else "localhost"))
         kept.insert(0, f"Message-ID: {message_id}".encode())
     return b"\r\n".join(kept) + rest, message_id, senders[0] if senders else "", recipients
+
+
+def check_form_text(**fields: str) -> None:
+    """Refuse a compose field with a line break (in a header it would start a header of
+    its own: a ``Bcc:`` smuggled in), a control character in a header or a NUL anywhere
+    (RFC 5322 allows neither), or text no mail can carry (a lone surrogate, which JSON
+    allows), naming the field."""
+    for name, value in fields.items():
+        if name != "body" and len(value.splitlines()) > 1:
+            raise OutgoingRefused(f"{name} contains a line break")
+        if "\x00" in value or (name != "body" and _CONTROL.search(value)):
+            raise OutgoingRefused(f"{name} contains a control character")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise OutgoingRefused(f"{name} is not valid Unicode text") from None
 
 
 def check_recipients(recipients: list[str]) -> None:

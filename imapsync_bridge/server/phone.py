@@ -344,6 +344,7 @@ class PhoneService:
             parent = self._store.get(user, in_reply_to)
             if parent.message_id:
                 reply_to = (parent.message_id, _references(parent.raw or b""))
+        outgoing_mail.check_form_text(to=", ".join(to), subject=subject, body=body)
         outgoing_mail.check_recipients(to)
         raw = outgoing_mail.compose_message(sender, to, subject, body, reply_to=reply_to)
         return self.submit(user, raw, via_desktop)

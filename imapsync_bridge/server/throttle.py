@@ -5,7 +5,10 @@ logins are refused for a while (:data:`LOCKOUT`, 5 minutes): SMTP submission ans
 ``454 4.7.0``, the web page and the API 429. A good password resets the *user's* count,
 not the address's: one account of their own must not let someone reset the count of the
 address they spray other users' passwords from. A streak older than the lockout is
-forgotten, so an address with a few typos a day is never refused.
+forgotten, so an address with a few typos a day is never refused. An IPv6 client counts
+as its /64 (:func:`.credentials.client_block`): it could pick a fresh address per guess.
+Where a user logged in before (her last 8 client blocks, per process), the user's count
+does not refuse her, only that address's own: others cannot lock her out of her network.
 
 While refused, a login is not checked at all (no scrypt cost, and no answer that tells a
 right password from a wrong one), and the attempt does not extend the refusal.

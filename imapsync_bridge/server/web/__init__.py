@@ -31,7 +31,7 @@ from imapsync_bridge.server.phone import PhoneService
 from imapsync_bridge.server.store import PhoneStore
 from imapsync_bridge.server.web import api, pages
 from imapsync_bridge.server.web.context import CONTEXT, WebContext
-from imapsync_bridge.server.web.security import Sessions, security_headers
+from imapsync_bridge.server.web.security import Sessions, same_site_writes, security_headers
 
 HERE = Path(__file__).parent
 
@@ -67,17 +67,29 @@ def display_name(sender: str) -> str:
     return name.strip().strip('"').strip() or address.rstrip().rstrip(">").strip() or sender
 
 
+_BIDI_CONTROLS = dict.fromkeys([*range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+
+
+def without_bidi_controls(value: Any) -> Any:
+    """Every value a template shows, as text without bidi embeddings, overrides and
+    isolates: U+202E would make ``invoice<RLO>fdp.exe`` read ``invoiceexe.pdf``.
+    Sanitized mail markup is left as it is."""
+    return value.translate(_BIDI_CONTROLS) if type(value) is str else value
+
+
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 
 
 def make_app(context: WebContext, max_body: int) -> web.Application:
     app = web.Application(
-        middlewares=[security_headers, api.json_errors, pages.page_errors], client_max_size=max_body
+        middlewares=[security_headers, api.json_errors, pages.page_errors, same_site_writes],
+        client_max_size=max_body,
     )
     app[CONTEXT] = context
     environment = aiohttp_jinja2.setup(
         app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True
     )
+    environment.finalize = without_bidi_controls
     environment.filters["when"] = when
     environment.filters["name"] = display_name
     app.add_routes(api.routes)

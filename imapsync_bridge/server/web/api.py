@@ -16,10 +16,9 @@ from aiohttp import web
 
 from imapsync_bridge.server.phone import VERBS, NoSuchMessage, OutgoingRefused
 from imapsync_bridge.server.web.context import context_of
-from imapsync_bridge.server.web.security import Handler, api_user
+from imapsync_bridge.server.web.security import ID, Handler, api_user
 
 routes = web.RouteTableDef()
-ID = r"{id:\d{1,18}}"
 
 
 async def _user(request: web.Request) -> str:
@@ -79,6 +78,8 @@ async def compose(request: web.Request) -> web.Response:
         fields = _compose_fields(json.loads(await request.read()))
     except (ValueError, UnicodeDecodeError) as exc:
         raise web.HTTPBadRequest(reason=str(exc).splitlines()[0][:200]) from None
+    except RecursionError:  # json's parser is recursive: "[[[[..." would be a 500
+        raise web.HTTPBadRequest(reason="the JSON body is nested too deeply") from None
     context = context_of(request)
     item = await context.call(context.service.compose, user, *fields)
     return web.json_response(item.as_json(), status=201)
@@ -114,5 +115,6 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        headers = {k: v for k, v in exc.headers.items() if k == "WWW-Authenticate"}
+        kept = ("WWW-Authenticate", "Retry-After")
+        headers = {k: v for k, v in exc.headers.items() if k in kept}
         return web.json_response({"error": exc.reason}, status=exc.status, headers=headers)

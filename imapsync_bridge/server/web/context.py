@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
 from aiohttp import web
@@ -26,6 +27,7 @@ class WebContext:
     feed: ChangeFeed
     agent_connected: Callable[[str], bool]
     closing: asyncio.Event  # set when the listener closes: open event streams end
+    streams: Counter[str] = field(default_factory=Counter)  # open event streams per user
 
     async def call(self, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """A blocking service call (SQLite, scrypt, the relay) in a worker thread."""

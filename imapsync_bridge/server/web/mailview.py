@@ -1,7 +1,8 @@
 """A message body as the page shows it: plain text escaped, HTML mail sanitized.
 
 HTML goes through ``nh3`` (ammonia) with a small allow-list: text structure, lists,
-tables and links (http, https, mailto; ``rel="noopener noreferrer nofollow"``). No
+tables and links (absolute http, https, mailto: a relative one would point into the
+bridge itself; ``rel="noopener noreferrer nofollow"``). No
 ``script``/``style`` (their content dropped), no ``img`` (no remote image is ever
 fetched: the user is told how many were left out), no ``style``/``class``/event
 attributes, no forms or frames. The page's Content-Security-Policy would block scripts,
@@ -43,6 +44,7 @@ def sanitize(source: str) -> Markup:
         attributes=ATTRIBUTES,
         url_schemes=URL_SCHEMES,
         link_rel="noopener noreferrer nofollow",
+        url_relative="deny",  # a mail has no base: "/messages/1" would be the bridge's
         clean_content_tags={"script", "style"},
         strip_comments=True,
     )

@@ -14,7 +14,10 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import re
 import secrets
+from email import policy
+from email.parser import BytesHeaderParser
 from email.utils import formataddr, getaddresses
 from typing import Any
 
@@ -22,11 +25,14 @@ import aiohttp_jinja2
 from aiohttp import web
 from multidict import MultiDictProxy
 
+from imapsync_bridge.server.outgoing_mail import check_form_text
 from imapsync_bridge.server.phone import VERBS, MessageDetail, NoSuchMessage, OutgoingRefused
 from imapsync_bridge.server.web import mailview
 from imapsync_bridge.server.web.context import WebContext, context_of
 from imapsync_bridge.server.web.security import (
     ANON_COOKIE,
+    HEADERS,
+    ID,
     SESSION_COOKIE,
     SESSION_SECONDS,
     Handler,
@@ -40,8 +46,10 @@ from imapsync_bridge.server.web.security import (
 )
 
 routes = web.RouteTableDef()
-ID = r"{id:\d{1,18}}"
+_ADDRESS = re.compile(r"[^\s@<>,;:\"]+@[^\s@<>,;:\"]+")  # one plain local@domain
 KEEPALIVE_SECONDS = 15.0  # a comment line on a quiet event stream, for proxies
+GONE_CHECK_SECONDS = 1.0  # how often a quiet stream looks whether its page closed
+MAX_STREAMS_PER_USER = 10  # open pages at once (every commit wakes every stream)
 
 
 def _session(request: web.Request) -> Session:
@@ -129,6 +137,7 @@ async def login(request: web.Request) -> web.Response:
         return _login_form(request, "Too many failed logins: try again in a few minutes.", 429)
     except web.HTTPUnauthorized:
         return _login_form(request, "Wrong user name or password.", 401)
+    context.sessions.drop(request.cookies.get(SESSION_COOKIE))  # one browser, one session
     token, _session_ = context.sessions.new(user)
     response = web.HTTPSeeOther("/inbox")
     set_cookie(response, SESSION_COOKIE, token, SESSION_SECONDS)
@@ -233,10 +242,24 @@ def _draft(mode: str, detail: MessageDetail) -> dict[str, str]:
         quoted = "\n".join(f"> {line}" for line in detail.text.splitlines())
         subject = item.subject if item.subject.lower().startswith("re:") else f"Re: {item.subject}"
         body = f"\n\n{item.sender} wrote:\n{quoted}\n"
-        return {"to": item.sender, "subject": subject, "body": body, "in_reply_to": str(item.id)}
+        to = _reply_address(detail)
+        return {"to": to, "subject": subject, "body": body, "in_reply_to": str(item.id)}
     header = f"From: {item.sender}\nDate: {item.date}\nSubject: {item.subject}"
     body = f"\n\n---------- Forwarded message ----------\n{header}\n\n{detail.text}\n"
     return {"to": "", "subject": f"Fwd: {item.subject}", "body": body, "in_reply_to": ""}
+
+
+def _reply_address(detail: MessageDetail) -> str:
+    """Where a reply goes: the mail's Reply-To when it names an address (RFC 5322
+    3.6.2), else its sender. A hostile header gives the sender, never a line break."""
+    try:
+        header = BytesHeaderParser(policy=policy.default).parsebytes(detail.raw)
+        pairs = getaddresses([str(header.get("Reply-To", ""))])
+    except Exception:  # whatever a sender wrote: the From will do
+        pairs = []
+    names = [(" ".join(n.replace('"', "").replace("\\", "").split()), a) for n, a in pairs]
+    named = [f'"{n}" <{a}>' if n else a for n, a in names if _ADDRESS.fullmatch(a)]
+    return ", ".join(named) or detail.message.sender
 
 
 @routes.post("/compose")
@@ -244,11 +267,12 @@ async def compose(request: web.Request) -> web.Response:
     session = _session(request)
     form = await _form(request, session)
     draft = {k: _field(form, k) for k in ("to", "subject", "body", "in_reply_to")}
-    to = [formataddr(pair) for pair in getaddresses([draft["to"]]) if pair[1]]
     reply = phone_id(draft["in_reply_to"])
     via_desktop = _field(form, "send") == "desktop"
     context = context_of(request)
     try:
+        check_form_text(to=draft["to"])  # before getaddresses reads a line break as a comma
+        to = [formataddr(pair) for pair in getaddresses([draft["to"]]) if pair[1]]
         await context.call(
             context.service.compose, session.user, to, draft["subject"], draft["body"],
             via_desktop, reply,
@@ -276,20 +300,51 @@ async def events(request: web.Request) -> web.StreamResponse:
     watch too) says when to look: any commit by SMTP in, a sync, the CLI or this page."""
     session = _session(request)
     context = context_of(request)
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
-    )
+    if context.streams[session.user] >= MAX_STREAMS_PER_USER:
+        raise web.HTTPTooManyRequests(reason="too many open pages: close some")
+    context.streams[session.user] += 1
+    try:
+        return await _stream(request, context, session)
+    finally:
+        context.streams[session.user] -= 1
+        if not context.streams[session.user]:
+            del context.streams[session.user]
+
+
+async def _stream(
+    request: web.Request, context: WebContext, session: Session
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers={**HEADERS, "Content-Type": "text/event-stream"})
     await response.prepare(request)
     seen, last = context.feed.version, request.query.get("since")  # the page's mark
     quiet = False  # the last wait ended without a change
     with contextlib.suppress(ConnectionResetError):  # the page went away
-        while not context.closing.is_set() and session_of(request, context.sessions):
+        while _still_open(request, context) and session_of(request, context.sessions):
             mark = (await _overview(context, session.user))["mark"]
             if mark != last:
                 await response.write(b"event: mailbox\ndata: changed\n\n")
             elif quiet:  # keep proxies from closing a quiet stream
                 await response.write(b": still here\n\n")
             last, before = mark, seen
-            seen = await context.feed.wait(seen, KEEPALIVE_SECONDS)
+            seen = await _next_change(request, context, seen)
             quiet = seen == before
     return response
+
+
+def _still_open(request: web.Request, context: WebContext) -> bool:
+    transport = request.transport
+    return not context.closing.is_set() and transport is not None and not transport.is_closing()
+
+
+async def _next_change(request: web.Request, context: WebContext, seen: int) -> int:
+    """The feed's version once past ``seen``, or ``seen`` after the keep-alive time or
+    when the stream must end. Looks every second whether the page is still there:
+    aiohttp does not cancel the handler of a client that went, and a closed page must
+    free its place among the user's streams."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + KEEPALIVE_SECONDS
+    while _still_open(request, context) and (left := deadline - loop.time()) > 0:
+        version = await context.feed.wait(seen, min(GONE_CHECK_SECONDS, left))
+        if version != seen:
+            return version
+    return seen

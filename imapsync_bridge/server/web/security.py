@@ -11,6 +11,7 @@
 * The API also takes HTTP Basic with the phone password on every request (a phone mail
   app or a script). Every password check, the login form's and Basic's, goes through the
   process's one :class:`.credentials.Logins` (the throttle submission uses too).
+* :func:`same_site_writes` refuses a write another site's page makes the browser send.
 * :func:`security_headers` puts a strict Content-Security-Policy (nothing but our own
   files; no inline script or style, so a sanitized mail cannot style or script anything)
   and the usual companions on every answer.
@@ -34,6 +35,7 @@ from aiohttp import web
 
 from imapsync_bridge.errors import BridgeError
 from imapsync_bridge.server.credentials import Logins
+from imapsync_bridge.server.throttle import LOCKOUT
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,10 @@ HEADERS = {
     "X-Frame-Options": "DENY",
     "Strict-Transport-Security": "max-age=31536000",
     "Cross-Origin-Opener-Policy": "same-origin",
+    "Cache-Control": "no-store",  # private mail: no copy in any cache, redirects too
 }
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+ID = r"{id:[0-9]{1,18}}"  # a message id in a route: ASCII digits (\d takes any script's)
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,10 @@ async def check_login(logins: Logins, login: str, password: str, address: str | 
     """The user for a good password; raises 429 when throttled, 401 when wrong."""
     found = await asyncio.to_thread(logins.check, login, password, address)
     if found.refused:
-        raise web.HTTPTooManyRequests(reason="too many failed logins, try later")
+        raise web.HTTPTooManyRequests(
+            reason="too many failed logins, try later",
+            headers={"Retry-After": str(int(LOCKOUT))},  # at the latest
+        )
     if found.user is None:
         raise web.HTTPUnauthorized(
             reason="wrong user name or password",
@@ -181,7 +188,25 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def phone_id(text: str) -> int | None:
     """A message id from a form or query field (digits, within SQLite's integers)."""
-    return int(text) if text.isdigit() and len(text) <= 18 else None
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
+@web.middleware
+async def same_site_writes(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A write a browser makes for another site's page is refused (403) before anything
+    else: Basic credentials the browser holds go with a foreign form too (SameSite does
+    not cover them, and a text/plain form can post JSON). Browsers say who asks with
+    ``Sec-Fetch-Site`` (older ones only with ``Origin``, which is ``null`` under our
+    ``Referrer-Policy: no-referrer``); a client that sends neither is not a browser."""
+    if request.method in WRITE_METHODS:
+        site = request.headers.get("Sec-Fetch-Site", "same-origin")
+        origin = request.headers.get("Origin", "null")
+        if site not in ("same-origin", "none") or origin not in (
+            "null",
+            f"{request.scheme}://{request.host}",
+        ):
+            raise web.HTTPForbidden(reason="cross-site request refused")
+    return await handler(request)
 
 
 @web.middleware
@@ -198,7 +223,6 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
         raise web.HTTPServiceUnavailable(
             reason="the server cannot do that now", headers=HEADERS
         ) from None
-    if not response.prepared:
+    if not response.prepared:  # (the event stream sent them itself)
         response.headers.update(HEADERS)
-        response.headers.setdefault("Cache-Control", "no-store")
     return response

@@ -7,6 +7,8 @@
   const events = new EventSource("/events?since=" + encodeURIComponent(live.dataset.mark));
   events.addEventListener("mailbox", async function () {
     const answer = await fetch(live.dataset.src, { credentials: "same-origin" });
-    if (answer.ok) live.innerHTML = await answer.text();
+    // redirected: the session ended and this is the login form; the whole page goes there
+    if (answer.redirected) window.location.reload();
+    else if (answer.ok) live.innerHTML = await answer.text();
   });
 })();
