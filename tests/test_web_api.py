@@ -26,7 +26,7 @@ from aiohttp.web import RouteDef
 from bridge import REPO, ServerThread, run_cli
 from smtp_servers import MailServer
 from test_smtp_in import set_options
-from web_hosted import PASSWORDS, WebHosted, add_phone_users, new_server_dir
+from web_hosted import PASSWORDS, WebHosted, add_phone_users, new_server_dir, running_server
 
 from imapsync_bridge.protocol import pki
 from imapsync_bridge.server.web import api, pages
@@ -48,13 +48,8 @@ def relay() -> Iterator[MailServer]:
 
 @pytest.fixture
 def hosted(tmp_path: Path, relay: MailServer) -> Iterator[WebHosted]:
-    ini = new_server_dir(tmp_path, relay.port)
-    add_phone_users(ini)
-    thread = ServerThread(ini).start()
-    try:
-        yield WebHosted(ini, thread)
-    finally:
-        thread.stop()
+    with running_server(tmp_path, relay.port) as server:
+        yield server
 
 
 def test_nothing_without_credentials_and_wrong_ones_are_401(hosted: WebHosted) -> None:

@@ -10,23 +10,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bridge import ServerThread
 from browser import open_phone
 from playwright.sync_api import Browser, expect
-from web_hosted import PASSWORDS, WebHosted, add_phone_users, new_server_dir
+from web_hosted import PASSWORDS, WebHosted, running_server
 
 ALICE = ("alice", PASSWORDS["alice"])
 
 
 @pytest.fixture
 def hosted(tmp_path: Path) -> Iterator[WebHosted]:
-    ini = new_server_dir(tmp_path)
-    add_phone_users(ini, users=("alice",))
-    thread = ServerThread(ini).start()
-    try:
-        yield WebHosted(ini, thread)
-    finally:
-        thread.stop()
+    with running_server(tmp_path, users=("alice",)) as server:
+        yield server
 
 
 def test_every_basic_action_without_javascript(hosted: WebHosted, chromium: Browser) -> None:

@@ -17,6 +17,8 @@ import smtplib
 import ssl
 import time
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -172,3 +174,18 @@ class WebHosted:
         with smtplib.SMTP("127.0.0.1", self.thread.ports["smtp"], timeout=10) as client:
             assert client.sendmail("carol@example.net", [to], raw) == {}
         return mid
+
+
+@contextmanager
+def running_server(
+    root: Path, relay_port: int | None = None, users: tuple[str, ...] = ("alice", "bob")
+) -> Iterator[WebHosted]:
+    """``server init`` in *root* with the phone *users*, ``server run`` in a thread for
+    the time of the block (the web tests' ``hosted`` fixtures)."""
+    ini = new_server_dir(root, relay_port)
+    add_phone_users(ini, users=users)
+    thread = ServerThread(ini).start()
+    try:
+        yield WebHosted(ini, thread)
+    finally:
+        thread.stop()
