@@ -37,7 +37,7 @@ from typing import Any
 import schedule
 
 from imapsync_bridge.agent.desktop import DesktopSide
-from imapsync_bridge.agent.idle import IdleTiming, InboxWatcher
+from imapsync_bridge.agent.idle import IdleTiming, InboxWatcher, known_inbox_flags
 from imapsync_bridge.agent.imap import ImapMailbox
 from imapsync_bridge.agent.link import ServerLink
 from imapsync_bridge.agent.push import PushConnector, PushTiming
@@ -341,6 +341,8 @@ class AgentService:
             and not self.push.has_buffered()
         )
         if not report.fast_path:
+            if self.watcher is not None:  # its echo in IDLE then starts no session
+                self.watcher.set_known(known_inbox_flags(self.state.ledger()))
             why = ",".join(sorted(reasons))
             log.info("sync (%s): %s in %.2f s", why, report.summary(), report.seconds)
 
