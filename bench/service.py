@@ -431,6 +431,7 @@ class ServiceBench:
             self.results.mbsync.setdefault(what, []).append(seconds)
             log(f"  mbsync right after: {what:<24} {seconds * 1000:7.1f} ms")
             service.settle()
+            service.events()  # the agent's sessions for mbsync's changes are no figure
 
         def flag() -> None:
             with bench.dovecot.client(bench.user) as client:
