@@ -17,7 +17,10 @@ from typing import Any
 import pytest
 from bridge import REPO, Bridge
 from dovecot import Dovecot
+from proxy import RewritingProxy
 from test_bridge_crash import Killer
+
+from imapsync_bridge.agent.desktop import CATCH_UP_AFTER
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
@@ -190,6 +193,42 @@ def test_the_idle_echo_of_a_phone_change_starts_no_session_and_a_user_change_sti
         bridge.assert_in_sync()
     finally:
         stop_agent(bridge, agent)
+
+
+def test_after_a_session_a_few_noops_let_the_server_catch_up_then_it_is_quiet(
+    bridge: Bridge,
+) -> None:
+    # Stock Dovecot re-reads a just-changed Maildir at the first sync a second or two
+    # later; the agent's NOOPs in those seconds pay that instead of the next session.
+    # A user sees it as a bounded burst of NOOPs after each change, and silence after.
+    noops = RewritingProxy(bridge.dovecot.port, rb" NOOP\r\n$", rb" NOOP\r\n")  # counts
+    first = bridge.deliver(1)
+    bridge.write_agent_config(bridge.agent_ini, imap_port=noops.port, sync_interval="3600")
+    bridge.pair()
+    agent = bridge.run_agent()
+    try:
+        wait_for(lambda: bridge.phone_inbox_ids() == [first], 10, "the first sync")
+        wait_for(
+            lambda: (
+                (bridge.agent_status()["connections"] or {}).get("push", {}).get("state")
+                == "connected"
+            ),
+            10,
+            "the push link",
+        )
+        time.sleep(CATCH_UP_AFTER[-1] + 0.5)
+        before = noops.rewritten
+        bridge.phone("flag", str(bridge.phone_id(first)))
+        wait_for(lambda: bridge.mails()[0].flagged, 5, "the flag on the desktop")
+        time.sleep(CATCH_UP_AFTER[-1] + 0.5)
+        after_change = noops.rewritten - before
+        time.sleep(2.0)
+        assert 1 <= after_change <= len(CATCH_UP_AFTER), after_change
+        assert noops.rewritten - before == after_change, "NOOPs went on with nothing new"
+        bridge.assert_in_sync()
+    finally:
+        stop_agent(bridge, agent)
+        noops.close()
 
 
 def test_request_sync_goes_over_the_push_link_when_the_agent_is_connected(

@@ -130,6 +130,12 @@ class ImapWatching(ImapSession):
                     raise ImapError(f"IDLE ended with {typ} {data}")
             return self._untagged(imap)
 
+    def noop(self, reply_timeout: float) -> None:
+        """NOOP, its OK within *reply_timeout* s (ConnectionLost if not): the server
+        brings the selected mailbox's view up to date."""
+        with self._guard("NOOP"), self._within("NOOP", reply_timeout):
+            self._client.noop()
+
     def abort(self) -> None:
         """Cut the connection now, from any thread: a read blocked on it fails at once."""
         client, self._broken = self._client, self._broken or "aborted"
