@@ -341,6 +341,7 @@ class InboxWatcher:
             return
         conn.idle_start(t.reply_timeout)  # what came before is covered by "reconnected"
         conn.take_flag_notices()
+        self._known = {}  # the mailbox may be another one now (UIDVALIDITY): until a session
         with self._lock:
             self._state, self._connected_since = "idle", time.time()
             self._connects += 1
