@@ -43,7 +43,7 @@ from measuring import CountingProxy, log
 from peers import write_mbsync_config
 from processes import REPO, stop_process, terminate_as_exit, use_pycache
 from reporting import print_profiles, report_text, startup_cost, write_docs
-from scenarios import Bench
+from scenarios import Bench, fresh_agents
 from seeding import seed_inbox
 from service import BULK_WINDOW, SERVICE_AGENTS, ServiceBench, service_agents
 from web import WEB_HEADING, web_figures
@@ -62,11 +62,13 @@ def start_bench(
     messages: int,
     profile_dir: Path | None,
     with_service: bool = False,
+    first_runs: int = 1,
 ) -> Bench:
     """A Dovecot playing *server* (a tests/dovecot.py ``Profile``) with its own inbox of
     *messages* seeded, a counting proxy per tool, the hosted server with two paired agents
-    (one of them running; *with_service*: also the two of the running-service step),
-    mbsync's config. All of it stops when *stack* closes."""
+    (one of them running; *with_service*: also the two of the running-service step;
+    *first_runs* > 1: two more per extra first sync), mbsync's config. All of it stops
+    when *stack* closes."""
     from dovecot import Dovecot
 
     work = root / f"{server.name}-{messages}"
@@ -83,6 +85,8 @@ def start_bench(
     agents = {name: AgentSpec(proxies[name].port, args.window) for name in ("oneshot", "running")}
     if with_service:
         agents |= service_agents(args.window, {n: p.port for n, p in proxies.items()})
+    for name in fresh_agents(first_runs):  # through the proxy of the tool they stand in for
+        agents[name] = agents[name.partition("-")[0]]
     log(f"starting the hosted server and pairing {len(agents)} agents")
     product = start_product(work, user, dovecot.password, agents)
     stack.callback(stop_process, product.server)
@@ -114,8 +118,8 @@ def run_bench(args: argparse.Namespace) -> int:
         for n, server in enumerate(args.servers):  # one after the other: each has the machine
             with contextlib.ExitStack() as run:
                 bench = start_bench(run, root, args, server, args.messages, profile_dir,
-                                    args.service)  # fmt: skip
-                bench.first_sync()
+                                    args.service, args.repeat)  # fmt: skip
+                bench.first_sync(args.repeat)
                 bench.no_change()
                 bench.one_flag()
                 bench.one_new()
@@ -153,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=50000, help="inbox size (50000)")
     parser.add_argument("--window", type=int, default=50, help="phone window (50)")
     parser.add_argument("--quick", action="store_true", help="2000 messages, no --large, no docs")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per change scenario (3)")
+    parser.add_argument(
+        "--repeat", type=int, default=5,
+        help="runs per scenario and per push latency at N messages, first sync included (5)",
+    )  # fmt: skip
     parser.add_argument(
         "--profile",
         action="append",

@@ -56,6 +56,9 @@ class Measurement:
         ordered = sorted(self.runs, key=lambda r: r.wall)
         return ordered[(len(ordered) - 1) // 2]
 
+    def walls(self) -> list[float]:
+        return [r.wall for r in self.runs]
+
 
 @dataclass
 class Counts:

@@ -44,9 +44,22 @@ def _mb(kb: int | None) -> str:
     return "n/a" if kb is None else f"{kb / 1024:.1f} MB"
 
 
+def _span(values: list[float]) -> str:
+    """Min–max of several runs' seconds, in ms like the median printed beside it."""
+    low, high = min(values) * 1000, max(values) * 1000
+    digits = 2 if high < 10 else (1 if high < 1000 else 0)
+    return f"{low:.{digits}f}–{high:.{digits}f}"
+
+
+def _spread(values: list[float]) -> str:
+    """The min–max in brackets after a median of several runs; nothing after one run."""
+    return f" ({_span(values)})" if len(values) > 1 else ""
+
+
 def results_table(results: list[Measurement]) -> str:
     by = {(m.scenario, m.tool): m.median() for m in results}
     runs = {(m.scenario, m.tool): len(m.runs) for m in results}
+    walls = {(m.scenario, m.tool): m.walls() for m in results}
     lines = [
         "| scenario | tool | wall | IMAP turns | IMAP commands | bytes read | peak RSS "
         "| bridge/mbsync: wall | turns | bytes | RSS |",
@@ -69,7 +82,8 @@ def results_table(results: list[Measurement]) -> str:
                 ]
             n = runs[(scenario, tool)]
             label = f"{scenario} (median of {n})" if n > 1 else scenario
-            wall = _ms(run.wall) + (" **missed the change**" if run.detail.get("missed") else "")
+            wall = _ms(run.wall) + _spread(walls[(scenario, tool)])
+            wall += " **missed the change**" if run.detail.get("missed") else ""
             lines.append(
                 f"| {label} | {tool} | {wall} | {_num(run.turns)} | "
                 f"{_num(run.commands)} | {_num(run.bytes_read)} | {_mb(run.peak_rss_kb)} | "
@@ -119,7 +133,9 @@ def _latency(values: list[float | None]) -> tuple[str, float | None]:
     seen = [v for v in values if v is not None]
     if not seen:
         return f"**not seen within 10 s** ({len(values)} of {len(values)})", None
-    text = _ms(_median(seen)) + (f" (median of {len(seen)})" if len(seen) > 1 else "")
+    text = _ms(_median(seen)) + (
+        f" (median of {len(seen)}, min–max {_span(seen)})" if len(seen) > 1 else ""
+    )
     if len(seen) < len(values):
         text += f", **{len(values) - len(seen)} of {len(values)} not seen within 10 s**"
     return text, _median(seen)
@@ -199,7 +215,10 @@ def service_table(bench: Bench) -> str:
         base = _median(right_after) if right_after else (later.wall if later else None)
         cells = []
         if right_after:
-            cells.append(f"{_ms(_median(right_after))} run right after the change")
+            cells.append(
+                f"{_ms(_median(right_after))}{_spread(right_after)} run right after the "
+                f"change (median of {len(right_after)})"
+            )
         if later:
             cells.append(f"{_ms(later.wall)} 2 s later (its {mbsync} sync above)")
         met = "**missed**" if value is None else _met(value < 0.2)
@@ -492,11 +511,16 @@ round trips, pipelining counted once), *commands* = IMAP commands sent, *bytes r
 bytes from the server. *Wall* and *peak RSS* are the whole process for the one-shot
 `agent sync` and mbsync (RSS from GNU time's `%M`); for the running agent (a worker
 process, `bench.py --worker`), wall is one `SyncSession.run()` with IMAP and server
-connections already open and RSS is that process's peak so far (`VmHWM`). Medians of
-the repeated runs are shown. Change scenarios wait {DIRTY_SYNC_PAUSE:.0f} s after the change
-(stock Dovecot re-scans `cur/` on every SELECT for ~1.5 s after a change) and are run by
-all three tools in turn, each with its own state (two phone users on one IMAP inbox,
-mbsync with `MaxMessages {args.window}`, `ExpireUnread yes`, `Sync All`).
+connections already open and RSS is that process's peak so far (`VmHWM`). Every
+scenario at {args.messages:,} messages, the first sync included, is run {args.repeat} times
+by every tool, the order turned round on every other run (bridge first, then mbsync
+first); a wall cell shows the median run and, in brackets, the fastest and slowest; the
+ratios are of the medians. Each extra first sync uses an agent paired for it and an
+empty mbsync Maildir (the 200,000-message first syncs run once). Change scenarios wait
+{DIRTY_SYNC_PAUSE:.0f} s after the change (stock Dovecot re-scans `cur/` on every SELECT
+for ~1.5 s after a change) and are run by all three tools in turn, each with its own
+state (two phone users on one IMAP inbox, mbsync with `MaxMessages {args.window}`,
+`ExpireUnread yes`, `Sync All`).
 
 Each server profile (`tests/dovecot.py` `Profile`, see `docs/compat.md`) runs on its own
 Dovecot with its own freshly seeded inbox, one profile after the other; mbsync runs

@@ -13,7 +13,7 @@ from typing import Any
 
 from agents import Product, RunningAgent, oneshot_sync
 from measuring import CountingProxy, Measurement, Run, log
-from peers import count_maildir, mbsync_sync
+from peers import count_maildir, mbsync_sync, write_mbsync_config
 from seeding import UNREAD_NEWEST, mail_date, make_mail
 
 DIRTY_SYNC_PAUSE = 2.0  # stock Dovecot re-scans cur/ on every SELECT for ~1.5 s after a change
@@ -22,6 +22,12 @@ CHANGES = SCENARIOS[2:]
 RUNNING = "bridge running agent"
 RUNNING_NOOP = "bridge running agent, NOOP first"
 TOOLS = ["bridge one-shot", RUNNING, RUNNING_NOOP, "mbsync"]
+
+
+def fresh_agents(runs: int) -> list[str]:
+    """Agents (phone users) paired only for first syncs 2..*runs*: each first sync needs
+    an agent, a phone and an mbsync Maildir that never synced."""
+    return [f"{tool}-first{r}" for r in range(1, runs) for tool in ("oneshot", "running")]
 
 
 @dataclass
@@ -61,32 +67,66 @@ class Bench:
         log(f"  {scenario:<15} {tool:<22} {run.wall * 1000:9.1f} ms  "
             f"{run.turns} turns  {run.bytes_read} B  {run.peak_rss_kb} KB{extra}")  # fmt: skip
 
-    def all_tools(self, scenario: str, label: str) -> None:
+    def all_tools(
+        self,
+        scenario: str,
+        label: str,
+        mbsync_first: bool = False,
+        oneshot_ini: Path | None = None,
+        running: RunningAgent | None = None,
+        mbsync_cfg: Path | None = None,
+    ) -> None:
+        """Each tool once; *mbsync_first* turns the order round (the runs alternate, so
+        neither side always finds Dovecot just woken or just warmed by the other)."""
         label = f"{self.server.name}-{self.messages}-{label}"  # names the cProfile files
         prof = self.profile_dir / f"oneshot-{label}.prof" if self.profile_dir else None
+        running = running or self.running
+        mbsync_cfg = mbsync_cfg or self.mbsync_cfg
+
+        def peer() -> None:
+            self.record(scenario, "mbsync", mbsync_sync(mbsync_cfg, self.proxies["mbsync"]))
+
+        if mbsync_first:
+            peer()
         self.record(scenario, "bridge one-shot", oneshot_sync(
-            self.product.oneshot_ini, self.proxies["oneshot"], prof))  # fmt: skip
-        run = self.running.sync(label)
+            oneshot_ini or self.product.oneshot_ini, self.proxies["oneshot"], prof))  # fmt: skip
+        run = running.sync(label)
         missed = scenario in CHANGES and run.detail["summary"]["fast_path"]
         run.detail["missed"] = missed
         self.record(scenario, RUNNING, run)
         if missed:
             log("  the running agent took the fast path: it MISSED the change")
         if missed or scenario == "no change":
-            self.record(scenario, RUNNING_NOOP, self.running.sync(label, noop_first=True))
-        self.record(scenario, "mbsync", mbsync_sync(self.mbsync_cfg, self.proxies["mbsync"]))
+            self.record(scenario, RUNNING_NOOP, running.sync(label, noop_first=True))
+        if not mbsync_first:
+            peer()
 
-    def first_sync(self) -> None:
-        log("scenario: first sync")
+    def first_sync(self, runs: int = 1) -> None:
+        """*runs* first syncs per tool, alternating which side goes first; the 2nd and
+        later with agents paired for it (``fresh_agents``) and a new mbsync Maildir."""
+        log(f"scenario: first sync ({runs} runs)")
         self.all_tools("first sync", "first")
         near = count_maildir(self.mbsync_cfg.parent)
         log(f"  mbsync copied {near} messages into its Maildir (window {self.args.window})")
+        for r in range(1, runs):
+            inis = self.product.inis
+            running = RunningAgent(inis[f"running-first{r}"], self.proxies["running"],
+                                   self.profile_dir)  # fmt: skip
+            cfg = write_mbsync_config(
+                self.mbsync_cfg.parent.with_name(f"mbsync-first{r}"), self.proxies["mbsync"].port,
+                self.user, self.dovecot.password, self.args.window, self.server,
+            )  # fmt: skip
+            try:
+                self.all_tools("first sync", f"first{r}", r % 2 == 1,
+                               inis[f"oneshot-first{r}"], running, cfg)  # fmt: skip
+            finally:
+                running.close()
 
     def no_change(self) -> None:
         log("scenario: no change")
         time.sleep(DIRTY_SYNC_PAUSE)
         for r in range(self.args.repeat):
-            self.all_tools("no change", f"nochange{r}")
+            self.all_tools("no change", f"nochange{r}", r % 2 == 1)
 
     def one_flag(self) -> None:
         log("scenario: one \\Seen flag change (imapclient)")
@@ -96,7 +136,7 @@ class Bench:
                 client.select_folder("INBOX")
                 client.add_flags([uid], [b"\\Seen"])
             time.sleep(DIRTY_SYNC_PAUSE)
-            self.all_tools("one flag", f"flag{r}")
+            self.all_tools("one flag", f"flag{r}", r % 2 == 1)
 
     def one_new(self) -> None:
         log("scenario: one new message (APPEND)")
@@ -106,4 +146,4 @@ class Bench:
             date = mail_date(self.count)
             self.dovecot.append(self.user, make_mail(self.count, date, rng), date)
             time.sleep(DIRTY_SYNC_PAUSE)
-            self.all_tools("one new message", f"new{r}")
+            self.all_tools("one new message", f"new{r}", r % 2 == 1)

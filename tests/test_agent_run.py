@@ -17,7 +17,10 @@ from typing import Any
 import pytest
 from bridge import REPO, Bridge
 from dovecot import Dovecot
+from proxy import RewritingProxy
 from test_bridge_crash import Killer
+
+from imapsync_bridge.agent.desktop import CATCH_UP_AFTER
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
@@ -140,6 +143,92 @@ def test_a_burst_of_phone_changes_gives_a_handful_of_syncs(bridge: Bridge) -> No
         stop_agent(bridge, agent)
     syncs = bridge.agent_log().count("sync (phone")
     assert 1 <= syncs <= 25, f"{syncs} syncs for a burst of 100 phone changes"
+
+
+def test_the_idle_echo_of_a_phone_change_starts_no_session_and_a_user_change_still_syncs(
+    bridge: Bridge,
+) -> None:
+    ids = [bridge.deliver(n) for n in (1, 2)]
+    agent = start_agent(bridge, idle="true", sync_interval="3600")
+
+    def connected() -> bool:
+        conns = bridge.agent_status()["connections"] or {}
+        return conns.get("push", {}).get("state") == "connected" and (
+            conns.get("imap_idle", {}).get("state") == "idle"
+        )
+
+    def new_sessions(since: int) -> list[str]:
+        return [line for line in bridge.agent_log()[since:].splitlines() if " sync (" in line]
+
+    def on_desktop(message_id: str) -> Any:
+        return next(m for m in bridge.mails() if m.message_id == message_id)
+
+    try:
+        wait_for(lambda: len(bridge.phone_inbox_ids()) == 2, 10, "the first sync")
+        wait_for(connected, 10, "IDLE and the push link")
+        time.sleep(1.5)  # the first sessions' own notices are over
+        first, second = (bridge.phone_id(m) for m in ids)
+
+        since = len(bridge.agent_log())
+        bridge.phone("flag", str(first))
+        wait_for(lambda: on_desktop(ids[0]).flagged, 5, "the flag on the desktop", every=0.01)
+        time.sleep(1.5)  # Dovecot tells IDLE 0.5 s after the STORE: its echo has come
+        sessions = new_sessions(since)
+        assert len(sessions) == 1 and "sync (phone" in sessions[0], sessions
+
+        # The phone reads the other message; the user flags it on the desktop right
+        # after the agent's STORE (inside Dovecot's 0.5 s notice delay): one notice
+        # carries both, and the user's flag must reach the phone (by that notice's
+        # session, or by any session that began after it).
+        bridge.phone("read", str(second))
+        wait_for(lambda: on_desktop(ids[1]).seen, 5, "the read on the desktop", every=0.01)
+        with bridge.imap() as client:
+            client.add_flags([bridge.desktop_uid(ids[1])], [b"\\Flagged"])
+        wait_for(
+            lambda: next(m for m in bridge.phone_list()["inbox"] if m["id"] == second)["flagged"],
+            5,
+            "the desktop flag on the phone",
+        )
+        time.sleep(1.0)
+        bridge.assert_in_sync()
+    finally:
+        stop_agent(bridge, agent)
+
+
+def test_after_a_session_a_few_noops_let_the_server_catch_up_then_it_is_quiet(
+    bridge: Bridge,
+) -> None:
+    # Stock Dovecot re-reads a just-changed Maildir at the first sync a second or two
+    # later; the agent's NOOPs in those seconds pay that instead of the next session.
+    # A user sees it as a bounded burst of NOOPs after each change, and silence after.
+    noops = RewritingProxy(bridge.dovecot.port, rb" NOOP\r\n$", rb" NOOP\r\n")  # counts
+    first = bridge.deliver(1)
+    bridge.write_agent_config(bridge.agent_ini, imap_port=noops.port, sync_interval="3600")
+    bridge.pair()
+    agent = bridge.run_agent()
+    try:
+        wait_for(lambda: bridge.phone_inbox_ids() == [first], 10, "the first sync")
+        wait_for(
+            lambda: (
+                (bridge.agent_status()["connections"] or {}).get("push", {}).get("state")
+                == "connected"
+            ),
+            10,
+            "the push link",
+        )
+        time.sleep(CATCH_UP_AFTER[-1] + 0.5)
+        before = noops.rewritten
+        bridge.phone("flag", str(bridge.phone_id(first)))
+        wait_for(lambda: bridge.mails()[0].flagged, 5, "the flag on the desktop")
+        time.sleep(CATCH_UP_AFTER[-1] + 0.5)
+        after_change = noops.rewritten - before
+        time.sleep(2.0)
+        assert 1 <= after_change <= len(CATCH_UP_AFTER), after_change
+        assert noops.rewritten - before == after_change, "NOOPs went on with nothing new"
+        bridge.assert_in_sync()
+    finally:
+        stop_agent(bridge, agent)
+        noops.close()
 
 
 def test_request_sync_goes_over_the_push_link_when_the_agent_is_connected(

@@ -19,6 +19,7 @@ from proxy import BlackholeProxy
 from imapsync_bridge.agent import idle
 from imapsync_bridge.agent.idle import IdleTiming, InboxWatcher
 from imapsync_bridge.agent.imap import ImapMailbox
+from imapsync_bridge.model import Flags
 
 T0 = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
 #: Short intervals so that outages resolve in about a second.
@@ -148,6 +149,53 @@ def test_new_mail_flag_change_and_expunge_are_reported_within_a_second(dovecot, 
         assert changes.wait_for("expunge", 1.0, mark) - done < 1.0
     assert changes.reasons().count("reconnected") == 1
     assert watcher.reconnects == 0 and watcher.last_error is None
+
+
+def test_the_echo_of_our_own_store_is_ignored_but_a_user_change_right_after_it_is_not(
+    dovecot, imap_user, watch
+):
+    # The service tells the watcher what its last session left (set_known); a flag
+    # notice that only repeats that is the echo of the agent's own STORE.
+    watcher, changes = watch(connector(dovecot.port, imap_user))
+    changes.wait_for("reconnected", 5)
+    for n in range(3):
+        append(dovecot, imap_user, n)
+    changes.wait_for("new", 2.0)
+    with dovecot.client(imap_user) as agent, dovecot.client(imap_user) as user:
+        agent.select_folder("INBOX")
+        user.select_folder("INBOX")
+        first, second, third = agent.search("ALL")
+        settled = changes.mark()
+        # Dovecot tells IDLE clients 0.5 s after a change: wait long enough to know.
+        time.sleep(1.0)
+        assert changes.reasons()[settled:] == []
+
+        watcher.set_known({first: Flags(seen=True), second: Flags(), third: Flags()})
+        mark = changes.mark()
+        agent.add_flags([first], [b"\\Seen"])  # the agent's own STORE
+        time.sleep(1.5)
+        assert "flags" not in changes.reasons()[mark:], "the echo started a session"
+
+        # The agent stores again, and a user's change lands right after, on another
+        # message and on the same one: each must still be reported.
+        watcher.set_known({first: Flags(seen=True), second: Flags(flagged=True), third: Flags()})
+        mark = changes.mark()
+        agent.add_flags([second], [b"\\Flagged"])
+        user.add_flags([third], [b"\\Seen"])
+        changes.wait_for("flags", 1.5, mark)
+
+        watcher.set_known({first: Flags(seen=True, flagged=True), second: Flags(flagged=True),
+                           third: Flags(seen=True)})  # fmt: skip
+        mark = changes.mark()
+        agent.add_flags([first], [b"\\Flagged"])
+        user.remove_flags([first], [b"\\Seen"])
+        changes.wait_for("flags", 1.5, mark)
+
+        # A message the last session does not know (outside the phone window) counts.
+        watcher.set_known({})
+        mark = changes.mark()
+        agent.add_flags([third], [b"\\Flagged"])
+        changes.wait_for("flags", 1.5, mark)
 
 
 def test_changes_around_probes_are_not_lost(dovecot, imap_user, watch):

@@ -5,7 +5,11 @@ syncs) in one daemon thread. It EXAMINEs the mailbox (read-only: a watcher never
 change anything), IDLEs, and calls ``on_change(reason)``:
 
 ``"new"``          an untagged EXISTS (mail arrived)
-``"flags"``        an untagged FETCH (a flag changed, also by our own sync connection)
+``"flags"``        an untagged FETCH (a flag changed, also by our own sync connection);
+                   not when every FETCH of the batch names a UID whose \\Seen/\\Flagged
+                   equal what the last session left (:meth:`InboxWatcher.set_known`):
+                   that is the echo of the agent's own STORE, or a change that
+                   changes nothing the phone shows, and a session would find nothing
 ``"expunge"``      an untagged EXPUNGE (or VANISHED)
 ``"reconnected"``  once after every (re)connect, first connect included, as soon as IDLE
                    runs: what happened while we were not watching is unknown, so IDLE is
@@ -65,14 +69,16 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from tenacity import RetryCallState, Retrying, retry_if_exception
 
 from imapsync_bridge.agent.imap import ImapMailbox
+from imapsync_bridge.agent.imap_idle import FlagNotice
 from imapsync_bridge.errors import AuthError, BridgeError, ConfigError, ImapError
+from imapsync_bridge.model import Flags, LedgerEntry, Where
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +156,15 @@ class InboxWatcher:
         self._probes = 0
         self._failures = 0  # since the last good probe: the backoff exponent
         self._was_connected = False
+        self._known: Mapping[int, Flags] = {}  # replaced whole, never changed in place
+
+    def set_known(self, flags_by_uid: Mapping[int, Flags]) -> None:
+        """The inbox flags the last completed session agreed with the desktop, by UID
+        (:func:`known_inbox_flags`), from the service thread. A flag notice that only
+        repeats them starts no session: the echo of the agent's own STORE (RFC 7162
+        QRESYNC makes the server name the UID; without it every notice counts). A
+        user's change differs from them in some UID, or names one they lack."""
+        self._known = flags_by_uid
 
     # -- control ------------------------------------------------------------------------
 
@@ -328,6 +343,8 @@ class InboxWatcher:
             self._emit(NO_IDLE)
             return
         conn.idle_start(t.reply_timeout)  # what came before is covered by "reconnected"
+        conn.take_flag_notices()
+        self._known = {}  # the mailbox may be another one now (UIDVALIDITY): until a session
         with self._lock:
             self._state, self._connected_since = "idle", time.time()
             self._connects += 1
@@ -348,7 +365,7 @@ class InboxWatcher:
             now, wall = time.monotonic(), _wall_clock()
             if kinds:
                 heard = now
-                self._dispatch(kinds)
+                self._dispatch(kinds, conn)
             jump = (wall - wall_before) - (now - mono_before)
             wall_before, mono_before = wall, now
             if self._stopping.is_set():
@@ -385,12 +402,23 @@ class InboxWatcher:
             reason,
             (time.monotonic() - started) * 1000,
         )
-        self._dispatch(kinds)
+        self._dispatch(kinds, conn)
 
-    def _dispatch(self, kinds: set[str]) -> None:
+    def _dispatch(self, kinds: set[str], conn: ImapMailbox) -> None:
         reasons = dict.fromkeys(reason for kind, reason in _REASONS if kind in kinds)
+        notices = conn.take_flag_notices()
+        if FLAGS in reasons and self._echoes(notices):
+            del reasons[FLAGS]
+            log.debug("inbox watcher: %d flag notice(s) repeat the last session", len(notices))
         for reason in reasons:
             self._emit(reason)
+
+    def _echoes(self, notices: list[FlagNotice]) -> bool:
+        known = self._known
+        return bool(notices) and all(
+            n.uid is not None and n.flags is not None and known.get(n.uid) == n.flags
+            for n in notices
+        )
 
     def _emit(self, reason: str) -> None:
         log.debug("inbox watcher: change: %s", reason)
@@ -398,3 +426,10 @@ class InboxWatcher:
             self._on_change(reason)
         except Exception as exc:  # the caller's bug must not end the watching
             log.warning("inbox watcher: on_change(%r) failed: %r", reason, exc)
+
+
+def known_inbox_flags(ledger: Mapping[str, LedgerEntry]) -> dict[int, Flags]:
+    """The inbox messages' flags in a session's ledger, by UID (for ``set_known``)."""
+    return {
+        e.uid: e.flags for e in ledger.values() if e.desktop is Where.INBOX and e.uid is not None
+    }

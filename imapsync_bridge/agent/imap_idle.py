@@ -9,25 +9,58 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import socket
 import ssl
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from imapsync_bridge.agent.imap_session import ImapSession
 from imapsync_bridge.errors import ConnectionLost, ImapError
+from imapsync_bridge.model import Flags
+
+#: One untagged FETCH's UID and flags (QRESYNC makes the server name the UID).
+_FETCH_UID = re.compile(rb"\bUID (\d+)")
+_FETCH_FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
+
+
+@dataclass(frozen=True)
+class FlagNotice:
+    """What one untagged FETCH told about a message; ``uid``/``flags`` are None when
+    the line did not carry them (no QRESYNC: sequence numbers only)."""
+
+    uid: int | None
+    flags: Flags | None
+
+
+def flag_notice(data: bytes) -> FlagNotice:
+    """Parses one FETCH response's data, e.g. ``b"5 (UID 9 MODSEQ (7) FLAGS (\\Seen))"``."""
+    uid, flags = _FETCH_UID.search(data), _FETCH_FLAGS.search(data)
+    names = flags.group(1).lower().split() if flags else []  # flags ignore case
+    return FlagNotice(
+        int(uid.group(1)) if uid else None,
+        Flags(b"\\seen" in names, b"\\flagged" in names) if flags else None,
+    )
 
 
 class ImapWatching(ImapSession):
     """EXAMINE, IDLE start/wait/DONE with reply deadlines, TCP keepalive, abort."""
 
     _idle_tag: bytes | None = None
+    #: the FETCHes heard since the last :meth:`take_flag_notices`
+    _flag_notices: tuple[FlagNotice, ...] = ()
 
     def examine(self, mailbox: str) -> int:
-        """EXAMINE *mailbox* (read-only, for a session that only watches); its size."""
+        """EXAMINE *mailbox* (read-only, for a session that only watches); its size.
+        Where the server offers QRESYNC it is enabled first, so that a flag notice
+        names its UID (RFC 7162 §3.2.4) and can be told apart from our own writes."""
         with self._guard(f"EXAMINE {mailbox}"):
             self._selected = None
+            self._flag_notices = ()
+            if self.has("QRESYNC"):
+                self._client.enable("QRESYNC")
             self._client._imap.untagged_responses.clear()
             self._exists = int(self._client.select_folder(mailbox, readonly=True)[b"EXISTS"])
             self._selected = mailbox
@@ -97,6 +130,12 @@ class ImapWatching(ImapSession):
                     raise ImapError(f"IDLE ended with {typ} {data}")
             return self._untagged(imap)
 
+    def noop(self, reply_timeout: float) -> None:
+        """NOOP, its OK within *reply_timeout* s (ConnectionLost if not): the server
+        brings the selected mailbox's view up to date."""
+        with self._guard("NOOP"), self._within("NOOP", reply_timeout):
+            self._client.noop()
+
     def abort(self) -> None:
         """Cut the connection now, from any thread: a read blocked on it fails at once."""
         client, self._broken = self._client, self._broken or "aborted"
@@ -104,10 +143,20 @@ class ImapWatching(ImapSession):
             with contextlib.suppress(OSError):
                 client.socket().shutdown(socket.SHUT_RDWR)
 
-    @staticmethod
-    def _untagged(imap: Any) -> set[str]:
-        kinds = {str(k).upper() for k in imap.untagged_responses}
-        imap.untagged_responses.clear()  # nobody else reads these: let none pile up
+    def take_flag_notices(self) -> list[FlagNotice]:
+        """The FETCHes heard since the last call (the untagged ``FETCH`` kind)."""
+        notices, self._flag_notices = self._flag_notices, ()
+        return list(notices)
+
+    def _untagged(self, imap: Any) -> set[str]:
+        responses = imap.untagged_responses
+        self._flag_notices += tuple(
+            # a tuple holds a literal inside a FETCH: not a flag update we can read
+            flag_notice(data) if isinstance(data, bytes) else FlagNotice(None, None)
+            for data in responses.get("FETCH", ())
+        )
+        kinds = {str(k).upper() for k in responses}
+        responses.clear()  # nobody else reads these: let none pile up
         return kinds
 
     def _available(self, sock: Any) -> bool:

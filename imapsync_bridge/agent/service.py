@@ -40,8 +40,8 @@ from typing import Any
 
 import schedule
 
-from imapsync_bridge.agent.desktop import DesktopSide
-from imapsync_bridge.agent.idle import NO_IDLE, IdleTiming, InboxWatcher
+from imapsync_bridge.agent.desktop import CatchUp, DesktopSide
+from imapsync_bridge.agent.idle import NO_IDLE, IdleTiming, InboxWatcher, known_inbox_flags
 from imapsync_bridge.agent.imap import ImapMailbox
 from imapsync_bridge.agent.link import ServerLink
 from imapsync_bridge.agent.push import PushConnector, PushTiming
@@ -165,6 +165,7 @@ class AgentService:
         self._imap: ImapMailbox | None = None
         self._desktop: DesktopSide | None = None
         self._triggers: TriggerWatch | None = None
+        self._catch_up = CatchUp()  # NOOPs after a session: Dovecot's re-scan off the path
         self._last_triggered: float | None = None  # monotonic time of a triggered sync
         self._trigger_at: float | None = None  # a trigger waits for min_interval
         self._pending: set[str] = set()
@@ -265,7 +266,7 @@ class AgentService:
             waits.append(self._last_started + MERGE_WINDOW - now)
         if (ping := self.notifier.seconds_to_ping()) is not None:
             waits.append(ping)
-        for due in (self._retry_at, self._trigger_at):
+        for due in (self._retry_at, self._trigger_at, self._catch_up.due()):
             if due is not None:
                 waits.append(due - now)
         if self._login_stamps:
@@ -293,6 +294,12 @@ class AgentService:
             self._pending.discard(NO_IDLE)
             self._fall_back_to_polling()
         reasons, self._pending = self._pending, set()
+        if self._imap is not None and not reasons:
+            try:
+                self._catch_up.run_due(self._imap, self.config.imap.mailbox, now)
+            except BridgeError as exc:
+                log.info("NOOP after a session: %s; reconnecting at the next session", exc)
+                self._drop_desktop()
         if not reasons and not self._deferred:
             return
         if "reconnected" in reasons:
@@ -367,6 +374,7 @@ class AgentService:
             self._session_failed(exc)
             return
         self._syncs += 1
+        self._catch_up.after_session(time.monotonic())
         self._failures = 0
         self._retry_at = None
         # The phone is as the session left it unless the link said otherwise meanwhile.
@@ -376,6 +384,8 @@ class AgentService:
             and not self.push.has_buffered()
         )
         if not report.fast_path:
+            if self.watcher is not None:  # its echo in IDLE then starts no session
+                self.watcher.set_known(known_inbox_flags(self.state.ledger()))
             why = ",".join(sorted(reasons))
             log.info("sync (%s): %s in %.2f s", why, report.summary(), report.seconds)
 
