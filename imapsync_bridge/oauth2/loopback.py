@@ -39,6 +39,7 @@ from imapsync_bridge.oauth2.providers import Endpoints, endpoints
 
 LOGIN_TIMEOUT = 600.0  # as long as a device code lives at Microsoft and Google
 PAGE_TIMEOUT = tokens.HTTP_TIMEOUT + 5  # the browser waits this long for the outcome
+PAGE_WRITE_TIMEOUT = 5.0  # the outcome page is written to the browser within this
 
 
 @dataclass
@@ -47,11 +48,14 @@ class Redirect:
 
     params: dict[str, str]
     page: queue.Queue[tuple[int, str]] | None = field(default=None, repr=False)
+    shown: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def answer(self, status: int, text: str) -> None:
-        """What the browser shows (nothing for a pasted address)."""
+        """What the browser shows (nothing for a pasted address). Returns once the page
+        is written, so the process ending right after cannot cut it off mid-way."""
         if self.page is not None:
             self.page.put((status, text))
+            self.shown.wait(PAGE_WRITE_TIMEOUT)
 
 
 def browser_login(
@@ -202,12 +206,16 @@ def _listen(arrivals: queue.Queue[Redirect]) -> ThreadingHTTPServer:
                 self._page(404, "This is not the sign-in's redirect.")
                 return
             page: queue.Queue[tuple[int, str]] = queue.Queue(maxsize=1)
-            arrivals.put(Redirect(params, page))
+            redirect = Redirect(params, page)
+            arrivals.put(redirect)
             try:
                 status, text = page.get(timeout=PAGE_TIMEOUT)
             except queue.Empty:
                 status, text = 409, "Another answer already completed this sign-in."
-            self._page(status, text)
+            try:
+                self._page(status, text)
+            finally:
+                redirect.shown.set()
 
         def _page(self, status: int, text: str) -> None:
             body = (
