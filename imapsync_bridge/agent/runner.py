@@ -213,7 +213,7 @@ def status_lines(info: dict[str, Any]) -> list[str]:
 def status(config: AgentConfig) -> dict[str, Any]:
     """What `agent status --json` prints (stable field names, see README); ``running``,
     ``connections`` and ``next_sync`` come from a running `agent run`."""
-    from imapsync_bridge.agent.service import service_status
+    from imapsync_bridge.agent.service_file import service_status
 
     state = open_state(config)
     try:

@@ -26,7 +26,6 @@ more than a few seconds, which the journal makes safe: the next run carries on).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import queue
@@ -54,6 +53,7 @@ from imapsync_bridge.agent.runner import (
     session_lock,
     session_options,
 )
+from imapsync_bridge.agent.service_file import ServiceFile
 from imapsync_bridge.agent.session import SyncSession
 from imapsync_bridge.agent.state import AgentState
 from imapsync_bridge.agent.trigger import TriggerWatch
@@ -68,7 +68,6 @@ from imapsync_bridge.sync.session import SessionReport
 
 log = logging.getLogger(__name__)
 
-SERVICE_FILE = "agent-run.json"  # what `agent status` shows of a running service
 # Reasons that start a sync; IDLE's inbox changes do when sync_on_change is true.
 SYNC_REASONS = frozenset({"start", "timer", "phone", "trigger", "retry", "push", "reconnected"})
 INBOX_CHANGES = frozenset({"new", "flags", "expunge"})
@@ -179,7 +178,7 @@ class AgentService:
         self._stopping = threading.Event()
         self._started = datetime.now(UTC)
         self._syncs = 0
-        self._shown: dict[str, Any] = {}
+        self._service_file = ServiceFile(config.state_dir)
         self._instance = ""
 
     def _start_polling(self, why: str) -> None:
@@ -570,39 +569,4 @@ class AgentService:
             ),
             "syncs": self._syncs,  # sessions run (bench/service.py waits on it)
         }
-        if shown == self._shown:
-            return
-        self._shown = shown
-        path = self.config.state_dir / SERVICE_FILE
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(shown, indent=2))
-        os.replace(temporary, path)
-
-
-def service_status(config: AgentConfig) -> dict[str, Any]:
-    """The running service as its file says, if its process is alive."""
-    try:
-        shown = json.loads((config.state_dir / SERVICE_FILE).read_text())
-    except (OSError, ValueError):
-        return {"service": "never run", "running": False, "connections": None, "next_sync": None}
-    alive = bool(shown.get("running")) and _process_alive(int(shown.get("pid", 0)))
-    return {
-        "service": "running" if alive else "stopped",
-        "running": alive,
-        "service_pid": shown.get("pid") if alive else None,
-        "service_started": shown.get("started") if alive else None,
-        "connections": shown.get("connections") if alive else None,
-        "next_sync": shown.get("next_sync") if alive else None,
-    }
-
-
-def _process_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        self._service_file.publish(shown)
